@@ -1,0 +1,47 @@
+# imagegen: the two commands that matter on a fresh machine are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# CPU build of torch unless a CUDA GPU is present (override: make install TORCH_SPEC='torch==2.13.0').
+TORCH_SPEC ?= torch==2.13.0
+DEMO_ENV := SD_MODEL_ID=tiny-sd SD_DEFAULT_BACKEND=sd SD_HOST=127.0.0.1 SD_MODEL_DIR=./models SD_OUTPUT_DIR=./outputs SD_DATA_DIR=./data HF_HUB_OFFLINE=1
+
+.PHONY: install demo run test test-fast bench lint clean help
+
+help:
+	@echo "make install   create $(VENV) and install imagegen with the local backends and test tools"
+	@echo "make demo      start the service offline with the built-in tiny model on http://127.0.0.1:7860"
+	@echo "make run       start the service with the settings from the environment / .env"
+	@echo "make test      run the test suite"
+	@echo "make bench     run the benchmarks and print one table of ratios"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[local,test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	@echo "imagegen demo: tiny built-in model, offline, on http://127.0.0.1:7860 (Ctrl+C to stop)"
+	@echo "try: curl -s http://127.0.0.1:7860/api/txt2img -H 'Content-Type: application/json' -d '{\"prompt\":\"a red fox\",\"seed\":1}'"
+	$(DEMO_ENV) $(VENV)/bin/imagegen serve
+
+run: install
+	$(VENV)/bin/imagegen serve
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,105 @@
+"""POST /api/txt2img: synchronous generation (a job the caller waits on)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from imagegen.api import presenters
+from imagegen.api.deps import ServicesDep, base_url, request_id
+from imagegen.api.schemas import ErrorResponse, Txt2ImgRequest, Txt2ImgResponse
+from imagegen.engine.jobs import Job, JobStatus
+from imagegen.errors import ContentModeratedError, ServiceError
+
+router = APIRouter(tags=["generate"])
+
+_IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg", "image/webp": "webp", "image/*": "*"}
+
+
+class NotAcceptableError(ServiceError):
+    status_code = 406
+    error_type = "not_acceptable"
+
+
+def raw_format(accept: str | None, body: Txt2ImgRequest) -> str | None:
+    """The image format to answer with as raw bytes, or None for JSON.
+
+    The highest-ranked media range of Accept decides (n8n's "File" response format sends image/*)."""
+    if not accept:
+        return None
+    ranked: list[tuple[float, int, str]] = []
+    for index, part in enumerate(accept.split(",")):
+        media, *options = [piece.strip() for piece in part.split(";")]
+        quality = 1.0
+        for option in options:
+            if option.startswith("q="):
+                try:
+                    quality = float(option[2:])
+                except ValueError:
+                    quality = 0.0
+        if quality > 0:
+            ranked.append((-quality, index, media.lower()))
+    for _, _, media in sorted(ranked):
+        if media in ("application/json", "*/*", "application/*"):
+            return None
+        wanted = _IMAGE_TYPES.get(media)
+        if wanted is None:
+            continue
+        if wanted == "*":
+            return body.output_format
+        if "output_format" in body.model_fields_set and body.output_format != wanted:
+            raise NotAcceptableError(
+                f"Accept asks for {media} but output_format is {body.output_format}", param="output_format"
+            )
+        if body.num_images != 1:
+            raise NotAcceptableError("a raw image response carries one image: set num_images to 1 or accept JSON",
+                                     param="num_images")
+        return wanted
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so the next message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def raise_for_job(job: Job) -> None:
+    if job.status is JobStatus.SUCCEEDED:
+        return
+    error = job.error or {"type": "generation_failed", "message": "the job did not succeed"}
+    raise ServiceError.from_dict(error, int(error.get("status_code", 500)))
+
+
+@router.post(
+    "/api/txt2img",
+    response_model=Txt2ImgResponse,
+    responses={
+        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+        **{code: {"model": ErrorResponse} for code in (400, 401, 406, 413, 415, 422, 429, 502, 503, 504)},
+    },
+)
+async def txt2img(body: Txt2ImgRequest, request: Request, services: ServicesDep) -> Response:
+    """Generate images and wait for them. With `Accept: image/png` (jpeg, webp) and one image, the raw bytes."""
+    raw = raw_format(request.headers.get("accept"), body)
+    rid = request_id(request)
+    job = await services.engine.submit(body.to_params(output_format=raw), body.backend, request_id=rid)
+    job = await services.engine.wait_sync(job.id, lambda: _disconnected(request))
+    raise_for_job(job)
+    if raw is not None:
+        image = (job.result or {})["images"][0]
+        if image.get("nsfw") or not image.get("filename"):
+            raise ContentModeratedError("the safety checker flagged the image; no content is returned")
+        path = services.outputs.resolve(image["filename"])
+        return Response(
+            content=path.read_bytes(),
+            media_type=image["mime_type"],
+            headers={
+                "Content-Disposition": f'inline; filename="{image["filename"]}"',
+                "X-Seed": str(image["seed"]),
+                "X-Job-Id": job.id,
+            },
+        )
+    return JSONResponse(presenters.txt2img_body(job, services.outputs, base_url(request, services.settings), rid))

@@ -1,0 +1,103 @@
+"""Health, readiness, backend listing and service info."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from imagegen import __version__
+from imagegen.api.deps import ServicesDep
+from imagegen.api.schemas import BackendsResponse, HealthResponse
+from imagegen.backends.base import BackendState
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+def health(services: ServicesDep) -> JSONResponse:
+    """Readiness: 200 when the default backend is ready, 503 while it loads, after it failed, or while draining."""
+    backends = {backend.id: backend.health().to_dict() for backend in services.registry}
+    default = services.registry.default_id
+    state = backends[default]["state"]
+    ready = state == BackendState.READY.value and not services.engine.draining
+    status = "ok" if ready else ("draining" if services.engine.draining else state)
+    stats = services.engine.stats()
+    body = {
+        "status": status,
+        "default_backend": default,
+        "backends": backends,
+        "queue": {"queued": stats["queued"], "running": stats["running"], "max_queue": stats["max_queue"]},
+        "version": __version__,
+    }
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/health/live")
+def live() -> dict[str, str]:
+    """Liveness: 200 while the process runs."""
+    return {"status": "alive"}
+
+
+@router.get("/api/backends", response_model=BackendsResponse)
+def backends(services: ServicesDep) -> dict[str, Any]:
+    """Every backend: availability, model, device, dtype, capabilities and limits."""
+    listed = []
+    for backend in services.registry:
+        listed.append(
+            {
+                "id": backend.id,
+                "default": backend.id == services.registry.default_id,
+                **backend.health().to_dict(),
+                **backend.info(),
+                "capabilities": backend.capabilities().to_dict(),
+            }
+        )
+    return {"default": services.registry.default_id, "backends": listed}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@router.get("/info")
+def info(services: ServicesDep) -> dict[str, Any]:
+    """Version, default backend, devices seen, library versions, limits, directories. No secrets."""
+    from imagegen.backends.diffusers_support import devices_seen
+
+    settings = services.settings
+    return {
+        "name": "imagegen",
+        "version": __version__,
+        "default_backend": services.registry.default_id,
+        "backends": services.registry.ids(),
+        "devices": {"setting": settings.device, **devices_seen()},
+        "versions": {
+            "python": platform.python_version(),
+            **{name: _version(name) for name in ("torch", "diffusers", "transformers", "fastapi", "pillow")},
+        },
+        "limits": {
+            "max_width": settings.max_width,
+            "max_height": settings.max_height,
+            "max_pixels": settings.max_pixels,
+            "max_steps": settings.max_steps,
+            "max_images": settings.max_images,
+            "max_prompt_chars": settings.max_prompt_chars,
+            "max_body_bytes": settings.max_body_bytes,
+            "max_queue": settings.max_queue,
+            "max_batch": settings.max_batch,
+            "job_timeout_seconds": settings.job_timeout,
+        },
+        "output_dir": str(services.outputs.root),
+        "model_dir": str(settings.model_dir.resolve()),
+        "data_dir": str(settings.data_dir.resolve()),
+        "auth_enabled": settings.api_key is not None,
+        "safety_checker": settings.safety_checker,
+        "queue": services.engine.stats(),
+    }

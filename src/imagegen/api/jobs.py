@@ -1,0 +1,125 @@
+"""The async job API: submit, status, list, cancel, live progress (Server-Sent Events)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from imagegen.api import presenters
+from imagegen.api.deps import Services, ServicesDep, base_url, request_id
+from imagegen.api.schemas import ErrorResponse, JobAccepted, JobCreateRequest, JobList, JobOut
+from imagegen.engine.jobs import Job, JobStatus
+from imagegen.errors import NotFoundError
+
+router = APIRouter(tags=["jobs"])
+
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 404)}
+
+
+def _job(job_id: str, services: ServicesDep) -> Job:
+    if not _JOB_ID.fullmatch(job_id):
+        raise NotFoundError("no such job")
+    return services.engine.get(job_id)
+
+
+JobDep = Annotated[Job, Depends(_job)]
+
+
+def _body(job: Job, services: Services, request: Request, *, include_b64: bool) -> dict[str, Any]:
+    return presenters.job_body(
+        job, services.outputs, base_url(request, services.settings),
+        queue_position=services.engine.queue_position(job), include_b64=include_b64,
+    )
+
+
+@router.post(
+    "/api/jobs",
+    status_code=202,
+    response_model=JobAccepted,
+    responses={code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429, 503)},
+)
+async def create_job(body: JobCreateRequest, request: Request, services: ServicesDep) -> JSONResponse:
+    """Queue a generation and return at once (202) with links to its status and live events."""
+    job = await services.engine.submit(
+        body.to_params(), body.backend, priority=body.priority, callback_url=body.callback_url,
+        request_id=request_id(request),
+    )
+    links = presenters.job_links(job.id, base_url(request, services.settings))
+    accepted = {
+        "id": job.id, "status": job.status.value, "queue_position": services.engine.queue_position(job), **links,
+    }
+    return JSONResponse(accepted, status_code=202, headers={"Location": links["status_url"]})
+
+
+@router.get("/api/jobs", response_model=JobList, responses=_ERRORS)
+def list_jobs(
+    request: Request,
+    services: ServicesDep,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
+    backend: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    before: Annotated[float | None, Query(ge=0, le=1e11, description="Only jobs created before (unix time).")] = None,
+) -> dict[str, Any]:
+    """Recent jobs, newest first, without image data (follow each image's url)."""
+    jobs = services.engine.list(status=status, backend=backend, limit=limit, before=before)
+    return {
+        "jobs": [_body(job, services, request, include_b64=False) for job in jobs],
+        "next_before": jobs[-1].created_at if len(jobs) == limit else None,
+    }
+
+
+@router.get("/api/jobs/{job_id}", response_model=JobOut, responses=_ERRORS)
+def get_job(
+    job: JobDep,
+    request: Request,
+    services: ServicesDep,
+    include_images: Annotated[bool, Query(description="Include each image's base64 data.")] = True,
+) -> dict[str, Any]:
+    """A job's state, queue position, progress, and its result or error."""
+    return _body(job, services, request, include_b64=include_images)
+
+
+@router.post("/api/jobs/{job_id}/cancel", response_model=JobOut, responses={**_ERRORS, 409: {"model": ErrorResponse}})
+async def cancel_job(job: JobDep, request: Request, services: ServicesDep) -> dict[str, Any]:
+    """Cancel a queued job at once, a running one between denoising steps (its partial image is discarded)."""
+    cancelled = await services.engine.cancel(job.id)
+    return _body(cancelled, services, request, include_b64=False)
+
+
+@router.delete("/api/jobs/{job_id}", response_model=JobOut, responses={**_ERRORS, 409: {"model": ErrorResponse}})
+async def delete_job(job: JobDep, request: Request, services: ServicesDep) -> dict[str, Any]:
+    """Same as POST /api/jobs/{id}/cancel."""
+    cancelled = await services.engine.cancel(job.id)
+    return _body(cancelled, services, request, include_b64=False)
+
+
+@router.get("/api/jobs/{job_id}/events", response_class=EventSourceResponse, responses=_ERRORS)
+async def job_events(job: JobDep, request: Request, services: ServicesDep) -> AsyncIterator[ServerSentEvent]:
+    """Live progress as Server-Sent Events: `queued` (position), `running`, `progress` (each step), then
+    one final `succeeded` | `failed` | `cancelled` carrying the job body; the stream then ends."""
+    engine = services.engine
+    queue = services.events.subscribe(job.id)
+    try:
+        current = engine.get(job.id)
+        if current.final:
+            yield ServerSentEvent(event=current.status.value, data=_body(current, services, request, include_b64=False))
+            return
+        if current.status is JobStatus.QUEUED:
+            yield ServerSentEvent(event="queued", data={"status": "queued", "queue_position": engine.queue_position(current)})
+        else:
+            yield ServerSentEvent(event="running", data={"status": "running", **current.progress()})
+        while True:
+            event = await queue.get()
+            if event.final:
+                final = engine.get(job.id)
+                yield ServerSentEvent(id=str(event.id), event=event.event, data=_body(final, services, request, include_b64=False))
+                return
+            yield ServerSentEvent(id=str(event.id), event=event.event, data=event.data)
+    finally:
+        services.events.unsubscribe(job.id, queue)

@@ -1,0 +1,217 @@
+"""Pure ASGI middleware: request ids and access log, API key, body guard.
+
+Order (outermost first): RequestContext -> CORS (only when an allowlist is set) -> ApiKey -> BodyGuard.
+Authentication comes before the body is read, so an unauthenticated caller cannot make the service
+read (or parse) anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from imagegen.api.errors import envelope
+from imagegen.logging_setup import request_id_var
+
+access_log = logging.getLogger("imagegen.access")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _headers(scope: Scope, name: bytes) -> list[str]:
+    return [value.decode("latin-1") for key, value in scope.get("headers", ()) if key == name]
+
+
+async def send_error(
+    send: Send, status: int, error_type: str, message: str, extra_headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    body = json.dumps(envelope(error_type, message)).encode("utf-8")
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra_headers]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestContextMiddleware:
+    """Assigns the request id (X-Request-ID in and out), adds security headers, logs one line per request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = _header(scope, b"x-request-id")
+        request_id = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status_holder = {"status": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                headers = list(message.get("headers", []))
+                names = {key.lower() for key, _ in headers}
+                headers.append((b"x-request-id", request_id.encode("ascii")))
+                headers.extend(item for item in SECURITY_HEADERS if item[0] not in names)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            elapsed = (time.perf_counter() - started) * 1000
+            # The path only: query strings never reach the log.
+            access_log.info("%s %s %d %.1fms", scope["method"], scope["path"], status_holder["status"], elapsed)
+            request_id_var.reset(token)
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode("utf-8")).digest()
+
+
+class ApiKeyMiddleware:
+    """Requires SD_API_KEY as `X-API-Key`, `Authorization: Bearer`, or `Authorization: Basic`
+    (any user, password = key). Both sides are hashed and compared with compare_digest, so the
+    time taken says nothing about the key; failures get no artificial delay."""
+
+    def __init__(self, app: ASGIApp, api_key: str, public_paths: Iterable[str] = ()) -> None:
+        self.app = app
+        self._key_digest = _digest(api_key)
+        self._public = frozenset(public_paths)
+
+    def _candidates(self, scope: Scope) -> list[str]:
+        found = _headers(scope, b"x-api-key")
+        for value in _headers(scope, b"authorization"):
+            scheme, _, credentials = value.strip().partition(" ")
+            credentials = credentials.strip()
+            if scheme.lower() == "bearer":
+                found.append(credentials)
+            elif scheme.lower() == "basic":
+                try:
+                    decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+                except (binascii.Error, UnicodeDecodeError, ValueError):
+                    continue
+                found.append(decoded.partition(":")[2])
+        return found
+
+    def authorized(self, scope: Scope) -> bool:
+        ok = False
+        for candidate in self._candidates(scope):
+            # No early exit: every candidate is compared.
+            ok |= hmac.compare_digest(_digest(candidate), self._key_digest)
+        return ok
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in self._public:
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "http" and scope["method"] == "OPTIONS" and _header(scope, b"origin"):
+            await self.app(scope, receive, send)  # CORS preflight carries no credentials
+            return
+        if self.authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await send_error(
+            send, 401, "authentication_error",
+            "missing or invalid API key: send it as X-API-Key, Authorization: Bearer, or Basic auth",
+            [(b"www-authenticate", b'Bearer realm="imagegen"')],
+        )
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised from `receive`: FastAPI re-raises HTTPExceptions from body reading, so the route's
+    exception handlers render it in the envelope."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body larger than {limit} bytes (SD_MAX_BODY_BYTES)")
+
+
+class BodyGuardMiddleware:
+    """Refuses bodies over SD_MAX_BODY_BYTES (413, before parsing) and non-JSON bodies on state-changing
+    methods (415): a plain HTML form cannot post here, which closes the CSRF door."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        length_header = _header(scope, b"content-length")
+        chunked = _header(scope, b"transfer-encoding") is not None
+        if length_header is not None:
+            try:
+                length = int(length_header)
+            except ValueError:
+                await send_error(send, 400, "invalid_request", "invalid Content-Length")
+                return
+            if length > self.max_body_bytes:
+                await send_error(send, 413, "payload_too_large",
+                                 f"request body larger than {self.max_body_bytes} bytes (SD_MAX_BODY_BYTES)")
+                return
+        else:
+            length = 0
+        if length > 0 or chunked:
+            content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+            if content_type != "application/json" and not content_type.endswith("+json"):
+                await send_error(send, 415, "unsupported_media_type", "the request body must be JSON (Content-Type: application/json)")
+                return
+
+        received = 0
+        started = {"value": False}
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge(self.max_body_bytes)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                started["value"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started["value"]:
+                await send_error(send, 413, "payload_too_large",
+                                 f"request body larger than {self.max_body_bytes} bytes (SD_MAX_BODY_BYTES)")
+
+
+def client_host(scope: Scope) -> Any:
+    client = scope.get("client")
+    return client[0] if client else None

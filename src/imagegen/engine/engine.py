@@ -1,0 +1,539 @@
+"""The job engine: admission, one bounded queue, lanes of workers, batching, persistence, cancel.
+
+A request becomes a job (persisted before it is acknowledged), waits in its lane's queue (local
+backends share the device lane; the cloud backend has its own, with its own concurrency), runs,
+possibly merged with compatible queued jobs into one pipeline call, and ends in exactly one final
+state. Everything here runs on the event loop's thread, except the backends' own worker threads,
+which report progress back through `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from imagegen.backends.base import BackendState, GeneratedImage, GenerationParams, ImageBackend, RunContext
+from imagegen.backends.registry import BackendRegistry
+from imagegen.config import Settings
+from imagegen.engine.events import JobEvents
+from imagegen.engine.jobs import Job, JobStatus, new_job_id
+from imagegen.engine.store import JobStore
+from imagegen.errors import (
+    BackendUnavailableError,
+    ConflictError,
+    DeadlineExceededError,
+    GenerationFailedError,
+    JobCancelledError,
+    NotFoundError,
+    QueueFullError,
+    ServiceDrainingError,
+    ServiceError,
+)
+from imagegen.storage.outputs import OutputStore
+
+log = logging.getLogger("imagegen.engine")
+
+
+class Lane:
+    """A priority queue of jobs (highest priority first, then first come) and its workers."""
+
+    def __init__(self, name: str, concurrency: int) -> None:
+        self.name = name
+        self.concurrency = max(1, concurrency)
+        self._queue: list[tuple[int, int, Job]] = []  # (-priority, seq, job), kept sorted
+        self._wakeup = asyncio.Event()
+        self.workers: list[asyncio.Task[None]] = []
+        self.busy = 0
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def push(self, job: Job, seq: int) -> None:
+        bisect.insort(self._queue, (-job.priority, seq, job), key=lambda item: (item[0], item[1]))
+        self._wakeup.set()
+
+    def remove(self, job_id: str) -> bool:
+        for index, (_, _, job) in enumerate(self._queue):
+            if job.id == job_id:
+                del self._queue[index]
+                return True
+        return False
+
+    def jobs(self) -> list[Job]:
+        return [job for _, _, job in self._queue]
+
+    def position(self, job_id: str) -> int | None:
+        for index, (_, _, job) in enumerate(self._queue):
+            if job.id == job_id:
+                return index
+        return None
+
+    def pop_batch(self, max_images: Callable[[Job], int]) -> list[Job]:
+        """The head job plus compatible queued jobs (same batch key) while the images fit."""
+        if not self._queue:
+            return []
+        head = self._queue.pop(0)[2]
+        budget = max_images(head) - head.request.num_images
+        batch = [head]
+        if budget > 0:
+            key = head.request.batch_key()
+            keep = []
+            for item in self._queue:
+                job = item[2]
+                if budget >= job.request.num_images and job.request.batch_key() == key:
+                    batch.append(job)
+                    budget -= job.request.num_images
+                else:
+                    keep.append(item)
+            self._queue = keep
+        return batch
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def wait(self) -> None:
+        while not self._queue:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+            if not self._queue:
+                return  # woken without work (shutdown): let the worker re-check
+
+
+class JobEngine:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: BackendRegistry,
+        store: JobStore,
+        outputs: OutputStore,
+        events: JobEvents,
+        webhooks: Any = None,
+        on_final: Callable[[Job], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.store = store
+        self.outputs = outputs
+        self.events = events
+        self.webhooks = webhooks
+        self._on_final = on_final
+        self._lanes: dict[str, Lane] = {}
+        self._active: dict[str, Job] = {}
+        self._done: dict[str, asyncio.Future[Job]] = {}
+        self._contexts: dict[str, tuple[RunContext, int]] = {}
+        self._sync_waiters: dict[str, int] = {}
+        self._seq = itertools.count()
+        self._durations: deque[float] = deque(maxlen=32)
+        self._background: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self.draining = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for backend in self.registry:
+            lane = self._lanes.get(backend.lane)
+            if lane is None:
+                self._lanes[backend.lane] = Lane(backend.lane, backend.concurrency)
+            else:
+                lane.concurrency = max(lane.concurrency, backend.concurrency)
+        self._recover()
+        for lane in self._lanes.values():
+            for index in range(lane.concurrency):
+                lane.workers.append(asyncio.create_task(self._worker(lane), name=f"worker-{lane.name}-{index}"))
+
+    def begin_drain(self) -> None:
+        """Stop admitting new jobs (503); work already accepted goes on."""
+        if not self.draining:
+            log.info("draining: new jobs are refused; queued jobs stay in the store")
+        self.draining = True
+
+    async def shutdown(self, grace: float) -> None:
+        """Let running batches finish within `grace` seconds; queued jobs stay queued in the store."""
+        self.begin_drain()
+        self._stopping = True
+        workers = [task for lane in self._lanes.values() for task in lane.workers]
+        for lane in self._lanes.values():
+            lane.wake()
+        if workers:
+            _, pending = await asyncio.wait(workers, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        if self._background:
+            await asyncio.wait(self._background, timeout=max(1.0, min(grace, 10.0)))
+        for job_id, future in list(self._done.items()):
+            if not future.done():
+                future.set_exception(
+                    ServiceDrainingError(f"the service is shutting down; job {job_id} stays queued and runs after restart")
+                )
+                future.exception()  # retrieved: no "never retrieved" warning when nobody waits
+
+    def _recover(self) -> None:
+        """Resume what a previous process accepted: queued jobs run again, an interrupted running job
+        is retried up to SD_MAX_ATTEMPTS times, then fails with a reason (no poison loop)."""
+        known = set(self.registry.ids())
+        for job in self.store.unfinished():
+            if job.backend not in known:
+                self._finalize(job, JobStatus.FAILED, error=BackendUnavailableError(
+                    f"backend '{job.backend}' is not configured any more"))
+                continue
+            if job.status is JobStatus.RUNNING:
+                if job.attempts >= self.settings.max_attempts:
+                    self._finalize(job, JobStatus.FAILED, error=GenerationFailedError(
+                        f"the service stopped while this job was running ({job.attempts} attempt(s)); "
+                        "not retried again (SD_MAX_ATTEMPTS)"))
+                    continue
+                job.status = JobStatus.QUEUED
+                job.started_at = None
+                self.store.update(job)
+            log.info("recovered job=%s backend=%s attempts=%d", job.id, job.backend, job.attempts)
+            self._enqueue(job)
+
+    # -- admission -----------------------------------------------------------------------------
+    async def submit(
+        self,
+        params: GenerationParams,
+        backend_id: str | None,
+        *,
+        priority: int = 0,
+        callback_url: str | None = None,
+        request_id: str | None = None,
+    ) -> Job:
+        if self.draining:
+            raise ServiceDrainingError("the service is shutting down and accepts no new jobs")
+        backend = self.registry.get(backend_id)
+        request = backend.resolve(params)
+        health = backend.health()
+        if health.state in (BackendState.NOT_CONFIGURED, BackendState.UNAVAILABLE):
+            raise BackendUnavailableError(f"backend '{backend.id}' is {health.state.value}: {health.reason}")
+        if callback_url is not None and self.webhooks is not None:
+            self.webhooks.validate(callback_url)
+        queued = self.queued_count()
+        if queued >= self.settings.max_queue:
+            raise QueueFullError(
+                f"the queue is full ({queued} jobs waiting, SD_MAX_QUEUE={self.settings.max_queue}); retry later",
+                retry_after=self.retry_after(),
+            )
+        job = Job(
+            id=new_job_id(), request=request, priority=priority, callback_url=callback_url, request_id=request_id
+        )
+        self.store.add(job)
+        self._enqueue(job)
+        log.info("job=%s queued backend=%s images=%d request_id=%s", job.id, job.backend, request.num_images, request_id)
+        return job
+
+    def _enqueue(self, job: Job) -> None:
+        assert self._loop is not None, "engine not started"
+        lane = self._lane_of(job)
+        self._active[job.id] = job
+        self._done[job.id] = self._loop.create_future()
+        lane.push(job, next(self._seq))
+        self.events.publish(job.id, "queued", {"status": "queued", "queue_position": lane.position(job.id)})
+
+    def _lane_of(self, job: Job) -> Lane:
+        return self._lanes[self.registry.get(job.backend).lane]
+
+    def queued_count(self) -> int:
+        return sum(len(lane) for lane in self._lanes.values())
+
+    def running_count(self) -> int:
+        return sum(1 for job in self._active.values() if job.status is JobStatus.RUNNING)
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free: recent batch time x queue length / concurrency."""
+        average = sum(self._durations) / len(self._durations) if self._durations else 5.0
+        concurrency = sum(lane.concurrency for lane in self._lanes.values()) or 1
+        estimate = average * max(1, self.queued_count()) / concurrency
+        return max(1, min(300, math.ceil(estimate)))
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "queued": self.queued_count(),
+            "running": self.running_count(),
+            "max_queue": self.settings.max_queue,
+            "draining": self.draining,
+            "lanes": {
+                name: {"queued": len(lane), "busy": lane.busy, "concurrency": lane.concurrency}
+                for name, lane in self._lanes.items()
+            },
+        }
+
+    # -- queries -------------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job:
+        job = self._active.get(job_id)
+        if job is not None:
+            return job
+        stored = self.store.get(job_id)
+        if stored is None:
+            raise NotFoundError("no such job")
+        return stored
+
+    def queue_position(self, job: Job) -> int | None:
+        if job.status is not JobStatus.QUEUED or job.id not in self._active:
+            return None
+        return self._lane_of(job).position(job.id)
+
+    def list(self, **filters: Any) -> list[Job]:
+        # The store has every job; active ones are fresher in memory (live progress).
+        return [self._active.get(job.id, job) for job in self.store.list(**filters)]
+
+    async def wait(self, job_id: str) -> Job:
+        """Wait until the job is final; return it."""
+        future = self._done.get(job_id)
+        if future is None:
+            return self.get(job_id)
+        return await asyncio.shield(future)
+
+    async def wait_sync(self, job_id: str, disconnected: Callable[[], Any]) -> Job:
+        """Wait for a synchronous caller; if it goes away and nobody else waits, cancel the job."""
+        self._sync_waiters[job_id] = self._sync_waiters.get(job_id, 0) + 1
+        waiter = asyncio.ensure_future(self.wait(job_id))
+        watcher = asyncio.ensure_future(disconnected())
+        try:
+            done, _ = await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if waiter in done:
+                return waiter.result()
+        finally:
+            watcher.cancel()
+            if not waiter.done():
+                waiter.cancel()
+            remaining = self._sync_waiters.get(job_id, 1) - 1
+            if remaining > 0:
+                self._sync_waiters[job_id] = remaining
+            else:
+                self._sync_waiters.pop(job_id, None)
+        if job_id not in self._sync_waiters and job_id in self._active:
+            log.info("job=%s caller disconnected; cancelling", job_id)
+            await self.cancel(job_id, reason="the caller disconnected")
+        raise JobCancelledError("the caller disconnected")
+
+    # -- cancel --------------------------------------------------------------------------------
+    async def cancel(self, job_id: str, reason: str = "cancelled by request") -> Job:
+        job = self._active.get(job_id)
+        if job is None:
+            stored = self.get(job_id)
+            if stored.status is JobStatus.CANCELLED:
+                return stored
+            raise ConflictError(f"job already {stored.status.value}")
+        if job.status is JobStatus.QUEUED:
+            lane = self._lane_of(job)
+            lane.remove(job.id)
+            self._publish_positions(lane)
+        else:
+            context = self._contexts.get(job.id)
+            if context is not None:
+                ctx, index = context
+                ctx.cancel(index)  # the pipeline stops between steps once every job of its batch is cancelled
+        self._finalize(job, JobStatus.CANCELLED, error=JobCancelledError(reason))
+        return job
+
+    # -- workers -------------------------------------------------------------------------------
+    async def _worker(self, lane: Lane) -> None:
+        while not self._stopping:
+            await lane.wait()
+            if self._stopping:
+                return
+            batch = lane.pop_batch(self._max_batch_images)
+            if not batch:
+                continue
+            self._publish_positions(lane)
+            lane.busy += 1
+            try:
+                await self._run_batch(self.registry.get(batch[0].backend), batch)
+            finally:
+                lane.busy -= 1
+
+    def _max_batch_images(self, job: Job) -> int:
+        backend = self.registry.get(job.backend)
+        return max(1, min(self.settings.max_batch, backend.capabilities().max_batch))
+
+    async def _run_batch(self, backend: ImageBackend, batch: list[Job]) -> None:
+        started = time.time()
+        for job in batch:
+            job.status = JobStatus.RUNNING
+            job.started_at = started
+            job.attempts += 1
+            job.step = 0
+            job.total_steps = job.request.steps or 0
+            self.store.update(job)
+            self.events.publish(job.id, "running", {"status": "running", "batch_size": len(batch)})
+        log.info(
+            "batch start backend=%s jobs=%s images=%d",
+            backend.id, ",".join(job.id for job in batch), sum(job.request.num_images for job in batch),
+        )
+        ctx = RunContext(
+            [job.id for job in batch],
+            deadline=time.monotonic() + self.settings.job_timeout,
+            on_progress=lambda step, total: self._progress_from_thread(batch, step, total),
+        )
+        for index, job in enumerate(batch):
+            self._contexts[job.id] = (ctx, index)
+        began = time.monotonic()
+        results: list[list[GeneratedImage]] | None = None
+        error: ServiceError | None = None
+        try:
+            results = await asyncio.wait_for(
+                backend.generate([job.request for job in batch], ctx), timeout=self.settings.job_timeout
+            )
+            if len(results) != len(batch):
+                raise GenerationFailedError("the backend returned a result per request that does not match")
+        except TimeoutError:
+            ctx.cancel_all()
+            error = DeadlineExceededError(
+                f"the job did not finish within {self.settings.job_timeout:g} s (SD_JOB_TIMEOUT)"
+            )
+        except ServiceError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            ctx.cancel_all()
+            self._requeue_interrupted(batch)
+            raise
+        except Exception:  # noqa: BLE001 - a backend bug must fail the job, not the worker
+            log.exception("backend=%s raised an unexpected error", backend.id)
+            error = GenerationFailedError("the backend failed unexpectedly; see the service log")
+        finally:
+            for job in batch:
+                self._contexts.pop(job.id, None)
+        seconds = time.monotonic() - began
+        self._durations.append(seconds)
+        # Encoding and writing images happens off the lane, so the next batch can start now.
+        task = asyncio.create_task(self._finish_batch(batch, results, error, seconds))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _requeue_interrupted(self, batch: Sequence[Job]) -> None:
+        """Shutdown interrupted these jobs: back to queued, the attempt not counted."""
+        for job in batch:
+            if job.final:
+                continue
+            job.status = JobStatus.QUEUED
+            job.started_at = None
+            job.attempts = max(0, job.attempts - 1)
+            self.store.update(job)
+
+    async def _finish_batch(
+        self,
+        batch: list[Job],
+        results: list[list[GeneratedImage]] | None,
+        error: ServiceError | None,
+        seconds: float,
+    ) -> None:
+        for index, job in enumerate(batch):
+            if job.final:
+                continue  # cancelled while running: its images are discarded
+            if error is not None or results is None:
+                self._finalize(job, JobStatus.FAILED, error=error or GenerationFailedError("no result"))
+                continue
+            try:
+                images = await asyncio.to_thread(self._store_images, job, results[index])
+            except OSError as exc:
+                log.exception("job=%s could not store its images", job.id)
+                message = "no space left in SD_OUTPUT_DIR" if exc.errno == 28 else "could not write the image to SD_OUTPUT_DIR"
+                self._finalize(job, JobStatus.FAILED, error=GenerationFailedError(message))
+                continue
+            if job.final:
+                continue
+            queued_ms = round(((job.started_at or job.created_at) - job.created_at) * 1000, 1)
+            result = {
+                "images": images,
+                "timings": {
+                    "queued_ms": queued_ms,
+                    "generation_ms": round(seconds * 1000, 1),
+                    "batch_size": len(batch),
+                },
+            }
+            self._finalize(job, JobStatus.SUCCEEDED, result=result)
+
+    def _store_images(self, job: Job, images: list[GeneratedImage]) -> list[dict[str, Any]]:
+        from imagegen import __version__
+
+        request = job.request
+        stored = []
+        for image in images:
+            item: dict[str, Any] = {"seed": image.seed, "nsfw": image.nsfw, **image.info}
+            if image.nsfw or image.image is None:
+                item.update(filename=None, url=None, mime_type=None)
+                stored.append(item)
+                continue
+            meta = {
+                "prompt": request.prompt,
+                "negative_prompt": request.negative_prompt,
+                "backend": request.backend,
+                "model": request.model,
+                "width": image.image.width,
+                "height": image.image.height,
+                "steps": request.steps,
+                "guidance_scale": request.guidance_scale,
+                "scheduler": request.scheduler,
+                "seed": image.seed,
+                "job_id": job.id,
+                "version": __version__,
+                **{key: value for key, value in image.info.items() if isinstance(value, (str, int, float))},
+            }
+            saved = self.outputs.save(image.image, request.output_format, meta)
+            item.update(
+                filename=saved.name,
+                url=f"/api/images/{saved.name}",
+                mime_type=saved.mime_type,
+                width=image.image.width,
+                height=image.image.height,
+            )
+            stored.append(item)
+        return stored
+
+    # -- state changes -------------------------------------------------------------------------
+    def _finalize(
+        self,
+        job: Job,
+        status: JobStatus,
+        *,
+        error: ServiceError | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> None:
+        job.status = status
+        job.finished_at = time.time()
+        job.result = result
+        job.error = None if error is None else {**error.to_dict(), "status_code": error.status_code}
+        self.store.update(job)
+        self._active.pop(job.id, None)
+        future = self._done.pop(job.id, None)
+        if future is not None and not future.done():
+            future.set_result(job)
+        self.events.publish(job.id, status.value, {"status": status.value})
+        log.info(
+            "job=%s %s backend=%s%s", job.id, status.value, job.backend,
+            f" error={job.error['type']}" if job.error else "",
+        )
+        if self._on_final is not None:
+            self._on_final(job)
+        if job.callback_url and self.webhooks is not None and self._loop is not None:
+            task = self._loop.create_task(self.webhooks.deliver(job, self.store))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _publish_positions(self, lane: Lane) -> None:
+        for position, job in enumerate(lane.jobs()):
+            if self.events.listeners(job.id):
+                self.events.publish(job.id, "queued", {"status": "queued", "queue_position": position})
+
+    def _progress_from_thread(self, batch: list[Job], step: int, total: int) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._on_progress, batch, step, total)
+
+    def _on_progress(self, batch: list[Job], step: int, total: int) -> None:
+        for job in batch:
+            if job.final:
+                continue
+            job.step = step
+            job.total_steps = total
+            self.events.publish(job.id, "progress", job.progress())

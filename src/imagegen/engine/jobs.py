@@ -1,0 +1,70 @@
+"""Job records: every generation, synchronous or not, is a job with an id."""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from imagegen.backends.base import GenerationRequest
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Job:
+    id: str
+    request: GenerationRequest
+    status: JobStatus = JobStatus.QUEUED
+    priority: int = 0
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    callback_url: str | None = None
+    request_id: str | None = None
+    #: {"images": [...], "timings": {...}} once succeeded (no pixels: those live in the output store)
+    result: dict[str, Any] | None = None
+    #: {"type", "message", "param", "status_code"} once failed
+    error: dict[str, Any] | None = None
+    #: webhook delivery state, when a callback_url was given
+    webhook: dict[str, Any] | None = None
+    #: live progress (kept in memory; not worth a write per denoising step)
+    step: int = 0
+    total_steps: int = 0
+
+    @property
+    def backend(self) -> str:
+        return self.request.backend
+
+    @property
+    def final(self) -> bool:
+        return self.status.final
+
+    def progress(self) -> dict[str, Any]:
+        total = self.total_steps or (self.request.steps or 0)
+        if self.status is JobStatus.SUCCEEDED:
+            step = total
+        else:
+            step = self.step
+        fraction = round(step / total, 4) if total else (1.0 if self.status is JobStatus.SUCCEEDED else 0.0)
+        return {"step": step, "total": total, "fraction": fraction}

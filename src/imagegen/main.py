@@ -1,0 +1,142 @@
+"""The FastAPI application: `create_app(settings)` for tests and embedding, and the module-level
+`app` for `uvicorn imagegen.main:app --host 0.0.0.0 --port 7860`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from imagegen import __version__
+from imagegen.api import generate, health, images, jobs, presenters
+from imagegen.api.deps import Services
+from imagegen.api.errors import install_error_handlers
+from imagegen.api.middleware import ApiKeyMiddleware, BodyGuardMiddleware, RequestContextMiddleware
+from imagegen.backends.registry import BackendFactory, BackendRegistry
+from imagegen.config import Settings, SettingsError, load_settings
+from imagegen.engine.engine import JobEngine
+from imagegen.engine.events import JobEvents
+from imagegen.engine.jobs import Job
+from imagegen.engine.store import JobStore, SQLiteJobStore
+from imagegen.engine.webhooks import WebhookSender
+from imagegen.logging_setup import configure_logging
+from imagegen.storage.outputs import OutputStore
+
+log = logging.getLogger("imagegen")
+
+PUBLIC_PATHS = ("/health", "/health/live")
+
+
+def _install_drain_on_signal(engine: JobEngine) -> list[tuple[int, Any]]:
+    """Stop admitting jobs the moment SIGTERM/SIGINT arrives, then hand the signal on (uvicorn's
+    own handler starts the graceful shutdown). Only possible from the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    restored = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(signum)
+        if not callable(previous):
+            continue
+
+        def handler(sig: int, frame: Any, _previous: Any = previous) -> None:
+            engine.begin_drain()
+            _previous(sig, frame)
+
+        signal.signal(signum, handler)
+        restored.append((signum, previous))
+    return restored
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    backend_factories: dict[str, BackendFactory] | None = None,
+    default_backend: str | None = None,
+    store: JobStore | None = None,
+) -> FastAPI:
+    """Build the service. Tests pass their own Settings (and may add backends, e.g. a fake one)."""
+    if settings is None:
+        try:
+            settings = load_settings()
+        except SettingsError as error:
+            raise SystemExit(f"imagegen: {error}") from None
+    configure_logging(settings.log_level, settings.log_format)
+
+    registry = BackendRegistry.from_settings(settings, backend_factories, default_id=default_backend)
+    outputs = OutputStore(settings.output_dir)
+    job_store = store or SQLiteJobStore(settings.data_dir / "jobs.sqlite3")
+    events = JobEvents()
+
+    def render_for_webhook(job: Job) -> dict[str, Any]:
+        base = settings.public_url or ""
+        return presenters.job_body(job, outputs, base, queue_position=None, include_b64=True)
+
+    webhooks = WebhookSender(settings, render_for_webhook)
+    engine = JobEngine(settings, registry, job_store, outputs, events, webhooks)
+    services = Services(settings, registry, job_store, outputs, events, engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.binds_publicly and settings.api_key is None:
+            log.warning(
+                "SECURITY: listening on %s without SD_API_KEY: anyone who can reach port %d can generate "
+                "images and read outputs. Set SD_API_KEY (or bind to 127.0.0.1).",
+                settings.host, settings.port,
+            )
+        for backend in registry:
+            await backend.start()
+        await engine.start()
+        restored = _install_drain_on_signal(engine)
+        log.info("imagegen %s ready to accept requests; default backend=%s", __version__, registry.default_id)
+        try:
+            yield
+        finally:
+            for signum, previous in restored:
+                signal.signal(signum, previous)
+            await engine.shutdown(settings.shutdown_grace)
+            await webhooks.close()
+            for backend in registry:
+                await backend.close()
+            job_store.close()
+
+    app = FastAPI(
+        title="imagegen",
+        version=__version__,
+        description="Self-hosted image generation: Stable Diffusion, FLUX (local) and the BFL FLUX API behind one API.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    for router in (health.router, generate.router, jobs.router, images.router):
+        app.include_router(router)
+
+    # Added innermost first: BodyGuard, then ApiKey, then CORS, then RequestContext (outermost).
+    app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.max_body_bytes)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), public_paths=PUBLIC_PATHS)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
+            allow_credentials=False,
+        )
+    app.add_middleware(RequestContextMiddleware)
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    # `uvicorn imagegen.main:app` builds the app from the environment on first access only, so
+    # importing this module (tests, the CLI) never reads settings or opens databases.
+    if name == "app":
+        application = create_app()
+        globals()["app"] = application
+        return application
+    raise AttributeError(name)

@@ -1,0 +1,98 @@
+"""Generation parameters embedded in the image files themselves.
+
+PNG: an A1111-style `parameters` text chunk (what A1111's "PNG info", Civitai and most viewers read)
+and an `imagegen` JSON chunk. JPEG/WebP: the same text in EXIF UserComment (A1111's choice) and the
+JSON in an XMP packet. Reading never evaluates anything: text and JSON only.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from typing import Any
+
+EXIF_IFD = 0x8769
+USER_COMMENT = 0x9286
+JSON_KEY = "imagegen"
+XMP_NS = "https://github.com/imagegen/ns/1.0/"
+
+
+def a1111_parameters(meta: dict[str, Any]) -> str:
+    """The A1111 "parameters" text: prompt, optional negative prompt line, then key: value pairs."""
+    lines = [str(meta.get("prompt", ""))]
+    if meta.get("negative_prompt"):
+        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    fields: list[tuple[str, Any]] = [
+        ("Steps", meta.get("steps")),
+        ("Sampler", meta.get("scheduler")),
+        ("CFG scale", meta.get("guidance_scale")),
+        ("Seed", meta.get("seed")),
+        ("Size", f"{meta.get('width')}x{meta.get('height')}"),
+        ("Model", meta.get("model")),
+        ("Backend", meta.get("backend")),
+        ("Version", f"imagegen {meta.get('version')}" if meta.get("version") else None),
+    ]
+    lines.append(", ".join(f"{key}: {_clean(value)}" for key, value in fields if value is not None))
+    return "\n".join(lines)
+
+
+def _clean(value: Any) -> str:
+    # Values are single-line and comma-separated in this format.
+    return str(value).replace("\n", " ").replace(",", " ")
+
+
+def png_info(meta: dict[str, Any]):  # type: ignore[no-untyped-def]
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", a1111_parameters(meta))
+    info.add_itxt(JSON_KEY, json.dumps(meta, ensure_ascii=False, sort_keys=True))
+    return info
+
+
+def exif_bytes(meta: dict[str, Any]) -> bytes:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\x00" + a1111_parameters(meta).encode("utf-16-be")
+    return exif.tobytes()
+
+
+def xmp_packet(meta: dict[str, Any]) -> bytes:
+    payload = html.escape(json.dumps(meta, ensure_ascii=False, sort_keys=True), quote=True)
+    text = (
+        '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        f'<rdf:Description rdf:about="" xmlns:imagegen="{XMP_NS}" imagegen:parameters="{payload}"/>'
+        "</rdf:RDF></x:xmpmeta>"
+        '<?xpacket end="w"?>'
+    )
+    return text.encode("utf-8")
+
+
+_XMP_ATTR = re.compile(r'imagegen:parameters="([^"]*)"')
+
+
+def read_metadata(path: Any) -> dict[str, Any]:
+    """Read back what `png_info`/`exif_bytes`/`xmp_packet` wrote: {"parameters": str, "imagegen": dict}."""
+    from PIL import Image
+
+    found: dict[str, Any] = {}
+    with Image.open(path) as image:
+        info = dict(image.info)
+        if "parameters" in info:
+            found["parameters"] = info["parameters"]
+        if JSON_KEY in info:
+            found[JSON_KEY] = json.loads(info[JSON_KEY])
+        exif = image.getexif().get_ifd(EXIF_IFD)
+        comment = exif.get(USER_COMMENT)
+        if isinstance(comment, bytes) and comment.startswith(b"UNICODE\x00"):
+            found["parameters"] = comment[8:].decode("utf-16-be")
+        xmp = info.get("xmp")
+        if isinstance(xmp, (bytes, str)) and JSON_KEY not in found:
+            text = xmp.decode("utf-8", "replace") if isinstance(xmp, bytes) else xmp
+            match = _XMP_ATTR.search(text)
+            if match:
+                found[JSON_KEY] = json.loads(html.unescape(match.group(1)))
+    return found

@@ -1,0 +1,96 @@
+"""The output store: server-chosen file names, metadata in the files, safe serving.
+
+Names come from the server only and match one strict pattern. Serving a name first checks the
+pattern, then resolves the real path (symlinks included) and checks it lies inside the output root,
+the way Starlette's StaticFiles does, so no encoded, absolute or symlinked name escapes the folder.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import secrets
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from imagegen.errors import NotFoundError
+
+FORMATS: dict[str, tuple[str, str, str]] = {
+    # output_format -> (extension, MIME type, Pillow format)
+    "png": ("png", "image/png", "PNG"),
+    "jpeg": ("jpg", "image/jpeg", "JPEG"),
+    "webp": ("webp", "image/webp", "WEBP"),
+}
+MIME_BY_EXTENSION = {ext: mime for ext, mime, _ in FORMATS.values()}
+
+#: 20261127-054401-3f9a0c1b2d4e.png
+NAME_PATTERN = re.compile(r"^(\d{8})-(\d{6})-([0-9a-f]{12})\.(png|jpg|webp)$")
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    name: str
+    path: Path
+    mime_type: str
+    data: bytes
+
+
+class OutputStore:
+    def __init__(self, root: Path) -> None:
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(os.path.realpath(root))
+
+    @staticmethod
+    def new_name(output_format: str, now: datetime | None = None) -> str:
+        stamp = (now or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
+        return f"{stamp}-{secrets.token_hex(6)}.{FORMATS[output_format][0]}"
+
+    @staticmethod
+    def encode(image: Any, output_format: str, meta: dict[str, Any]) -> bytes:
+        """Encode a PIL image with the generation parameters embedded."""
+        from imagegen.storage import metadata
+
+        _, _, pil_format = FORMATS[output_format]
+        buffer = io.BytesIO()
+        if output_format == "png":
+            image.save(buffer, format=pil_format, pnginfo=metadata.png_info(meta), compress_level=4)
+        else:
+            rgb = image.convert("RGB")
+            rgb.save(
+                buffer, format=pil_format, quality=92,
+                exif=metadata.exif_bytes(meta), xmp=metadata.xmp_packet(meta),
+            )
+        return buffer.getvalue()
+
+    def save(self, image: Any, output_format: str, meta: dict[str, Any]) -> StoredImage:
+        """Encode and write atomically (temp file + rename), so a half-written file is never served."""
+        data = self.encode(image, output_format, meta)
+        name = self.new_name(output_format)
+        fd, temp = tempfile.mkstemp(prefix=".tmp-", dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.chmod(temp, 0o644)
+            os.replace(temp, self.root / name)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+        return StoredImage(name, self.root / name, FORMATS[output_format][1], data)
+
+    def resolve(self, name: str) -> Path:
+        """The file for a served name; 404 for anything that is not a stored output inside the root."""
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            raise NotFoundError("no such image")
+        candidate = os.path.realpath(os.path.join(self.root, name))
+        if os.path.commonpath([candidate, str(self.root)]) != str(self.root) or not os.path.isfile(candidate):
+            raise NotFoundError("no such image")
+        return Path(candidate)
+
+    @staticmethod
+    def mime_type(path: Path) -> str:
+        return MIME_BY_EXTENSION[path.suffix.lstrip(".")]
