@@ -42,8 +42,11 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s", "%Y-%m-%dT%H:%M:%S")
         )
+    handler._imagegen = True  # type: ignore[attr-defined]
     root = logging.getLogger("imagegen")
-    root.handlers[:] = [handler]
+    # Replace only what an earlier call installed (create_app may run several times in one process);
+    # handlers others attached (pytest's caplog, an embedding application) stay.
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, "_imagegen", False)] + [handler]
     root.setLevel(level.upper())
     root.propagate = False
     # Libraries' own chatter (download bars, config notices) stays out of the service log.

@@ -231,6 +231,8 @@ class ImageBackend(abc.ABC):
     lane: str = "local"
     #: How many batches this backend's lane may run at the same time.
     concurrency: int = 1
+    #: Set by the registry: the default backend loads at start-up, the others on first use.
+    preload: bool = False
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -242,7 +244,7 @@ class ImageBackend(abc.ABC):
     def health(self) -> BackendHealth: ...
 
     async def start(self) -> None:
-        """Begin loading (in the background) if this backend loads eagerly."""
+        """Begin loading (in the background) when `preload` is set."""
 
     async def close(self) -> None:
         """Release everything the backend holds."""

@@ -125,31 +125,58 @@ def model_source(model_id: str, settings: Settings) -> ModelSource:
     return ModelSource(model_id, False, kwargs)
 
 
+def _error_chain(error: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
 def describe_load_error(error: BaseException, model_id: str) -> str:
-    """An operator-actionable reason for a failed load: auth, not found, network, or disk."""
+    """An operator-actionable reason for a failed load: auth, not found, network, or disk.
+
+    Libraries wrap the real cause (diffusers raises "does not appear to have a file named ..."
+    from huggingface_hub's offline or HTTP error): the whole chain is considered."""
+    for cause in _error_chain(error):
+        reason = _describe_one(cause, model_id)
+        if reason is not None:
+            return reason
+    return f"loading '{model_id}' failed: {type(error).__name__}"
+
+
+_AUTH_ERRORS = ("GatedRepoError",)
+_NOT_FOUND_ERRORS = ("RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError")
+_NETWORK_ERRORS = ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "ConnectTimeout", "ReadTimeout")
+
+
+def _describe_one(error: BaseException, model_id: str) -> str | None:
     name = type(error).__name__
-    text = str(error)
+    status = getattr(getattr(error, "response", None), "status_code", None)
     if isinstance(error, BackendUnavailableError):
         return error.message
-    if name in ("GatedRepoError",) or " 401 " in text or " 403 " in text or "401 Client Error" in text:
+    if isinstance(error, OSError) and error.errno == 28:
+        return "no space left on the device holding SD_MODEL_DIR"
+    if isinstance(error, PermissionError):
+        return "SD_MODEL_DIR (or the model folder) is not writable/readable by the service user"
+    if name in _AUTH_ERRORS or status in (401, 403):
         return (
             f"access to '{model_id}' was refused by the Hugging Face hub (gated or private): "
             "accept its licence on the hub and set SD_HUGGINGFACE_TOKEN"
         )
-    if name in ("RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError") or "404" in text:
-        return f"'{model_id}' was not found on the Hugging Face hub (check SD_MODEL_ID; private repositories need SD_HUGGINGFACE_TOKEN)"
-    if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or "offline" in text.lower() or isinstance(
-        error, (ConnectionError, TimeoutError)
-    ) or "connect" in text.lower():
+    if name in _NOT_FOUND_ERRORS or status == 404:
+        return (
+            f"'{model_id}' was not found on the Hugging Face hub (check the model id; "
+            "private repositories need SD_HUGGINGFACE_TOKEN)"
+        )
+    if name in _NETWORK_ERRORS or isinstance(error, (ConnectionError, TimeoutError)):
         return (
             f"'{model_id}' is not in the model cache (SD_MODEL_DIR) and the Hugging Face hub could not be "
-            "reached: check the network, set SD_HUGGINGFACE_TOKEN if rate limited, or pre-download the model"
+            "reached: check the network (or HF_HUB_OFFLINE), set SD_HUGGINGFACE_TOKEN if rate limited, "
+            "or pre-download the model"
         )
-    if isinstance(error, OSError) and getattr(error, "errno", None) == 28:
-        return "no space left on the device holding SD_MODEL_DIR"
-    if isinstance(error, PermissionError):
-        return "SD_MODEL_DIR is not writable by the service user"
-    return f"loading '{model_id}' failed: {name}"
+    return None
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -63,10 +63,9 @@ class LocalPipelineBackend(ImageBackend):
     #: "sd" or "flux": decides dtype rules.
     family = "sd"
 
-    def __init__(self, settings: Settings, model_id: str, *, eager: bool) -> None:
+    def __init__(self, settings: Settings, model_id: str) -> None:
         super().__init__(settings)
         self.model_id = model_id
-        self.eager = eager
         self._lock = threading.RLock()  # held while loading, unloading and for every pipeline call
         self._state = LoadState.UNLOADED
         self._loaded: LoadedPipeline | None = None
@@ -88,7 +87,7 @@ class LocalPipelineBackend(ImageBackend):
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
-        if self.eager and not self._deps_missing:
+        if self.preload and not self._deps_missing:
             self.begin_load()
 
     def begin_load(self) -> None:

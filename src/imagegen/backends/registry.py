@@ -41,6 +41,8 @@ class BackendRegistry:
             raise ValueError(f"default backend '{default_id}' is not registered")
         self._backends = backends
         self.default_id = default_id
+        for backend_id, backend in backends.items():
+            backend.preload = backend_id == default_id
 
     @classmethod
     def from_settings(

@@ -23,7 +23,7 @@ class StableDiffusionBackend(LocalPipelineBackend):
     family = "sd"
 
     def __init__(self, settings: Settings) -> None:
-        super().__init__(settings, settings.model_id, eager=settings.default_backend is Backend.SD)
+        super().__init__(settings, settings.model_id)
 
     # -- capabilities: known before loading, exact once the model is loaded -----------------------
     def capabilities(self) -> Capabilities:

@@ -217,7 +217,7 @@ def build(builder: Callable[[Path], None], target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         builder(staging)
-        (staging / COMPLETE_MARKER).write_text(json.dumps({"builder": builder.__name__}))
+        (staging / COMPLETE_MARKER).write_text(json.dumps({"builder": getattr(builder, "__name__", repr(builder))}))
         if target.exists():
             if (target / COMPLETE_MARKER).exists():
                 return  # another process finished first
