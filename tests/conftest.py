@@ -38,6 +38,7 @@ def make_settings(tmp_path: Path, model_dir: Path) -> Callable[..., Settings]:
             "output_dir": tmp_path / "outputs",
             "data_dir": tmp_path / "data",
             "host": "127.0.0.1",
+            "log_level": "warning",
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)

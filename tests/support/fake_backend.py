@@ -74,7 +74,13 @@ class FakeBackend(ImageBackend):
         self.active = 0
         self.max_active = 0
         self._lock = threading.Lock()
-        self.release_hang = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._release_hang: asyncio.Event | None = None
+
+    def release(self) -> None:
+        """Let every "hang" call (current and future) go on; callable from any thread."""
+        if self._loop is not None and self._release_hang is not None:
+            self._loop.call_soon_threadsafe(self._release_hang.set)
 
     def capabilities(self) -> Capabilities:
         return Capabilities(
@@ -98,6 +104,9 @@ class FakeBackend(ImageBackend):
                              dtype="none", loaded=self.state is BackendState.READY)
 
     async def generate(self, batch: Sequence[GenerationRequest], ctx: RunContext) -> list[list[GeneratedImage]]:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._release_hang = asyncio.Event()
         self.calls.append(list(batch))
         with self._lock:
             self.active += 1
@@ -119,7 +128,8 @@ class FakeBackend(ImageBackend):
         steps = batch[0].steps or self.default_steps
         delay = self.step_delay * (10 if "slow" in prompts else 1)
         if "hang" in prompts:
-            await self.release_hang.wait()
+            assert self._release_hang is not None
+            await self._release_hang.wait()
         for step in range(steps):
             await asyncio.sleep(delay)
             ctx.report_step(step + 1, steps)

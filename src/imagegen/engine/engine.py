@@ -151,10 +151,22 @@ class JobEngine:
                 lane.workers.append(asyncio.create_task(self._worker(lane), name=f"worker-{lane.name}-{index}"))
 
     def begin_drain(self) -> None:
-        """Stop admitting new jobs (503); work already accepted goes on."""
-        if not self.draining:
-            log.info("draining: new jobs are refused; queued jobs stay in the store")
+        """Stop admitting new jobs (503) and starting queued ones; running batches go on.
+
+        Queued jobs stay queued in the store for the next start; a synchronous caller waiting on
+        one is answered 503 now rather than when the connection is dropped."""
+        if self.draining:
+            return
+        log.info("draining: new jobs are refused; queued jobs stay in the store for the next start")
         self.draining = True
+        for lane in self._lanes.values():
+            for job in lane.jobs():
+                future = self._done.get(job.id)
+                if future is not None and not future.done():
+                    future.set_exception(ServiceDrainingError(
+                        f"the service is shutting down; job {job.id} stays queued and runs after restart"))
+                    future.exception()  # retrieved: nobody may be waiting
+            lane.wake()
 
     async def shutdown(self, grace: float) -> None:
         """Let running batches finish within `grace` seconds; queued jobs stay queued in the store."""
@@ -339,9 +351,9 @@ class JobEngine:
 
     # -- workers -------------------------------------------------------------------------------
     async def _worker(self, lane: Lane) -> None:
-        while not self._stopping:
+        while not (self._stopping or self.draining):
             await lane.wait()
-            if self._stopping:
+            if self._stopping or self.draining:
                 return
             batch = lane.pop_batch(self._max_batch_images)
             if not batch:
@@ -349,7 +361,16 @@ class JobEngine:
             self._publish_positions(lane)
             lane.busy += 1
             try:
-                await self._run_batch(self.registry.get(batch[0].backend), batch)
+                backend = self.registry.get(batch[0].backend)
+                failed = await self._run_batch(backend, batch)
+                if failed and len(batch) > 1:
+                    # Merging was the service's choice, not the callers': a merged call that fails
+                    # (out of memory, one bad prompt) is retried one job at a time, so each job
+                    # gets the result it would have had alone.
+                    log.info("batch of %d failed; retrying its jobs one by one", len(batch))
+                    for job in batch:
+                        if not job.final and not self._stopping:
+                            await self._run_batch(backend, [job])
             finally:
                 lane.busy -= 1
 
@@ -357,7 +378,9 @@ class JobEngine:
         backend = self.registry.get(job.backend)
         return max(1, min(self.settings.max_batch, backend.capabilities().max_batch))
 
-    async def _run_batch(self, backend: ImageBackend, batch: list[Job]) -> None:
+    async def _run_batch(self, backend: ImageBackend, batch: list[Job]) -> bool:
+        """Run one pipeline call for the batch. Returns True when a merged batch failed with an error
+        worth retrying job by job (its jobs are then left running, not finalized)."""
         started = time.time()
         for job in batch:
             job.status = JobStatus.RUNNING
@@ -406,10 +429,15 @@ class JobEngine:
                 self._contexts.pop(job.id, None)
         seconds = time.monotonic() - began
         self._durations.append(seconds)
+        if len(batch) > 1 and error is not None and not isinstance(error, (JobCancelledError, DeadlineExceededError)):
+            for job in batch:
+                job.attempts -= 1  # the retry alone is the same attempt
+            return True
         # Encoding and writing images happens off the lane, so the next batch can start now.
         task = asyncio.create_task(self._finish_batch(batch, results, error, seconds))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return False
 
     def _requeue_interrupted(self, batch: Sequence[Job]) -> None:
         """Shutdown interrupted these jobs: back to queued, the attempt not counted."""
