@@ -136,6 +136,14 @@ def test_schedulers_change_the_image(sd_client: httpx.Client) -> None:
         assert decode(generate(sd_client, seed=11, scheduler=name)["images"][0]).tobytes() != default
 
 
+def test_every_documented_scheduler_runs(sd_client: httpx.Client) -> None:
+    names = sd_client.get("/api/backends").json()["backends"][0]["capabilities"]["schedulers"]
+    assert len(names) >= 15
+    for name in names:
+        response = sd_client.post("/api/txt2img", json={"prompt": "s", "seed": 1, "steps": 3, "scheduler": name})
+        assert response.status_code == 200, (name, response.text)
+
+
 def test_per_request_backend_override(sd_client: httpx.Client) -> None:
     fake = generate(sd_client, backend="fake", seed=5)
     assert fake["backend"] == "fake" and fake["model"] == "fake-model"

@@ -151,7 +151,8 @@ def test_refused_destinations_are_rejected_at_submit(client: httpx.Client, url: 
 def test_allowlist_restricts_hosts(serve: Callable[..., httpx.Client], fake_factory, receiver) -> None:
     _, url = receiver
     factories, _ = fake_factory()
-    client = serve(factories=factories, default_backend="fake", webhook_allowed_hosts="n8n.internal")
+    client = serve(factories=factories, default_backend="fake", webhook_allowed_hosts="n8n.internal",
+                   webhook_max_attempts=1, webhook_timeout=1)
     refused = client.post("/api/jobs", json={"prompt": "x", "callback_url": f"{url}/hook"})
     assert refused.status_code == 422 and "SD_WEBHOOK_ALLOWED_HOSTS" in refused.json()["error"]["message"]
     accepted = client.post("/api/jobs", json={"prompt": "x", "callback_url": "http://n8n.internal:5678/webhook/abc"})

@@ -14,7 +14,8 @@ SCHEDULERS: dict[str, tuple[str | None, dict[str, Any], str]] = {
     "euler": ("EulerDiscreteScheduler", {}, "Euler"),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler ancestral (A1111 'Euler a')"),
     "ddim": ("DDIMScheduler", {}, "DDIM"),
-    "pndm": ("PNDMScheduler", {}, "PNDM / PLMS"),
+    # skip_prk_steps: plain PLMS, as SD's own PNDM config; the Runge-Kutta warm-up breaks at few steps.
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PNDM / PLMS"),
     "heun": ("HeunDiscreteScheduler", {}, "Heun"),
     "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
