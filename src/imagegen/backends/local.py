@@ -57,6 +57,23 @@ class LoadedPipeline:
         self.details = details
 
 
+_device_executor: ThreadPoolExecutor | None = None
+_device_executor_lock = threading.Lock()
+
+
+def device_executor() -> ThreadPoolExecutor:
+    """The one thread that runs every local pipeline call.
+
+    The local backends share the device and the engine runs one call at a time on it; running
+    them all on the same thread also keeps one OpenMP/intra-op thread team warm, where alternating
+    threads would each spin up (and spin-wait in) a team of their own."""
+    global _device_executor
+    with _device_executor_lock:
+        if _device_executor is None:
+            _device_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagegen-device")
+        return _device_executor
+
+
 class LocalPipelineBackend(ImageBackend):
     lane = "local"
     concurrency = 1
@@ -73,7 +90,6 @@ class LocalPipelineBackend(ImageBackend):
         self._failed_at = 0.0
         self._load_seconds: float | None = None
         self._loader: threading.Thread | None = None
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"imagegen-{self.__class__.__name__}")
         self._deps_missing = importlib.util.find_spec("diffusers") is None or importlib.util.find_spec("torch") is None
 
     # -- to implement ----------------------------------------------------------------------------
@@ -159,7 +175,6 @@ class LocalPipelineBackend(ImageBackend):
 
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.unload)
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- health ----------------------------------------------------------------------------------
     def health(self) -> BackendHealth:
@@ -202,7 +217,7 @@ class LocalPipelineBackend(ImageBackend):
     # -- generation ------------------------------------------------------------------------------
     async def generate(self, batch: Sequence[GenerationRequest], ctx: RunContext) -> list[list[GeneratedImage]]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._generate_blocking, list(batch), ctx)
+        return await loop.run_in_executor(device_executor(), self._generate_blocking, list(batch), ctx)
 
     def _generate_blocking(self, batch: list[GenerationRequest], ctx: RunContext) -> list[list[GeneratedImage]]:
         from imagegen.backends import diffusers_support as support
