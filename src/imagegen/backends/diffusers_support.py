@@ -24,7 +24,10 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
 def quiet_libraries() -> None:
-    """No download/loading progress bars or advisory chatter in the service log."""
+    """No loading progress bars or advisory chatter in the service log. Call before the first
+    import of diffusers/transformers: some of their notices are printed at import time."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

@@ -156,7 +156,7 @@ class LocalPipelineBackend(ImageBackend):
             self._state = LoadState.READY
             log.info(
                 "loaded backend=%s model=%s device=%s dtype=%s seconds=%.2f",
-                self.id, self.model_id, loaded.device, loaded.dtype, self._load_seconds,
+                self.id, self.model_id, loaded.device, str(loaded.dtype).replace("torch.", ""), self._load_seconds,
             )
             return loaded
 

@@ -67,13 +67,13 @@ class StableDiffusionBackend(LocalPipelineBackend):
 
     # -- loading ---------------------------------------------------------------------------------
     def load_pipeline(self) -> LoadedPipeline:
-        import torch  # noqa: F401 - imported here, on the loading path only
-        from diffusers import AutoPipelineForText2Image
-
         from imagegen.backends.diffusers_support import model_source, pick_device, pick_dtype, quiet_libraries
-        from imagegen.backends.safety import SafetyChecker
 
         quiet_libraries()
+        from diffusers import AutoPipelineForText2Image
+
+        from imagegen.backends.safety import SafetyChecker
+
         settings = self.settings
         source = model_source(self.model_id, settings)
         index = source.model_index() or {}
