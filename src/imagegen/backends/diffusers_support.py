@@ -79,15 +79,19 @@ class ModelSource:
 
     def model_index(self) -> dict[str, Any] | None:
         """The model's model_index.json if it is on disk (local folder or already in the cache)."""
+        return self.read_json("model_index.json")
+
+    def read_json(self, filename: str) -> dict[str, Any] | None:
+        """A JSON file of the model (e.g. "transformer/config.json") if it is on disk; never downloads."""
         path: Path | None = None
         if self.local:
-            path = Path(self.location) / "model_index.json"
+            path = Path(self.location) / filename
         else:
             try:
                 from huggingface_hub import try_to_load_from_cache
 
                 found = try_to_load_from_cache(
-                    self.location, "model_index.json", cache_dir=self.kwargs.get("cache_dir")
+                    self.location, filename, cache_dir=self.kwargs.get("cache_dir")
                 )
                 path = Path(found) if isinstance(found, str) else None
             except Exception:  # noqa: BLE001 - a cache miss is not an error here
