@@ -275,11 +275,20 @@ def build_tiny_flux2_klein(target: Path, *, distilled: bool = True, nan_vae: boo
 
 
 def build_tiny_flux(
-    target: Path, *, guidance_embeds: bool = False, t5_vocab_rows: int | None = None, nan_vae: bool = False
+    target: Path,
+    *,
+    guidance_embeds: bool = False,
+    t5_vocab_rows: int | None = None,
+    save_dtype: str | None = None,
+    nan_vae: bool = False,
 ) -> None:
     """A FLUX.1-style pipeline (CLIP + T5 encoders). Without guidance embeddings it is shaped like
-    [schnell]; with them like [dev]. `t5_vocab_rows` pads T5's embedding table with unused rows:
-    ballast that makes the model's memory measurable without making generation slower."""
+    [schnell]; with them like [dev].
+
+    `t5_vocab_rows` pads T5's embedding table with unused rows: ballast that makes the model's
+    memory measurable without making generation slower. `save_dtype="bfloat16"` stores the weights
+    the way real FLUX checkpoints are stored; loading them in float32 then converts every tensor into
+    process memory (float32 files would be memory-mapped, and unread rows would never count)."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
@@ -316,6 +325,8 @@ def build_tiny_flux(
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
         image_encoder=None, feature_extractor=None,
     )
+    if save_dtype is not None:
+        pipe.to(getattr(torch, save_dtype))
     pipe.save_pretrained(target, safe_serialization=True)
 
 
