@@ -19,6 +19,7 @@ import httpx
 import psutil
 
 from imagegen.backends import tiny_models
+from imagegen.config import Settings
 from tests.backends.helpers import backend_health, generate, pixels
 
 BALLAST_ROWS = 1_000_000  # x 32 floats = 128 MB in float32, 64 MB on disk in bfloat16
@@ -34,6 +35,11 @@ def _wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.05)
+
+
+def _idle_unloads(client: httpx.Client) -> int:
+    """How many unloads have finished, memory release included (last_unload is recorded after it)."""
+    return backend_health(client, "flux-local").get("last_unload", {}).get("count", 0)
 
 
 def _rss() -> int:
@@ -72,6 +78,23 @@ def test_one_pipeline_at_a_time_switching_in_any_order(serve: Callable[..., http
     assert sum(_loaded(client).values()) == 1
 
 
+def test_a_request_during_the_start_up_load_of_the_other_backend(
+    serve: Callable[..., httpx.Client], make_settings: Callable[..., Settings]
+) -> None:
+    """flux-local loads at start-up (default backend) while an sd request arrives, one pipeline
+    allowed: the loads take turns, nothing deadlocks, and one pipeline is left loaded."""
+    settings = make_settings(
+        model_id="tiny-sd", flux_model_id="tiny-flux2-klein", default_backend="flux-local", max_loaded_pipelines=1
+    )
+    client = serve(settings, ready=False)
+    assert generate(client, backend="sd", seed=2, steps=2)["backend"] == "sd"
+    _wait_until(lambda: backend_health(client, "flux-local")["state"] == "ready")
+    assert client.get("/health").status_code == 200
+    assert sum(_loaded(client).values()) == 1
+    assert generate(client, seed=2)["backend"] == "flux-local"
+    assert _loaded(client) == {"sd": False, "flux-local": True}
+
+
 def test_cpu_default_keeps_both_pipelines(serve: Callable[..., httpx.Client]) -> None:
     """SD_MAX_LOADED_PIPELINES=0 (auto) is 2 on CPU: no reload when alternating."""
     client = serve(model_id="tiny-sd", flux_model_id="tiny-flux")
@@ -83,18 +106,22 @@ def test_cpu_default_keeps_both_pipelines(serve: Callable[..., httpx.Client]) ->
 
 
 def test_idle_pipeline_is_unloaded_memory_released_and_reloaded(
-    serve: Callable[..., httpx.Client], build_fixture_model: Callable[..., Path], tiny_checker: Path
+    serve: Callable[..., httpx.Client],
+    make_settings: Callable[..., Settings],
+    build_fixture_model: Callable[..., Path],
+    tiny_checker: Path,
 ) -> None:
     folder = build_fixture_model(
         "flux-ballast", tiny_models.build_tiny_flux, t5_vocab_rows=BALLAST_ROWS, save_dtype="bfloat16"
     )
-    idle = 1.5
-    client = serve(
+    idle = 2.0
+    # flux-local is the default backend, so it also loads at start-up (and idles out first).
+    client = serve(make_settings(
         flux_model_id=str(folder), safety_checker_id=str(tiny_checker), default_backend="flux-local",
         model_idle_unload_seconds=idle,
-    )
+    ))
     backend = client.app.state.services.registry.get("flux-local")  # type: ignore[attr-defined]
-    _wait_until(lambda: not backend.is_loaded)  # loaded at start-up, then idle
+    _wait_until(lambda: _idle_unloads(client) == 1)  # loaded at start-up, then idle
     gc.collect()
     unloaded_rss = _rss()
 
@@ -106,7 +133,7 @@ def test_idle_pipeline_is_unloaded_memory_released_and_reloaded(
     del loaded
     assert loaded_rss - unloaded_rss > 64 * 2**20, (loaded_rss, unloaded_rss)
 
-    _wait_until(lambda: backend_health(client, "flux-local")["loaded"] is False)
+    _wait_until(lambda: _idle_unloads(client) == 2)
     health = backend_health(client, "flux-local")
     assert "idle" in health["reason"] and "SD_MODEL_IDLE_UNLOAD_SECONDS" in health["last_unload"]["reason"]
     assert health["state"] == "ready" and health["residency"]["idle_unload_seconds"] == idle

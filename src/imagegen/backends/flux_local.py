@@ -113,8 +113,9 @@ class FluxLocalBackend(LocalPipelineBackend):
 
     # -- what the model accepts: from its configs on disk, exact once loaded ----------------------
     def profile(self) -> FluxProfile:
-        if self._loaded is not None:
-            return self._loaded.details["profile"]
+        loaded = self._loaded  # read once: the device manager may unload it from another thread
+        if loaded is not None:
+            return loaded.details["profile"]
         if self._peeked is not None:
             return self._peeked
         configs, on_disk = self._configs_on_disk()

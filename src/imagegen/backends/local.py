@@ -84,6 +84,7 @@ class LocalPipelineBackend(ImageBackend):
         self.device_manager: DeviceManager | None = None
         self._last_used = 0.0  # monotonic time of the last load or pipeline call
         self._last_unload: tuple[str, float] | None = None  # (reason, monotonic time)
+        self._unloads = 0
 
     def attach_device_manager(self, manager: DeviceManager) -> None:
         """Share the device with the other local backends of this app (see device_manager.py)."""
@@ -204,7 +205,6 @@ class LocalPipelineBackend(ImageBackend):
         pipe = self._loaded.pipe
         self._loaded = None
         self._state = LoadState.UNLOADED
-        self._last_unload = (reason, time.monotonic())
         # CPU-offload hooks reference the sub-models; remove them so nothing outlives the pipeline.
         with contextlib.suppress(Exception):
             pipe.remove_all_hooks()
@@ -212,6 +212,9 @@ class LocalPipelineBackend(ImageBackend):
         from imagegen.backends.diffusers_support import release_memory
 
         release_memory()
+        # Recorded last: once /health shows last_unload, the memory has been handed back.
+        self._last_unload = (reason, time.monotonic())
+        self._unloads += 1
         log.info("unloaded backend=%s model=%s: %s", self.id, self.model_id, reason)
         return True
 
@@ -248,7 +251,9 @@ class LocalPipelineBackend(ImageBackend):
             details["residency"] = self.device_manager.describe()
         if self._last_unload is not None:
             reason, when = self._last_unload
-            details["last_unload"] = {"reason": reason, "seconds_ago": round(time.monotonic() - when, 1)}
+            details["last_unload"] = {
+                "reason": reason, "seconds_ago": round(time.monotonic() - when, 1), "count": self._unloads,
+            }
         if state is LoadState.READY:
             return BackendHealth(
                 BackendState.READY, f"{self.model_id} loaded on {device} ({dtype})",
