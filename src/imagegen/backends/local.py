@@ -1,11 +1,13 @@
 """What the local diffusers backends (`sd`, `flux-local`) share: background loading with a state
 visible in /health, one pipeline call at a time, generation in a worker thread, OOM handling,
-progress and cancellation between denoising steps, the safety checker, unloading.
+progress and cancellation between denoising steps, the safety checker, unloading, and the
+DeviceManager that decides which of them stay loaded on the shared device.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import importlib.util
 import logging
@@ -13,7 +15,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imagegen.backends.base import (
     BackendHealth,
@@ -32,6 +34,9 @@ from imagegen.errors import (
     OutOfMemoryError,
     ServiceError,
 )
+
+if TYPE_CHECKING:
+    from imagegen.backends.device_manager import DeviceManager
 
 log = logging.getLogger("imagegen.backends")
 
@@ -91,6 +96,22 @@ class LocalPipelineBackend(ImageBackend):
         self._load_seconds: float | None = None
         self._loader: threading.Thread | None = None
         self._deps_missing = importlib.util.find_spec("diffusers") is None or importlib.util.find_spec("torch") is None
+        self.device_manager: DeviceManager | None = None
+        self._last_used = 0.0  # monotonic time of the last load or pipeline call
+        self._last_unload: tuple[str, float] | None = None  # (reason, monotonic time)
+        self._unloads = 0
+
+    def attach_device_manager(self, manager: DeviceManager) -> None:
+        """Share the device with the other local backends of this app (see device_manager.py)."""
+        self.device_manager = manager
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._loaded is not None
+
+    @property
+    def last_used(self) -> float:
+        return self._last_used
 
     # -- to implement ----------------------------------------------------------------------------
     def load_pipeline(self) -> LoadedPipeline:
@@ -103,6 +124,8 @@ class LocalPipelineBackend(ImageBackend):
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
+        if self.device_manager is not None:
+            self.device_manager.start()
         if self.preload and not self._deps_missing:
             self.begin_load()
 
@@ -139,8 +162,10 @@ class LocalPipelineBackend(ImageBackend):
             self._state = LoadState.LOADING
             started = time.monotonic()
             log.info("loading backend=%s model=%s", self.id, self.model_id)
+            manager = self.device_manager
             try:
-                loaded = self.load_pipeline()
+                with manager.loading(self) if manager is not None else contextlib.nullcontext():
+                    loaded = self.load_pipeline()
             except Exception as error:  # noqa: BLE001 - every load failure becomes a health reason
                 from imagegen.backends.diffusers_support import describe_load_error, release_memory
 
@@ -152,6 +177,7 @@ class LocalPipelineBackend(ImageBackend):
                 raise BackendUnavailableError(f"backend '{self.id}' failed to load: {self._failure}") from None
             self._load_seconds = time.monotonic() - started
             self._loaded = loaded
+            self._last_used = time.monotonic()
             self._failure = None
             self._state = LoadState.READY
             log.info(
@@ -160,21 +186,57 @@ class LocalPipelineBackend(ImageBackend):
             )
             return loaded
 
-    def unload(self) -> bool:
-        """Drop the pipeline and return its memory; the next request loads it again."""
-        with self._lock:
-            if self._loaded is None:
-                return False
-            self._loaded = None
-            self._state = LoadState.UNLOADED
-            from imagegen.backends.diffusers_support import release_memory
+    def unload(self, reason: str = "unloaded on request", *, wait_for_call: bool = False) -> bool:
+        """Drop the pipeline and return its memory; the next request loads it again.
 
-            release_memory()
-            log.info("unloaded backend=%s model=%s", self.id, self.model_id)
-            return True
+        With wait_for_call (the DeviceManager making room), wait for a running call to end by
+        polling rather than blocking: a backend that holds its own lock while it waits to load is
+        not loaded, so the loop ends instead of deadlocking."""
+        if not wait_for_call:
+            with self._lock:
+                return self._unload_locked(reason)
+        while self._loaded is not None:
+            if self._lock.acquire(timeout=0.1):
+                try:
+                    return self._unload_locked(reason)
+                finally:
+                    self._lock.release()
+        return False
+
+    def unload_if_idle(self, idle_seconds: float) -> bool:
+        """Unload if no call is running and none ran for idle_seconds (the idle-unload task)."""
+        if not self._lock.acquire(blocking=False):
+            return False  # busy: it is not idle
+        try:
+            if time.monotonic() - self._last_used < idle_seconds:
+                return False
+            return self._unload_locked(f"unloaded after {idle_seconds:g} s idle (SD_MODEL_IDLE_UNLOAD_SECONDS)")
+        finally:
+            self._lock.release()
+
+    def _unload_locked(self, reason: str) -> bool:
+        if self._loaded is None:
+            return False
+        pipe = self._loaded.pipe
+        self._loaded = None
+        self._state = LoadState.UNLOADED
+        # CPU-offload hooks reference the sub-models; remove them so nothing outlives the pipeline.
+        with contextlib.suppress(Exception):
+            pipe.remove_all_hooks()
+        del pipe
+        from imagegen.backends.diffusers_support import release_memory
+
+        release_memory()
+        # Recorded last: once /health shows last_unload, the memory has been handed back.
+        self._last_unload = (reason, time.monotonic())
+        self._unloads += 1
+        log.info("unloaded backend=%s model=%s: %s", self.id, self.model_id, reason)
+        return True
 
     async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.unload)
+        if self.device_manager is not None:
+            await self.device_manager.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self.unload, "the service stopped")
 
     # -- health ----------------------------------------------------------------------------------
     def health(self) -> BackendHealth:
@@ -192,14 +254,20 @@ class LocalPipelineBackend(ImageBackend):
             from imagegen.backends.diffusers_support import dtype_name
 
             dtype = dtype_name(loaded.dtype)
-        memory = None
-        if loaded is not None:
-            from imagegen.backends.diffusers_support import memory_in_use
+        from imagegen.backends.diffusers_support import memory_in_use
 
-            memory = memory_in_use(device)
+        # Also when unloaded: the process RSS shows that unloading gave the memory back.
+        memory = memory_in_use(device)
         details: dict[str, Any] = {"load_seconds": round(self._load_seconds, 3) if self._load_seconds else None}
         if loaded is not None:
             details.update(loaded.details)
+        if self.device_manager is not None:
+            details["residency"] = self.device_manager.describe()
+        if self._last_unload is not None:
+            reason, when = self._last_unload
+            details["last_unload"] = {
+                "reason": reason, "seconds_ago": round(time.monotonic() - when, 1), "count": self._unloads,
+            }
         if state is LoadState.READY:
             return BackendHealth(
                 BackendState.READY, f"{self.model_id} loaded on {device} ({dtype})",
@@ -209,9 +277,11 @@ class LocalPipelineBackend(ImageBackend):
             return BackendHealth(BackendState.LOADING, f"loading {self.model_id}", model=self.model_id, details=details)
         if state is LoadState.FAILED:
             return BackendHealth(BackendState.ERROR, self._failure or "load failed", model=self.model_id, details=details)
+        reason = "not loaded; loads on the first request"
+        if self._last_unload is not None:
+            reason = f"{self._last_unload[0]}; loads again on the next request"
         return BackendHealth(
-            BackendState.READY, "not loaded; loads on the first request", model=self.model_id, loaded=False,
-            details=details,
+            BackendState.READY, reason, model=self.model_id, loaded=False, memory=memory, details=details,
         )
 
     # -- generation ------------------------------------------------------------------------------
@@ -252,6 +322,8 @@ class LocalPipelineBackend(ImageBackend):
                     raise BackendUnavailableError(f"backend '{self.id}' hit a device error and is reloading") from None
                 log.exception("backend=%s generation failed", self.id)
                 raise GenerationFailedError("the pipeline failed to generate an image") from None
+            finally:
+                self._last_used = time.monotonic()  # idle time counts from the end of the last call
         return self._split(batch, images, flags)
 
     def _check_images(self, loaded: LoadedPipeline, images: Any) -> list[bool]:

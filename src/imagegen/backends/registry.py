@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from imagegen.backends.base import ImageBackend
+from imagegen.backends.device_manager import DeviceManager
 from imagegen.config import Backend, Settings
 from imagegen.errors import InvalidParameterError
 
@@ -15,6 +16,12 @@ def _sd(settings: Settings) -> ImageBackend:
     from imagegen.backends.sd import StableDiffusionBackend
 
     return StableDiffusionBackend(settings)
+
+
+def _flux_local(settings: Settings) -> ImageBackend:
+    from imagegen.backends.flux_local import FluxLocalBackend
+
+    return FluxLocalBackend(settings)
 
 
 def _not_implemented(backend_id: str) -> BackendFactory:
@@ -28,7 +35,7 @@ def _not_implemented(backend_id: str) -> BackendFactory:
 
 DEFAULT_FACTORIES: dict[str, BackendFactory] = {
     Backend.SD.value: _sd,
-    Backend.FLUX_LOCAL.value: _not_implemented(Backend.FLUX_LOCAL.value),
+    Backend.FLUX_LOCAL.value: _flux_local,
     Backend.FLUX_API.value: _not_implemented(Backend.FLUX_API.value),
 }
 
@@ -54,6 +61,8 @@ class BackendRegistry:
         """The standard backends (plus extra factories, e.g. a test's fake backend)."""
         factories = {**DEFAULT_FACTORIES, **(factories or {})}
         backends = {backend_id: factory(settings) for backend_id, factory in factories.items()}
+        # The local backends share one device: one manager decides which of them stay loaded.
+        DeviceManager.share(settings, backends.values())
         return cls(backends, default_id or settings.default_backend.value)
 
     def get(self, backend_id: str | None) -> ImageBackend:

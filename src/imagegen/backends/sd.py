@@ -27,7 +27,8 @@ class StableDiffusionBackend(LocalPipelineBackend):
 
     # -- capabilities: known before loading, exact once the model is loaded -----------------------
     def capabilities(self) -> Capabilities:
-        return self._capabilities_from(self._loaded.details if self._loaded else self._peek_config())
+        loaded = self._loaded  # read once: the device manager may unload it from another thread
+        return self._capabilities_from(loaded.details if loaded else self._peek_config())
 
     def _peek_config(self) -> dict[str, Any]:
         """What can be learnt without loading weights: the pipeline class of a built-in or local model."""
@@ -62,7 +63,8 @@ class StableDiffusionBackend(LocalPipelineBackend):
         )
 
     def info(self) -> dict[str, Any]:
-        details = self._loaded.details if self._loaded else self._peek_config()
+        loaded = self._loaded
+        details = loaded.details if loaded else self._peek_config()
         return {"family": _family_of(details.get("pipeline_class"), self.model_id)}
 
     # -- loading ---------------------------------------------------------------------------------

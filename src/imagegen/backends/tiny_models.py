@@ -2,8 +2,9 @@
 
 No machine here reaches a model hub, so the real loading path (`from_pretrained` on a folder) is
 exercised on pipelines the project builds itself: same classes, same files on disk, a few hundred
-kilobytes of random weights. `tiny-sd` and `tiny-sdxl` are selectable model ids (`make demo` uses
-them); the builders also take options tests need (a safety checker that flags every image).
+kilobytes of random weights. `tiny-sd`, `tiny-sdxl` (sd backend), `tiny-flux2-klein` and `tiny-flux`
+(flux-local backend) are selectable model ids (`make demo` uses them); the builders also take options
+tests need (a safety checker that flags every image, a VAE that produces NaN).
 
 Weights are seeded, so a tiny model and its images are identical on every machine. Everything
 here imports torch; call it only from a loading path.
@@ -22,6 +23,8 @@ from pathlib import Path
 TINY_SD = "tiny-sd"
 TINY_SDXL = "tiny-sdxl"
 TINY_SAFETY_CHECKER = "tiny-safety-checker"
+TINY_FLUX2_KLEIN = "tiny-flux2-klein"
+TINY_FLUX = "tiny-flux"
 
 #: Marker written last: a folder without it is an interrupted build and is rebuilt.
 COMPLETE_MARKER = ".imagegen-complete"
@@ -182,10 +185,157 @@ def build_tiny_safety_checker(target: Path, *, flag_all: bool = False) -> None:
     processor.save_pretrained(target / "feature_extractor")
 
 
+# Qwen3's chat template, reduced to what Flux2KleinPipeline uses: one user turn, the generation
+# prompt, and the empty think block that `enable_thinking=False` asks for.
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+
+
+def _qwen_tokenizer():  # type: ignore[no-untyped-def]
+    """A byte-level BPE tokenizer with Qwen's special tokens and chat template (no merges)."""
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    vocab = {symbol: index for index, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    for token in specials:
+        vocab[token] = len(vocab)
+    # Klein pads every prompt to 512 tokens.
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=512)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _t5_tokenizer():  # type: ignore[no-untyped-def]
+    """A unigram T5 tokenizer over printable ASCII (bare and word-initial pieces)."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    for char in string.printable:
+        if not char.isspace():
+            pieces += [(char, -5.0), ("\u2581" + char, -4.0)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def _poison(module) -> None:  # type: ignore[no-untyped-def]
+    """Fill every floating-point weight with NaN: a model that can only produce NaN pixels."""
+    import torch
+
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.fill_(float("nan"))
+
+
+def build_tiny_flux2_klein(target: Path, *, distilled: bool = True, nan_vae: bool = False) -> None:
+    """A FLUX.2 [klein]-style pipeline: Qwen3 text encoder, Flux2 transformer and VAE.
+
+    The pipeline stacks the encoder's hidden states of layers (9, 18, 27), so the tiny encoder
+    needs 28 layers, and the transformer's joint_attention_dim is 3 x the encoder's hidden size."""
+    import torch
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = _qwen_tokenizer()
+    hidden = 16
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            hidden_size=hidden, intermediate_size=16, num_hidden_layers=28, num_attention_heads=2,
+            num_key_value_heads=2, head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512,
+            tie_word_embeddings=True,
+        )
+    )
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=3 * hidden, timestep_guidance_channels=256,
+        axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False,
+    )
+    # Two blocks: a scale factor of 2 (the real one has 8); sample_size is the VAE's tile size.
+    vae = AutoencoderKLFlux2(
+        sample_size=64, in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(4, 8), layers_per_block=1, latent_channels=1, norm_num_groups=1,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+    if nan_vae:
+        _poison(vae.decoder)
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        transformer=transformer, is_distilled=distilled,
+    )
+    pipe.save_pretrained(target, safe_serialization=True)
+
+
+def build_tiny_flux(
+    target: Path,
+    *,
+    guidance_embeds: bool = False,
+    t5_vocab_rows: int | None = None,
+    save_dtype: str | None = None,
+    nan_vae: bool = False,
+) -> None:
+    """A FLUX.1-style pipeline (CLIP + T5 encoders). Without guidance embeddings it is shaped like
+    [schnell]; with them like [dev].
+
+    `t5_vocab_rows` pads T5's embedding table with unused rows: ballast that makes the model's
+    memory measurable without making generation slower. `save_dtype="bfloat16"` stores the weights
+    the way real FLUX checkpoints are stored; loading them in float32 then converts every tensor into
+    process memory (float32 files would be memory-mapped, and unread rows would never count)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tokenizer = _clip_tokenizer()
+    tokenizer_2 = _t5_tokenizer()
+    text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=max(len(tokenizer_2), t5_vocab_rows or 0), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+            num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5 d_model
+        pooled_projection_dim=32,  # CLIP hidden size
+        axes_dims_rope=[4, 4, 8],  # sums to the head dim
+        guidance_embeds=guidance_embeds,
+    )
+    vae = AutoencoderKL(
+        sample_size=64, in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(4, 8), layers_per_block=1, latent_channels=1, norm_num_groups=1,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    if nan_vae:
+        _poison(vae.decoder)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+        image_encoder=None, feature_extractor=None,
+    )
+    if save_dtype is not None:
+        pipe.to(getattr(torch, save_dtype))
+    pipe.save_pretrained(target, safe_serialization=True)
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     TINY_SD: build_tiny_sd,
     TINY_SDXL: build_tiny_sdxl,
     TINY_SAFETY_CHECKER: build_tiny_safety_checker,
+    TINY_FLUX2_KLEIN: build_tiny_flux2_klein,
+    TINY_FLUX: build_tiny_flux,
 }
 
 
