@@ -103,29 +103,33 @@ def build_full(family: str, target: Path, dtype: Any) -> Any:
     from imagegen.backends import tiny_models
 
     torch.manual_seed(0)
-    with torch.device("cuda"), default_dtype(dtype):
-        if family == "klein":
-            from bench.gpu_flux import build_pipeline
+    if family == "klein":
+        from bench.gpu_flux import build_pipeline
 
-            pipe = build_pipeline(False, "cuda", dtype)
+        pipe = build_pipeline(False, "cuda", dtype)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.save_pretrained(target, safe_serialization=True)
+        return pipe
+    # Schedulers and tokenizers are built outside the device context: a scheduler's tables must
+    # stay on the CPU (it converts them with numpy).
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    tokenizer = tiny_models._clip_tokenizer()
+    tokenizer_2 = tiny_models._clip_tokenizer()
+    with torch.device("cuda"), default_dtype(dtype):
+        vae = AutoencoderKL(**SD_VAE, sample_size=512 if family == "sd15" else 1024)
+        if family == "sd15":
+            pipe = StableDiffusionPipeline(
+                vae=vae, text_encoder=_clip(tokenizer, 768), tokenizer=tokenizer,
+                unet=UNet2DConditionModel(**SD15_UNET), scheduler=scheduler, safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False,
+            )
         else:
-            scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                               steps_offset=1, timestep_spacing="leading")
-            tokenizer = tiny_models._clip_tokenizer()
-            vae = AutoencoderKL(**SD_VAE, sample_size=512 if family == "sd15" else 1024)
-            if family == "sd15":
-                pipe = StableDiffusionPipeline(
-                    vae=vae, text_encoder=_clip(tokenizer, 768), tokenizer=tokenizer,
-                    unet=UNet2DConditionModel(**SD15_UNET), scheduler=scheduler, safety_checker=None,
-                    feature_extractor=None, requires_safety_checker=False,
-                )
-            else:
-                tokenizer_2 = tiny_models._clip_tokenizer()
-                pipe = StableDiffusionXLPipeline(
-                    vae=vae, text_encoder=_clip(tokenizer, 768), text_encoder_2=_clip(tokenizer_2, 1280, 1280),
-                    tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=UNet2DConditionModel(**SDXL_UNET),
-                    scheduler=scheduler, add_watermarker=False,
-                )
+            pipe = StableDiffusionXLPipeline(
+                vae=vae, text_encoder=_clip(tokenizer, 768), text_encoder_2=_clip(tokenizer_2, 1280, 1280),
+                tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=UNet2DConditionModel(**SDXL_UNET),
+                scheduler=scheduler, add_watermarker=False,
+            )
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(target, safe_serialization=True)
     return pipe

@@ -14,7 +14,9 @@ import bisect
 import itertools
 import logging
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,6 +41,16 @@ from imagegen.errors import (
 from imagegen.storage.outputs import OutputStore
 
 log = logging.getLogger("imagegen.engine")
+
+
+_encoder_executor: ThreadPoolExecutor | None = None
+
+
+def _encoder_pool() -> ThreadPoolExecutor:
+    global _encoder_executor
+    if _encoder_executor is None:
+        _encoder_executor = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="imagegen-encode")
+    return _encoder_executor
 
 
 class Lane:
@@ -483,41 +495,43 @@ class JobEngine:
             self._finalize(job, JobStatus.SUCCEEDED, result=result)
 
     def _store_images(self, job: Job, images: list[GeneratedImage]) -> list[dict[str, Any]]:
+        # Encoding (zlib for PNG) releases the GIL: a batch's images are encoded side by side.
+        if len(images) > 1:
+            return list(_encoder_pool().map(lambda image: self._store_image(job, image), images))
+        return [self._store_image(job, image) for image in images]
+
+    def _store_image(self, job: Job, image: GeneratedImage) -> dict[str, Any]:
         from imagegen import __version__
 
         request = job.request
-        stored = []
-        for image in images:
-            item: dict[str, Any] = {"seed": image.seed, "nsfw": image.nsfw, **image.info}
-            if image.nsfw or image.image is None:
-                item.update(filename=None, url=None, mime_type=None)
-                stored.append(item)
-                continue
-            meta = {
-                "prompt": request.prompt,
-                "negative_prompt": request.negative_prompt,
-                "backend": request.backend,
-                "model": request.model,
-                "width": image.image.width,
-                "height": image.image.height,
-                "steps": request.steps,
-                "guidance_scale": request.guidance_scale,
-                "scheduler": request.scheduler,
-                "seed": image.seed,
-                "job_id": job.id,
-                "version": __version__,
-                **{key: value for key, value in image.info.items() if isinstance(value, (str, int, float))},
-            }
-            saved = self.outputs.save(image.image, request.output_format, meta)
-            item.update(
-                filename=saved.name,
-                url=f"/api/images/{saved.name}",
-                mime_type=saved.mime_type,
-                width=image.image.width,
-                height=image.image.height,
-            )
-            stored.append(item)
-        return stored
+        item: dict[str, Any] = {"seed": image.seed, "nsfw": image.nsfw, **image.info}
+        if image.nsfw or image.image is None:
+            item.update(filename=None, url=None, mime_type=None)
+            return item
+        meta = {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "backend": request.backend,
+            "model": request.model,
+            "width": image.image.width,
+            "height": image.image.height,
+            "steps": request.steps,
+            "guidance_scale": request.guidance_scale,
+            "scheduler": request.scheduler,
+            "seed": image.seed,
+            "job_id": job.id,
+            "version": __version__,
+            **{key: value for key, value in image.info.items() if isinstance(value, (str, int, float))},
+        }
+        saved = self.outputs.save(image.image, request.output_format, meta)
+        item.update(
+            filename=saved.name,
+            url=f"/api/images/{saved.name}",
+            mime_type=saved.mime_type,
+            width=image.image.width,
+            height=image.image.height,
+        )
+        return item
 
     # -- state changes -------------------------------------------------------------------------
     def _finalize(

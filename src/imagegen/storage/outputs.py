@@ -58,7 +58,8 @@ class OutputStore:
         _, _, pil_format = FORMATS[output_format]
         buffer = io.BytesIO()
         if output_format == "png":
-            image.save(buffer, format=pil_format, pnginfo=metadata.png_info(meta), compress_level=4)
+            # Level 1: about twice as fast as the default on photographs, files ~15% larger.
+            image.save(buffer, format=pil_format, pnginfo=metadata.png_info(meta), compress_level=1)
         else:
             rgb = image.convert("RGB")
             rgb.save(
