@@ -17,6 +17,12 @@ def _sd(settings: Settings) -> ImageBackend:
     return StableDiffusionBackend(settings)
 
 
+def _flux_api(settings: Settings) -> ImageBackend:
+    from imagegen.backends.bfl import FluxApiBackend
+
+    return FluxApiBackend(settings)
+
+
 def _not_implemented(backend_id: str) -> BackendFactory:
     def factory(settings: Settings) -> ImageBackend:
         from imagegen.backends.placeholder import NotImplementedBackend
@@ -29,7 +35,7 @@ def _not_implemented(backend_id: str) -> BackendFactory:
 DEFAULT_FACTORIES: dict[str, BackendFactory] = {
     Backend.SD.value: _sd,
     Backend.FLUX_LOCAL.value: _not_implemented(Backend.FLUX_LOCAL.value),
-    Backend.FLUX_API.value: _not_implemented(Backend.FLUX_API.value),
+    Backend.FLUX_API.value: _flux_api,
 }
 
 
