@@ -79,7 +79,7 @@ def flux_service(
 ) -> Callable[..., httpx.Client]:
     """The real service (HTTP, engine, store) with flux-api pointed at the given fake."""
 
-    def start(fake: RunningFake, **overrides: Any) -> httpx.Client:
-        return serve(bfl_settings(fake, **overrides))
+    def start(fake: RunningFake, *, ready: bool = True, **overrides: Any) -> httpx.Client:
+        return serve(bfl_settings(fake, **overrides), ready=ready)
 
     return start

@@ -124,6 +124,7 @@ class FakeBFL:
         delivery_base: str | None = None,
         chunked_results: bool = False,
         result_padding: int = 0,
+        submit_delay: float = 0.0,
     ) -> None:
         self.api_key = api_key
         self.generation_time = generation_time
@@ -137,6 +138,8 @@ class FakeBFL:
         self.delivery_base = delivery_base
         self.chunked_results = chunked_results
         self.result_padding = result_padding
+        #: Seconds the answer to a submit takes after the task was created (a lost or slow answer).
+        self.submit_delay = submit_delay
         self._sign_key = secrets.token_bytes(16)
         self._lock = threading.Lock()
         self.tasks: dict[str, Task] = {}
@@ -307,6 +310,8 @@ class FakeBFL:
                 self.credits -= self.cost  # moderated requests are not charged
             self.submits.append({"model": model, "body": dict(body), "id": task.id})
             self.max_active_seen = max(self.max_active_seen, active + (1 if duration > 0 else 0))
+        if self.submit_delay:
+            await asyncio.sleep(self.submit_delay)
         base = self._base(request, self.polling_base)
         return JSONResponse({
             "id": task.id,
