@@ -278,7 +278,7 @@ def test_oversize_download_is_refused_while_streaming(
 
 def test_a_result_that_is_not_an_image_is_502(flux_service: Service, bfl: RunningFake) -> None:
     client = flux_service(bfl)
-    assert "not a valid image" in error_of(txt2img(client, prompt="corrupt-result"), 502, "upstream_error")
+    assert "not a valid PNG, JPEG or WebP image" in error_of(txt2img(client, prompt="corrupt-result"), 502, "upstream_error")
 
 
 # -- validation before any credit is spent -------------------------------------------------------------

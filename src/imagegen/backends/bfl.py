@@ -120,16 +120,15 @@ def decode_image(data: bytes) -> Image:
     from PIL import UnidentifiedImageError
 
     try:
-        with PILImage.open(io.BytesIO(data)) as probe:
-            if probe.format not in ("PNG", "JPEG", "WEBP"):
-                raise UpstreamError("BFL returned a result that is not a PNG, JPEG or WebP image")
-            if probe.width * probe.height > MAX_RESULT_PIXELS:
-                raise UpstreamError("BFL returned an image far larger than requested; refused")
-            probe.verify()
-        image = PILImage.open(io.BytesIO(data))
+        # open() reads only the header: format and size are checked before any pixel is decoded.
+        image = PILImage.open(io.BytesIO(data), formats=("PNG", "JPEG", "WEBP"))
+        if image.width * image.height > MAX_RESULT_PIXELS:
+            raise UpstreamError("BFL returned an image far larger than requested; refused")
+        # load() decodes every pixel and raises on truncated or corrupt data (no separate verify(),
+        # which would decode the whole image a second time).
         image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, PILImage.DecompressionBombError):
-        raise UpstreamError("BFL returned a result that is not a valid image") from None
+        raise UpstreamError("BFL returned a result that is not a valid PNG, JPEG or WebP image") from None
     return image
 
 
