@@ -105,6 +105,7 @@ class Task:
     output_format: str
     corrupt: bool = False
     sample_expires: float | None = None  # wall clock, set when first reported Ready
+    rendered: asyncio.Future[bytes] | None = None  # the result bytes, made during the generation time
 
 
 class FakeBFL:
@@ -306,6 +307,10 @@ class FakeBFL:
                 corrupt="corrupt-result" in prompt,
             )
             self.tasks[task.id] = task
+            if outcome == "ready" and not task.corrupt:
+                # Like BFL, the image exists by the time the task is Ready: render it in a worker thread
+                # now, not when the download arrives (24 downloads at once would otherwise queue here).
+                task.rendered = asyncio.ensure_future(asyncio.to_thread(self._render, task))
             if outcome != "request_moderated":
                 self.credits -= self.cost  # moderated requests are not charged
             self.submits.append({"model": model, "body": dict(body), "id": task.id})
@@ -379,13 +384,10 @@ class FakeBFL:
             return Response("<Error><Code>AuthenticationFailed</Code><Message>Signed expiry time has passed"
                             "</Message></Error>", status_code=403, media_type="application/xml")
         assert task is not None
-        if task.corrupt:
+        if task.corrupt or task.rendered is None:
             data, media = b"this is not an image" * 10, "image/png"
         else:
-            image = pixels_for(task.body["prompt"], task.seed, task.width, task.height)
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG" if task.output_format == "png" else "JPEG", quality=95)
-            data = buffer.getvalue() + b"\0" * self.result_padding
+            data = await task.rendered + b"\0" * self.result_padding
             media = "image/png" if task.output_format == "png" else "image/jpeg"
         if self.chunked_results:
             async def chunks() -> Any:
@@ -395,6 +397,13 @@ class FakeBFL:
 
             return StreamingResponse(chunks(), media_type=media)  # no Content-Length
         return Response(data, media_type=media)
+
+    @staticmethod
+    def _render(task: Task) -> bytes:
+        image = pixels_for(task.body["prompt"], task.seed, task.width, task.height)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG" if task.output_format == "png" else "JPEG", quality=95)
+        return buffer.getvalue()
 
     async def _credits(self, request: Request) -> Response:
         self._record("credits", request)
