@@ -23,9 +23,9 @@ from imagegen.backends.base import GenerationParams, RunContext
 from imagegen.backends.bfl import FluxApiBackend, decode_image
 from imagegen.backends.bfl_client import is_bfl_api_url, parse_progress, retry_after_seconds
 from imagegen.backends.bfl_models import MODELS
-from imagegen.config import BflModel, Settings
+from imagegen.config import BflModel, Settings, SettingsError, load_settings
 from imagegen.errors import JobCancelledError, ServiceError, UpstreamError
-from tests.backends.conftest import RunningFake
+from tests.backends.conftest import CANARY_KEY, RunningFake
 from tests.support.fake_bfl import DEFAULT_KEY, MODEL_RULES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -238,3 +238,48 @@ def test_the_fake_runs_as_a_module_on_loopback() -> None:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+# -- settings -----------------------------------------------------------------------------------------
+
+
+def test_bfl_settings_defaults_follow_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings(_env_file=None)
+    assert settings.bfl_api_key is None and settings.bfl_api_url == "https://api.bfl.ai"
+    assert settings.bfl_model == "flux-2-klein-4b" and settings.bfl_max_active_tasks == 24
+    assert settings.bfl_safety_tolerance == 2
+    monkeypatch.setenv("SD_BFL_API_KEY", "  ")
+    assert Settings(_env_file=None).bfl_api_key is None  # an empty key means "not configured"
+
+
+@pytest.mark.parametrize("url", ["http://api.bfl.ai", "ftp://api.bfl.ai", "https://user:pw@api.bfl.ai",
+                                 "https://api.bfl.ai/?x=1", "api.bfl.ai"])
+def test_bfl_api_url_must_be_https_unless_loopback(url: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings(_env_file=None, bfl_api_url=url)
+    assert "SD_BFL_API_URL" in str(raised.value)
+
+
+def test_regional_and_loopback_api_urls_are_accepted() -> None:
+    assert load_settings(_env_file=None, bfl_api_url="https://api.eu.bfl.ai/").bfl_api_url == "https://api.eu.bfl.ai"
+    assert load_settings(_env_file=None, bfl_api_url="http://127.0.0.1:8787").bfl_api_url == "http://127.0.0.1:8787"
+
+
+def test_model_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SD_BFL_MODELS", "flux-dev, flux-2-pro")
+    with pytest.raises(SettingsError, match="SD_BFL_MODEL must be one of SD_BFL_MODELS"):
+        load_settings(_env_file=None)
+    monkeypatch.setenv("SD_BFL_MODEL", "flux-dev")
+    assert load_settings(_env_file=None).bfl_models == ["flux-dev", "flux-2-pro"]
+    monkeypatch.setenv("SD_BFL_MODELS", "flux-dev,flux-9000")
+    with pytest.raises(SettingsError, match="flux-9000"):
+        load_settings(_env_file=None)
+
+
+def test_a_bad_setting_never_echoes_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SD_BFL_API_KEY", CANARY_KEY)
+    monkeypatch.setenv("SD_BFL_MAX_ACTIVE_TASKS", "many")
+    with pytest.raises(SettingsError) as raised:
+        load_settings(_env_file=None)
+    assert CANARY_KEY not in str(raised.value)
+    assert CANARY_KEY not in repr(Settings(_env_file=None, bfl_max_active_tasks=3))
