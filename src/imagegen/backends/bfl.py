@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,13 +42,13 @@ from imagegen.backends.bfl_client import (
     parse_progress,
     raise_for_final_status,
 )
+from imagegen.backends.bfl_health import KeyMonitor
 from imagegen.backends.bfl_models import FOUR_MP, MODELS, BflModelRules, aspect_ratio, check_request
 from imagegen.config import Backend, Settings
 from imagegen.errors import (
     BackendUnavailableError,
     DeadlineExceededError,
     InvalidParameterError,
-    PaymentRequiredError,
     ServiceError,
     UpstreamError,
 )
@@ -62,16 +61,6 @@ log = logging.getLogger("imagegen.backends.bfl")
 #: Results are at most about 4 MP; anything far beyond is not an answer to our request.
 MAX_RESULT_PIXELS = 4 * FOUR_MP
 _OPTIONS = ("safety_tolerance",)
-
-
-@dataclass
-class KeyCheck:
-    """The last known state of the key, from /v1/credits or from real calls."""
-
-    state: str = "unchecked"  # unchecked | ok | rejected | no_credits | unreachable | unsupported | disabled
-    credits: float | None = None
-    checked_at: float | None = None  # time.monotonic()
-    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -151,6 +140,7 @@ class FluxApiBackend(ImageBackend):
         self.active_tasks = 0
         self.max_active_seen = 0
         self._client: BflClient | None = None
+        self._key: KeyMonitor | None = None
         if settings.bfl_api_key is not None:
             self._client = BflClient(
                 api_url=settings.bfl_api_url,
@@ -158,20 +148,22 @@ class FluxApiBackend(ImageBackend):
                 request_timeout=settings.bfl_request_timeout,
                 max_retries=settings.bfl_max_retries,
                 retry_backoff=settings.bfl_retry_backoff,
-                on_key_status=self._learn_key_status,
+                on_key_status=lambda status: self._key.learn(status) if self._key is not None else None,
             )
-        self._key_check = KeyCheck(state="unchecked" if settings.bfl_key_check else "disabled")
-        self._key_lock = threading.Lock()
-        self._refreshing = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+            self._key = KeyMonitor(
+                self._client, enabled=settings.bfl_key_check, interval=settings.bfl_key_check_interval,
+                timeout=min(10.0, settings.bfl_request_timeout),
+            )
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._schedule_key_check()
+        if self._key is not None:
+            self._key.attach(asyncio.get_running_loop())
 
     async def close(self) -> None:
+        if self._key is not None:
+            await self._key.close()
         tasks = list(self._background)
         for task in tasks:
             task.cancel()
@@ -218,13 +210,12 @@ class FluxApiBackend(ImageBackend):
     def _api_host(self) -> str:
         return urlsplit(self.settings.bfl_api_url).netloc
 
-    # -- health: never network I/O here; the key check runs in the background ----------------------
+    # -- health: never network I/O here; the key check runs in the background (bfl_health) -------
     def health(self) -> BackendHealth:
         model = self.settings.bfl_model
-        if self._client is None:
+        if self._key is None:
             return BackendHealth(BackendState.NOT_CONFIGURED, "SD_BFL_API_KEY is not set", model=model, device="cloud")
-        self._schedule_key_check()
-        check = self._key_check
+        check = self._key.current()
         details: dict[str, Any] = {
             "api_host": self._api_host(),
             "active_tasks": self.active_tasks,
@@ -250,63 +241,10 @@ class FluxApiBackend(ImageBackend):
         }.get(check.state, f"BFL API at {host}")
         return BackendHealth(BackendState.READY, reason, model=model, device="cloud", details=details)
 
-    def _schedule_key_check(self) -> None:
-        """Start a background key check when the cached one is stale (callable from any thread)."""
-        if self._client is None or not self.settings.bfl_key_check or self._loop is None:
-            return
-        with self._key_lock:
-            checked = self._key_check.checked_at
-            fresh = checked is not None and time.monotonic() - checked < self.settings.bfl_key_check_interval
-            if fresh or self._refreshing:
-                return
-            self._refreshing = True
-        try:
-            self._loop.call_soon_threadsafe(self._spawn, self._check_key())
-        except RuntimeError:  # the loop is closed: the app is shutting down
-            with self._key_lock:
-                self._refreshing = False
-
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    async def _check_key(self) -> None:
-        assert self._client is not None
-        check = KeyCheck(state="ok")
-        try:
-            check.credits = await self._client.credits(timeout=min(10.0, self.settings.bfl_request_timeout))
-            if check.credits is not None and check.credits <= 0:
-                check.state = "no_credits"
-        except PaymentRequiredError:
-            check.state = "no_credits"
-        except BackendUnavailableError as error:
-            check.state = "rejected" if error.message == KEY_REJECTED else "unreachable"
-            check.detail = "" if check.state == "rejected" else error.message
-        except ServiceError as error:
-            # A 404 means this endpoint has no /v1/credits (the reference calls it optional).
-            check.state = "unsupported" if "HTTP 404" in error.message else "unreachable"
-            check.detail = error.message
-        except Exception as error:  # noqa: BLE001 - a health probe must never take the service down
-            check.state, check.detail = "unreachable", type(error).__name__
-        finally:
-            check.checked_at = time.monotonic()
-            with self._key_lock:
-                self._key_check = check
-                self._refreshing = False
-        log.info("BFL key check: %s%s", check.state, f" ({check.detail})" if check.detail else "")
-
-    def _learn_key_status(self, status: str) -> None:
-        """Real calls are fresher evidence than the last check: 401/403, 402 and success update it."""
-        with self._key_lock:
-            current = self._key_check
-            if status == "ok" and current.state in ("ok", "disabled", "unsupported"):
-                return
-            if status == "ok":
-                self._key_check = KeyCheck(state="ok" if self.settings.bfl_key_check else "disabled",
-                                           checked_at=time.monotonic())
-            else:
-                self._key_check = KeyCheck(state=status, checked_at=time.monotonic())
 
     # -- validation ------------------------------------------------------------------------------
     def resolve(self, params: GenerationParams) -> GenerationRequest:

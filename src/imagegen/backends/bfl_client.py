@@ -204,16 +204,32 @@ class BflClient:
             raise UpstreamError("BFL answered a poll without a status")
         return body
 
-    async def credits(self, *, timeout: float) -> float | None:
-        """GET /v1/credits once (no retries: it is a background health check)."""
-        deadline = time.monotonic() + timeout
-        response = await self._send(
-            "GET", f"{self.api_url}/v1/credits", deadline=deadline, idempotent=True, what="credits", retries=0
-        )
-        if response.status_code != 200:
-            self._raise_for_status(response, "credits")
-        value = self._json(response, "credits").get("credits")
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    async def key_status(self, *, timeout: float) -> tuple[str, float | None, str]:
+        """One GET /v1/credits (no retries: a background health check) as (state, credits, detail);
+        state is ok | no_credits | rejected | unsupported (no such route) | unreachable."""
+        try:
+            response = await self._send(
+                "GET", f"{self.api_url}/v1/credits", deadline=time.monotonic() + timeout, idempotent=True,
+                what="credits", retries=0,
+            )
+        except ServiceError as error:
+            return "unreachable", None, error.message
+        status = response.status_code
+        if status in (401, 403):
+            return "rejected", None, ""
+        if status == 402:
+            return "no_credits", None, ""
+        if status == 404:
+            return "unsupported", None, ""  # the reference calls /v1/credits optional
+        if status != 200:
+            return "unreachable", None, f"HTTP {status}"
+        try:
+            value = response.json().get("credits")
+        except (ValueError, AttributeError):
+            return "unreachable", None, "the credits answer is not JSON"
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return "ok", None, ""
+        return ("ok" if value > 0 else "no_credits"), float(value), ""
 
     async def download(self, url: str, *, deadline: float, max_bytes: int) -> bytes:
         """GET a result URL without the key, refusing bodies larger than max_bytes."""
