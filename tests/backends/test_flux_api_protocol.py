@@ -283,3 +283,22 @@ def test_a_bad_setting_never_echoes_the_key(monkeypatch: pytest.MonkeyPatch) -> 
         load_settings(_env_file=None)
     assert CANARY_KEY not in str(raised.value)
     assert CANARY_KEY not in repr(Settings(_env_file=None, bfl_max_active_tasks=3))
+
+
+async def test_stalled_progress_does_not_make_polling_faster(
+    start_fake: Callable[..., RunningFake], bfl_settings: Callable[..., Settings]
+) -> None:
+    # Progress that claims 99% from the start: a naive estimate would poll at the floor all along.
+    bfl = start_fake(generation_time=2.0, fixed_progress=0.99)
+    backend = FluxApiBackend(bfl_settings(bfl, bfl_poll_interval=0.2, bfl_poll_max_interval=0.4))
+    ctx = context()
+    task = asyncio.ensure_future(run(backend, ctx, seed=1, width=256, height=256))
+    await asyncio.sleep(1.5)
+    polls = bfl.fake.count("poll")
+    ctx.cancel_all()
+    with pytest.raises(JobCancelledError):
+        await task
+    await backend.close()
+    # The backoff alone polls at 0.2, 0.5, 0.9, 1.3 s (4 polls); aiming every other time adds about 3.
+    # Aiming every time would poll every 0.05 s: about 27 polls.
+    assert polls <= 8, polls

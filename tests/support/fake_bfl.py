@@ -126,6 +126,7 @@ class FakeBFL:
         chunked_results: bool = False,
         result_padding: int = 0,
         submit_delay: float = 0.0,
+        fixed_progress: float | None = None,
     ) -> None:
         self.api_key = api_key
         self.generation_time = generation_time
@@ -141,6 +142,8 @@ class FakeBFL:
         self.result_padding = result_padding
         #: Seconds the answer to a submit takes after the task was created (a lost or slow answer).
         self.submit_delay = submit_delay
+        #: Report this progress while Pending instead of the true fraction (e.g. 0.99: a stalled task).
+        self.fixed_progress = fixed_progress
         self._sign_key = secrets.token_bytes(16)
         self._lock = threading.Lock()
         self.tasks: dict[str, Task] = {}
@@ -342,7 +345,9 @@ class FakeBFL:
         body: dict[str, Any] = {"id": task.id, "result": None, "progress": None, "details": None, "preview": None}
         if now < task.ready_at:
             body["status"] = "Pending"
-            if self.report_progress:
+            if self.fixed_progress is not None:
+                body["progress"] = self.fixed_progress
+            elif self.report_progress:
                 body["progress"] = round(min(0.99, (now - task.created) / (task.ready_at - task.created)), 3)
             return JSONResponse(body)
         if task.outcome == "request_moderated":

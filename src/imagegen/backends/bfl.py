@@ -417,10 +417,13 @@ class FluxApiBackend(ImageBackend):
 
         Pauses start at SD_BFL_POLL_INTERVAL and grow to SD_BFL_POLL_MAX_INTERVAL; when BFL reports
         progress, the next poll is aimed at the estimated finish instead (never sooner than a quarter
-        of the first interval), so a result is picked up soon after it is ready."""
+        of the first interval), so a result is picked up soon after it is ready. An aimed poll that
+        finds the task still running is followed by a plain backoff pause: progress that stalls near
+        the end cannot make the client poll BFL ever faster."""
         first = self.settings.bfl_poll_interval
         ceiling = max(first, self.settings.bfl_poll_max_interval)
         backoff = pause = first
+        aimed = False
         while True:
             remaining = deadline.remaining()
             if remaining <= 0:
@@ -437,10 +440,13 @@ class FluxApiBackend(ImageBackend):
             fraction = parse_progress(body.get("progress"))
             if fraction is not None:
                 progress(fraction)
-                if 0 < fraction < 1:
-                    elapsed = time.monotonic() - submission.submitted_at
-                    estimate = elapsed * (1 - fraction) / fraction
-                    pause = min(backoff, max(first / 4, estimate + 0.01))
+            if fraction is not None and 0 < fraction < 1 and not aimed:
+                elapsed = time.monotonic() - submission.submitted_at
+                estimate = elapsed * (1 - fraction) / fraction
+                pause = min(backoff, max(first / 4, estimate + 0.01))
+                aimed = pause < backoff
+            else:
+                aimed = False
 
     def _keep_slot_until_final(self, client: BflClient, submission: Submission, slot: _Slot) -> None:
         """The job gave up on a task that may still run at BFL: keep counting it until BFL says it ended
