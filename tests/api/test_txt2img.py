@@ -147,8 +147,9 @@ def test_unknown_and_unimplemented_backends(sd_client: httpx.Client) -> None:
     assert unknown.status_code == 422
     error = unknown.json()["error"]
     assert error["param"] == "backend" and "sd, flux-local, flux-api" in error["message"]
-    for backend in ("flux-local", "flux-api"):
+    # flux-api exists now; without SD_BFL_API_KEY it is not_configured (503, naming the setting).
+    for backend, reason in (("flux-local", "not implemented"), ("flux-api", "SD_BFL_API_KEY is not set")):
         response = sd_client.post("/api/txt2img", json={"prompt": "x", "backend": backend})
         assert response.status_code == 503
         assert response.json()["error"]["type"] == "backend_unavailable"
-        assert "not implemented" in response.json()["error"]["message"]
+        assert reason in response.json()["error"]["message"]
