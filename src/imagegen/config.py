@@ -8,7 +8,8 @@ from __future__ import annotations
 import enum
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -24,6 +25,13 @@ class Backend(str, enum.Enum):
 
 DeviceChoice = Literal["auto", "cuda", "mps", "cpu"]
 OutputFormat = Literal["png", "jpeg", "webp"]
+# The BFL endpoints (`POST /v1/<model>`) the flux-api backend can call; each model's own parameter
+# rules live in imagegen.backends.bfl_models, which a test keeps in step with this list.
+BflModel = Literal[
+    "flux-2-klein-4b", "flux-2-klein-9b", "flux-2-pro", "flux-2-max", "flux-2-flex",
+    "flux-kontext-pro", "flux-kontext-max", "flux-pro-1.1", "flux-pro-1.1-ultra", "flux-pro", "flux-dev",
+]
+BFL_DEFAULT_API_URL = "https://api.bfl.ai"
 
 ENV_PREFIX = "SD_"
 
@@ -124,6 +132,52 @@ class Settings(BaseSettings):
         "0 (default): keep loaded pipelines loaded.",
     )
 
+    # --- flux-api: the Black Forest Labs cloud API ----------------------------------------------
+    bfl_api_key: SecretStr | None = Field(
+        None, description="BFL API key (sent as x-key to SD_BFL_API_URL only). Unset: flux-api is not_configured."
+    )
+    bfl_api_url: str = Field(
+        BFL_DEFAULT_API_URL,
+        description="BFL API endpoint: the global one, a regional one (https://api.eu.bfl.ai, https://api.us.bfl.ai) "
+        "or a fake BFL server on loopback (http is accepted for loopback hosts only).",
+    )
+    bfl_model: BflModel = Field("flux-2-klein-4b", description="BFL model used when a request names none.")
+    bfl_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated BFL models requests may select. Empty: every model flux-api knows.",
+    )
+    bfl_safety_tolerance: int = Field(
+        2, ge=0, le=6, description="Moderation tolerance sent when a request sets none (0 strictest; BFL's default 2)."
+    )
+    bfl_output_format: Literal["auto", "png", "jpeg"] = Field(
+        "auto", description="Format BFL delivers: auto = jpeg for jpeg requests, png otherwise (lossless to re-encode)."
+    )
+    bfl_max_active_tasks: int = Field(
+        24, ge=1, le=1000,
+        description="Most BFL tasks in flight at once (BFL's account limit is 24); extra jobs wait in the queue.",
+    )
+    bfl_poll_interval: float = Field(0.5, gt=0, le=60, description="Seconds before the first poll of a task.")
+    bfl_poll_max_interval: float = Field(2.0, gt=0, le=300, description="Longest pause between polls (backoff cap).")
+    bfl_timeout: float = Field(
+        300.0, gt=0, le=86_400, description="Seconds one BFL task may take from submit to result (504 beyond)."
+    )
+    bfl_request_timeout: float = Field(30.0, gt=0, le=600, description="Seconds one HTTP call to BFL may take.")
+    bfl_max_retries: int = Field(
+        4, ge=0, le=20, description="Retries of a BFL call answered 429/5xx or not reached, before a 503."
+    )
+    bfl_retry_backoff: float = Field(
+        1.0, ge=0, le=600, description="First retry delay in seconds (doubles, with jitter; Retry-After wins)."
+    )
+    bfl_max_download_bytes: int = Field(
+        33_554_432, ge=1024, description="Largest result image downloaded from BFL (bytes)."
+    )
+    bfl_key_check: bool = Field(
+        True, description="Check the key against /v1/credits in the background; /health shows the cached result."
+    )
+    bfl_key_check_interval: float = Field(
+        300.0, gt=0, le=86_400, description="Seconds a key check result is reused before the next one."
+    )
+
     # --- outputs -------------------------------------------------------------------------------
     output_dir: Path = Field(Path("./outputs"), description="Where generated images are stored.")
 
@@ -163,7 +217,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
 
-    @field_validator("cors_origins", "webhook_allowed_hosts", mode="before")
+    @field_validator("cors_origins", "webhook_allowed_hosts", "bfl_models", mode="before")
     @classmethod
     def _parse_lists(cls, value: object) -> object:
         return _split_csv(value)
@@ -185,7 +239,29 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
-    @field_validator("api_key", "huggingface_token", "webhook_secret", mode="before")
+    @field_validator("bfl_api_url")
+    @classmethod
+    def _check_bfl_api_url(cls, value: str) -> str:
+        # The key travels in a header to this URL: plain http only where nothing leaves the machine.
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL such as https://api.bfl.ai")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError("must be a plain base URL (no credentials, query or fragment)")
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            raise ValueError("must use https (http is accepted only for a loopback host, e.g. a fake BFL server)")
+        return value.strip().rstrip("/")
+
+    @field_validator("bfl_models")
+    @classmethod
+    def _check_bfl_models(cls, value: list[str]) -> list[str]:
+        known = get_args(BflModel)
+        unknown = [name for name in value if name not in known]
+        if unknown:
+            raise ValueError(f"unknown BFL model(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        return value
+
+    @field_validator("api_key", "huggingface_token", "webhook_secret", "bfl_api_key", mode="before")
     @classmethod
     def _empty_secret_is_none(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():
@@ -196,6 +272,8 @@ class Settings(BaseSettings):
     def _check_limits(self) -> Settings:
         if self.max_pixels < 64 * 64:
             raise ValueError("SD_MAX_PIXELS must allow at least 64x64")
+        if self.bfl_models and self.bfl_model not in self.bfl_models:
+            raise ValueError("SD_BFL_MODEL must be one of SD_BFL_MODELS")
         return self
 
     # --- derived helpers (no I/O) ---------------------------------------------------------------
@@ -209,6 +287,16 @@ class Settings(BaseSettings):
             return not ipaddress.ip_address(host).is_loopback
         except ValueError:
             return True
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class SettingsError(Exception):

@@ -155,10 +155,11 @@ def test_unknown_and_unimplemented_backends(sd_client: httpx.Client) -> None:
     assert unknown.status_code == 422
     error = unknown.json()["error"]
     assert error["param"] == "backend" and "sd, flux-local, flux-api" in error["message"]
+    # flux-api exists now; without SD_BFL_API_KEY it is not_configured (503, naming the setting).
     response = sd_client.post("/api/txt2img", json={"prompt": "x", "backend": "flux-api"})
     assert response.status_code == 503
     assert response.json()["error"]["type"] == "backend_unavailable"
-    assert "not implemented" in response.json()["error"]["message"]
+    assert "SD_BFL_API_KEY is not set" in response.json()["error"]["message"]
     # flux-local is implemented; its default hub model cannot be fetched offline: a clear 503.
     response = sd_client.post("/api/txt2img", json={"prompt": "x", "backend": "flux-local"})
     assert response.status_code == 503

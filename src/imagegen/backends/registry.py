@@ -24,19 +24,16 @@ def _flux_local(settings: Settings) -> ImageBackend:
     return FluxLocalBackend(settings)
 
 
-def _not_implemented(backend_id: str) -> BackendFactory:
-    def factory(settings: Settings) -> ImageBackend:
-        from imagegen.backends.placeholder import NotImplementedBackend
+def _flux_api(settings: Settings) -> ImageBackend:
+    from imagegen.backends.bfl import FluxApiBackend
 
-        return NotImplementedBackend(settings, backend_id)
-
-    return factory
+    return FluxApiBackend(settings)
 
 
 DEFAULT_FACTORIES: dict[str, BackendFactory] = {
     Backend.SD.value: _sd,
     Backend.FLUX_LOCAL.value: _flux_local,
-    Backend.FLUX_API.value: _not_implemented(Backend.FLUX_API.value),
+    Backend.FLUX_API.value: _flux_api,
 }
 
 
