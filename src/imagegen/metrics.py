@@ -118,7 +118,13 @@ def record_bfl_error(kind: str) -> None:
     BFL_ERRORS.labels(kind=kind if kind in BFL_ERROR_KINDS else "other").inc()
 
 
+#: Any token is a valid HTTP method to the server: others are counted as "OTHER", so a client cannot
+#: create series at will.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def observe_request(route: str, method: str, status: int, seconds: float) -> None:
+    method = method if method in _METHODS else "OTHER"
     HTTP_REQUESTS.labels(route=route, method=method, status=str(status)).inc()
     HTTP_DURATION.labels(route=route).observe(seconds)
 
@@ -131,7 +137,15 @@ def init_backends(backend_ids: Iterable[str]) -> None:
 
 
 def observe_final_job(job: Job) -> None:
-    """The engine's on_final hook: one final state per job."""
+    """The engine's on_final hook: one final state per job. Never raises: counting must not stand
+    between a job and its final state."""
+    try:
+        _observe_final_job(job)
+    except Exception:  # noqa: BLE001
+        log.exception("metrics: could not record job %s", job.id)
+
+
+def _observe_final_job(job: Job) -> None:
     backend = job.backend
     JOBS.labels(backend=backend, status=job.status.value).inc()
     if job.started_at is not None:

@@ -32,6 +32,7 @@ def test_requests_jobs_images_and_timings_are_counted(serve: Callable[..., httpx
     assert client.post("/api/txt2img", json={"prompt": "x", "steps": 0}).status_code == 422
     assert client.get("/api/jobs/" + "0" * 32).status_code == 404
     assert client.get("/no/such/page").status_code == 404
+    assert client.request("BREW", "/api/txt2img").status_code == 405
 
     after = scrape(client)
     route = {"route": "/api/txt2img", "method": "POST"}
@@ -41,8 +42,9 @@ def test_requests_jobs_images_and_timings_are_counted(serve: Callable[..., httpx
     # Route templates, never raw paths: ids and unknown paths do not create series.
     assert delta(before, after, "imagegen_http_requests_total", route="/api/jobs/{job_id}", method="GET", status="404") == 1
     assert delta(before, after, "imagegen_http_requests_total", route="unmatched", method="GET", status="404") == 1
-    assert not any("/no/such/page" in str(key) or "0" * 32 in str(key) for key in after)
-    assert delta(before, after, "imagegen_http_request_duration_seconds_count", route="/api/txt2img") == 4
+    assert not any("/no/such/page" in str(key) or "0" * 32 in str(key) or "BREW" in str(key) for key in after)
+    assert delta(before, after, "imagegen_http_requests_total", route="/api/txt2img", method="OTHER", status="405") == 1
+    assert delta(before, after, "imagegen_http_request_duration_seconds_count", route="/api/txt2img") == 5
 
     assert delta(before, after, "imagegen_jobs_total", backend="fake", status="succeeded") == 2
     assert delta(before, after, "imagegen_jobs_total", backend="fake", status="failed") == 1
