@@ -63,6 +63,15 @@ def configured_models(settings: Any) -> list[ConfiguredModel]:
     flux_model = getattr(settings, "flux_model_id", None)
     if flux_model:
         models.append(ConfiguredModel(flux_model, "flux-local", "flux-local"))
+    if settings.safety_checker:
+        from imagegen.backends import tiny_models
+        from imagegen.config import DEFAULT_SAFETY_CHECKER
+
+        # The service pairs built-in models with the built-in checker (backends/safety.py).
+        if settings.safety_checker_id == DEFAULT_SAFETY_CHECKER and any(
+            tiny_models.is_builtin(model.model_id) for model in models
+        ):
+            models.append(ConfiguredModel(tiny_models.TINY_SAFETY_CHECKER, "safety checker (built-in models)", None))
     bfl_model = getattr(settings, "bfl_model", None)
     if bfl_model:
         models.append(ConfiguredModel(bfl_model, "flux-api (cloud)", "flux-api"))
