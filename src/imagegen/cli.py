@@ -31,6 +31,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except SettingsError as error:
         print(f"imagegen: {error}", file=sys.stderr)
         return 2
+    from imagegen import preflight
+
+    findings = preflight.check(settings)
+    if findings.errors:
+        for problem in findings.errors:
+            print(f"imagegen: cannot start: {problem}", file=sys.stderr)
+        return 1
     if _port_in_use(settings.host, settings.port):
         print(
             f"imagegen: port {settings.port} is already in use (a previous instance?). Find the process with "
@@ -57,6 +64,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lazy(module: str):  # type: ignore[no-untyped-def]
+    """A command whose module is imported only when it runs (keeps --help fast: no torch, no FastAPI)."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        name, _, function = module.partition(":")
+        return int(getattr(importlib.import_module(name), function or "run")(args))
+
+    return run
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagegen",
@@ -70,6 +96,67 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (overrides SD_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (overrides SD_PORT)")
     serve.set_defaults(func=cmd_serve)
+
+    generate = commands.add_parser(
+        "generate", help="generate an image, in this process or with a running service (--url)",
+        description="Generate images with the configured backends in this process (SD_* settings, the same "
+        "engine as the service; images are stored in SD_OUTPUT_DIR), or with a running service (--url). "
+        "A progress bar on stderr shows each step; the written file names go to stdout.",
+    )
+    generate.add_argument("prompt", help="what to draw")
+    generate.add_argument("--backend", help="sd, flux-local or flux-api (default: SD_DEFAULT_BACKEND / the server's)")
+    generate.add_argument("--seed", type=int, help="seed (default: random; printed in the file's metadata)")
+    generate.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    generate.add_argument("--width", type=int, help="width in pixels (default: the model's)")
+    generate.add_argument("--height", type=int, help="height in pixels (default: the model's)")
+    generate.add_argument("--negative-prompt", help="what to avoid")
+    generate.add_argument("--guidance-scale", type=float, help="classifier-free guidance")
+    generate.add_argument("--scheduler", help="scheduler name (see GET /api/backends)")
+    generate.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (default 1)")
+    generate.add_argument("--out", help="file to write (.png/.jpg/.webp; more images: NAME-2.png...). Default: "
+                          "in-process, the stored file in SD_OUTPUT_DIR; remote, the server's name in this folder")
+    generate.add_argument("--format", choices=["png", "jpeg", "webp"], help="image format (default: from --out, else png)")
+    generate.add_argument("--url", help="a running service, e.g. http://127.0.0.1:7860 (default: in this process)")
+    generate.add_argument("--api-key", help="the service's key (default: SD_API_KEY from the environment or .env)")
+    generate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    generate.add_argument("-v", "--verbose", action="store_true", help="show the service log (in-process)")
+    generate.set_defaults(func=_lazy("imagegen.commands.generate"))
+
+    models = commands.add_parser("models", help="list or pre-download models (SD_MODEL_DIR)")
+    model_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    listing = model_commands.add_parser(
+        "list", help="configured models, what SD_MODEL_DIR holds, and (with --url) what a service has loaded"
+    )
+    listing.add_argument("--url", help="a running service, to show what it has loaded")
+    listing.add_argument("--api-key", help="the service's key (default: SD_API_KEY)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=_lazy("imagegen.commands.models:run_list"))
+    pull = model_commands.add_parser(
+        "pull", help="download a model into SD_MODEL_DIR for offline use (HF_HUB_OFFLINE=1 later)",
+        description="Download a Hugging Face model (only the files the service loads) into SD_MODEL_DIR with "
+        "SD_HUGGINGFACE_TOKEN, build a built-in tiny model, or copy a local diffusers folder into "
+        "SD_MODEL_DIR/local/. Without ID: the sd backend's SD_MODEL_ID (or --backend's model), plus the "
+        "standalone safety checker when the model has none of its own.",
+    )
+    pull.add_argument("model_id", nargs="?", metavar="ID", help="hub id (owner/name), built-in id, or folder")
+    pull.add_argument("--backend", choices=["sd", "flux-local"], help="pull this backend's configured model")
+    pull.add_argument("--no-safety-checker", action="store_true", help="do not also pull the standalone checker")
+    pull.set_defaults(func=_lazy("imagegen.commands.models:run_pull"))
+
+    health = commands.add_parser("health", help="ask a running service whether it is ready (exit 0) or not")
+    health.add_argument("--url", help="the service (default: http://127.0.0.1:SD_PORT)")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default 5)")
+    health.add_argument("--json", action="store_true", help="print the /health body as JSON")
+    health.add_argument("-q", "--quiet", action="store_true", help="print nothing; the exit code says it")
+    health.set_defaults(func=_lazy("imagegen.commands.health"))
+
+    prune = commands.add_parser(
+        "prune", help="delete old stored images now (SD_OUTPUT_RETENTION_DAYS / SD_OUTPUT_MAX_GB, or the options)"
+    )
+    prune.add_argument("--days", type=_positive, help="delete images older than this many days")
+    prune.add_argument("--max-gb", type=_positive, help="then delete the oldest until at most this many GB remain")
+    prune.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    prune.set_defaults(func=_lazy("imagegen.commands.prune"))
     return parser
 
 

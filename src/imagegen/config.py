@@ -74,6 +74,11 @@ class Settings(BaseSettings):
         description="Comma-separated origins allowed by CORS. Empty (default): CORS closed.",
     )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
+    metrics_public: bool = Field(
+        False,
+        description="Serve /metrics without the API key (a scraper on a trusted network). Default: /metrics "
+        "needs SD_API_KEY like every other route when a key is set.",
+    )
 
     # --- backends and models -------------------------------------------------------------------
     default_backend: Backend = Field(Backend.SD, description="Backend used when a request names none.")
@@ -180,6 +185,16 @@ class Settings(BaseSettings):
 
     # --- outputs -------------------------------------------------------------------------------
     output_dir: Path = Field(Path("./outputs"), description="Where generated images are stored.")
+    output_retention_days: float = Field(
+        0.0, ge=0, le=36_500, description="Delete stored images older than this many days (0: keep them forever)."
+    )
+    output_max_gb: float = Field(
+        0.0, ge=0, le=1_000_000,
+        description="Keep the stored images under this many GB (10^9 bytes), deleting the oldest first (0: no limit).",
+    )
+    output_prune_interval: float = Field(
+        3600.0, ge=10, le=7 * 86_400, description="Seconds between two retention passes (the first runs at start-up)."
+    )
 
     # --- limits, checked before anything reaches a backend -------------------------------------
     max_width: int = Field(2048, ge=64, le=16384)

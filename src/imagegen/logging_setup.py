@@ -15,8 +15,19 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("req
 
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get() or "-"
+        # A job's final line names the request that created the job (extra=), though it is logged
+        # from a worker, outside that request's context.
+        if getattr(record, "request_id", None) is None:
+            record.request_id = request_id_var.get() or "-"
         return True
+
+
+#: Structured fields that request and job lines carry (`extra=`): JSON lines get them as keys, so a
+#: log pipeline can filter by job or route; text lines already say them in the message.
+EXTRA_FIELDS = (
+    "job_id", "backend", "status", "error_type", "queued_ms", "run_ms",
+    "method", "path", "route", "status_code", "duration_ms",
+)
 
 
 class JsonFormatter(logging.Formatter):
@@ -28,6 +39,10 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", "-"),
         }
+        for key in EXTRA_FIELDS:
+            value = getattr(record, key, None)
+            if value is not None:
+                data[key] = value
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
         return json.dumps(data, ensure_ascii=False)

@@ -13,11 +13,17 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from imagegen import __version__
+from imagegen import __version__, metrics, preflight
 from imagegen.api import generate, health, images, jobs, presenters
+from imagegen.api import metrics as metrics_api
 from imagegen.api.deps import Services
 from imagegen.api.errors import install_error_handlers
-from imagegen.api.middleware import ApiKeyMiddleware, BodyGuardMiddleware, RequestContextMiddleware
+from imagegen.api.middleware import (
+    ApiKeyMiddleware,
+    BodyGuardMiddleware,
+    RequestContextMiddleware,
+    collect_route_templates,
+)
 from imagegen.backends.registry import BackendFactory, BackendRegistry
 from imagegen.config import Settings, SettingsError, load_settings
 from imagegen.engine.engine import JobEngine
@@ -26,7 +32,9 @@ from imagegen.engine.jobs import Job
 from imagegen.engine.store import JobStore, SQLiteJobStore
 from imagegen.engine.webhooks import WebhookSender
 from imagegen.logging_setup import configure_logging
+from imagegen.storage.disk_usage import DiskUsage
 from imagegen.storage.outputs import OutputStore
+from imagegen.storage.retention import RetentionPolicy, RetentionTask
 
 log = logging.getLogger("imagegen")
 
@@ -78,8 +86,14 @@ def create_app(
         return presenters.job_body(job, outputs, base, queue_position=None, include_b64=True)
 
     webhooks = WebhookSender(settings, render_for_webhook)
-    engine = JobEngine(settings, registry, job_store, outputs, events, webhooks)
-    services = Services(settings, registry, job_store, outputs, events, engine)
+    engine = JobEngine(settings, registry, job_store, outputs, events, webhooks, on_final=metrics.observe_final_job)
+    disk = DiskUsage({"models": settings.model_dir, "outputs": outputs.root})
+    services = Services(settings, registry, job_store, outputs, events, engine, disk)
+    metrics.init_backends(registry.ids())
+    retention = RetentionTask(
+        outputs.root, RetentionPolicy.from_settings(settings), settings.output_prune_interval,
+        after_pass=lambda report: disk.refresh_in_background() if report.removed else None,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -89,9 +103,16 @@ def create_app(
                 "images and read outputs. Set SD_API_KEY (or bind to 127.0.0.1).",
                 settings.host, settings.port,
             )
+        findings = preflight.check(settings)
+        for problem in findings.errors:
+            log.error("START-UP: %s", problem)
+        for problem in findings.warnings:
+            log.warning("START-UP: %s", problem)
         for backend in registry:
             await backend.start()
         await engine.start()
+        retention.start()
+        disk.refresh_in_background()
         restored = _install_drain_on_signal(engine)
         log.info("imagegen %s ready to accept requests; default backend=%s", __version__, registry.default_id)
         try:
@@ -99,6 +120,7 @@ def create_app(
         finally:
             for signum, previous in restored:
                 signal.signal(signum, previous)
+            await retention.stop()
             await engine.shutdown(settings.shutdown_grace)
             await webhooks.close()
             for backend in registry:
@@ -112,14 +134,18 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.services = services
+    app.state.metrics_registry = metrics.app_registry(services)
     install_error_handlers(app)
-    for router in (health.router, generate.router, jobs.router, images.router):
+    routers = (health.router, generate.router, jobs.router, images.router, metrics_api.router)
+    for router in routers:
         app.include_router(router)
+    app.state.route_templates = collect_route_templates(app.router, *routers)
 
     # Added innermost first: BodyGuard, then ApiKey, then CORS, then RequestContext (outermost).
     app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), public_paths=PUBLIC_PATHS)
+        public = PUBLIC_PATHS + (("/metrics",) if settings.metrics_public else ())
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), public_paths=public)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

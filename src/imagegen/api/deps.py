@@ -12,6 +12,7 @@ from imagegen.config import Settings
 from imagegen.engine.engine import JobEngine
 from imagegen.engine.events import JobEvents
 from imagegen.engine.store import JobStore
+from imagegen.storage.disk_usage import DiskUsage
 from imagegen.storage.outputs import OutputStore
 
 
@@ -23,6 +24,8 @@ class Services:
     outputs: OutputStore
     events: JobEvents
     engine: JobEngine
+    #: sizes of the model and output folders, measured in the background (for /info and /metrics)
+    disk: DiskUsage | None = None
 
 
 def get_services(request: Request) -> Services:

@@ -100,4 +100,11 @@ def info(services: ServicesDep) -> dict[str, Any]:
         "auth_enabled": settings.api_key is not None,
         "safety_checker": settings.safety_checker,
         "queue": services.engine.stats(),
+        # Sizes come from a background measurement (see storage/disk_usage.py): /info never walks a folder.
+        "disk": services.disk.snapshot() if services.disk is not None else None,
+        "retention": {
+            "days": settings.output_retention_days,
+            "max_gb": settings.output_max_gb,
+            "interval_seconds": settings.output_prune_interval,
+        },
     }

@@ -22,6 +22,7 @@ from typing import Any
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from imagegen import metrics
 from imagegen.api.errors import envelope
 from imagegen.logging_setup import request_id_var
 
@@ -55,8 +56,36 @@ async def send_error(
     await send({"type": "http.response.body", "body": body})
 
 
+def collect_route_templates(*routers: Any) -> list[tuple[re.Pattern[str], str]]:
+    """(regex, template) of every route of these routers (FastAPI's app.router and ours)."""
+    found = []
+    for router in routers:
+        for route in getattr(router, "routes", ()):
+            regex, path = getattr(route, "path_regex", None), getattr(route, "path", None)
+            if regex is not None and path:
+                found.append((regex, str(path)))
+    return found
+
+
+def route_template(scope: Scope) -> str:
+    """The route's path template (`/api/jobs/{job_id}`), never the raw path: metric labels stay few.
+
+    A request refused before routing (401, 413) has no route in its scope: it is matched against
+    the templates create_app collected (app.state.route_templates), so it still counts under its
+    route; a path no route knows is `unmatched`."""
+    path = getattr(scope.get("route"), "path", None)
+    if path:
+        return str(path)
+    state = getattr(scope.get("app"), "state", None)
+    for regex, template in getattr(state, "route_templates", ()):
+        if regex.match(scope.get("path", "")):
+            return template
+    return "unmatched"
+
+
 class RequestContextMiddleware:
-    """Assigns the request id (X-Request-ID in and out), adds security headers, logs one line per request."""
+    """Assigns the request id (X-Request-ID in and out), adds security headers, logs one line per
+    request and counts it in the metrics."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -71,6 +100,21 @@ class RequestContextMiddleware:
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status_holder = {"status": 500}
+        done = {"value": False}
+
+        def record() -> None:
+            if done["value"]:
+                return
+            done["value"] = True
+            elapsed = (time.perf_counter() - started) * 1000
+            route = route_template(scope)
+            metrics.observe_request(route, scope["method"], status_holder["status"], elapsed / 1000)
+            # The path only: query strings never reach the log.
+            access_log.info(
+                "%s %s %d %.1fms", scope["method"], scope["path"], status_holder["status"], elapsed,
+                extra={"method": scope["method"], "path": scope["path"], "route": route,
+                       "status_code": status_holder["status"], "duration_ms": round(elapsed, 1)},
+            )
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -80,14 +124,16 @@ class RequestContextMiddleware:
                 headers.append((b"x-request-id", request_id.encode("ascii")))
                 headers.extend(item for item in SECURITY_HEADERS if item[0] not in names)
                 message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Counted and logged before the last byte leaves: a client that has its answer (and
+                # scrapes /metrics next, or reads the log) always finds this request there.
+                record()
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            elapsed = (time.perf_counter() - started) * 1000
-            # The path only: query strings never reach the log.
-            access_log.info("%s %s %d %.1fms", scope["method"], scope["path"], status_holder["status"], elapsed)
+            record()  # no complete response was sent (the app raised, the client went away)
             request_id_var.reset(token)
 
 

@@ -196,3 +196,20 @@ class BackendOut(BackendHealthOut):
 class BackendsResponse(BaseModel):
     default: str
     backends: list[BackendOut]
+
+
+class StoredImageOut(BaseModel):
+    name: str = Field(description="The server-chosen file name (GET/DELETE /api/images/{name}).")
+    url: str
+    mime_type: str
+    size_bytes: int
+    created_at: str = Field(description="When the file was written (its modification time), UTC.")
+    metadata: dict[str, Any] | None = Field(
+        None, description="The generation parameters embedded in the file (prompt, seed, model...), if any."
+    )
+    parameters: str | None = Field(None, description="The A1111-style parameters text embedded in the file.")
+
+
+class StoredImageList(BaseModel):
+    images: list[StoredImageOut]
+    next_before: str | None = Field(description="Pass as `before` to get the next (older) page.")

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from imagegen import metrics
 from imagegen.backends.base import (
     BackendHealth,
     BackendState,
@@ -173,6 +174,7 @@ class LocalPipelineBackend(ImageBackend):
                 self._failed_at = time.monotonic()
                 self._state = LoadState.FAILED
                 log.error("backend=%s load failed: %s", self.id, self._failure, exc_info=not isinstance(error, ServiceError))
+                metrics.record_model_load(self.id, None, ok=False)
                 release_memory()
                 raise BackendUnavailableError(f"backend '{self.id}' failed to load: {self._failure}") from None
             self._load_seconds = time.monotonic() - started
@@ -184,6 +186,7 @@ class LocalPipelineBackend(ImageBackend):
                 "loaded backend=%s model=%s device=%s dtype=%s seconds=%.2f",
                 self.id, self.model_id, loaded.device, str(loaded.dtype).replace("torch.", ""), self._load_seconds,
             )
+            metrics.record_model_load(self.id, self._load_seconds, ok=True)
             return loaded
 
     def unload(self, reason: str = "unloaded on request", *, wait_for_call: bool = False) -> bool:
@@ -231,6 +234,7 @@ class LocalPipelineBackend(ImageBackend):
         self._last_unload = (reason, time.monotonic())
         self._unloads += 1
         log.info("unloaded backend=%s model=%s: %s", self.id, self.model_id, reason)
+        metrics.record_model_unload(self.id)
         return True
 
     async def close(self) -> None:

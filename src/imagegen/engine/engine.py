@@ -253,7 +253,10 @@ class JobEngine:
         )
         self.store.add(job)
         self._enqueue(job)
-        log.info("job=%s queued backend=%s images=%d request_id=%s", job.id, job.backend, request.num_images, request_id)
+        log.info(
+            "job=%s queued backend=%s images=%d request_id=%s", job.id, job.backend, request.num_images, request_id,
+            extra={"job_id": job.id, "backend": job.backend, "status": "queued"},
+        )
         return job
 
     def _enqueue(self, job: Job) -> None:
@@ -405,6 +408,7 @@ class JobEngine:
         log.info(
             "batch start backend=%s jobs=%s images=%d",
             backend.id, ",".join(job.id for job in batch), sum(job.request.num_images for job in batch),
+            extra={"job_id": ",".join(job.id for job in batch), "backend": backend.id, "status": "running"},
         )
         ctx = RunContext(
             [job.id for job in batch],
@@ -552,9 +556,15 @@ class JobEngine:
         if future is not None and not future.done():
             future.set_result(job)
         self.events.publish(job.id, status.value, {"status": status.value})
+        # Timings on the final line: how long the job waited and ran, without a second line per job.
+        queued_ms = round(((job.started_at or job.finished_at) - job.created_at) * 1000, 1)
+        run_ms = round((job.finished_at - job.started_at) * 1000, 1) if job.started_at else None
         log.info(
-            "job=%s %s backend=%s%s", job.id, status.value, job.backend,
-            f" error={job.error['type']}" if job.error else "",
+            "job=%s %s backend=%s queued=%.1fms run=%sms%s", job.id, status.value, job.backend, queued_ms,
+            "-" if run_ms is None else f"{run_ms:.1f}", f" error={job.error['type']}" if job.error else "",
+            extra={"job_id": job.id, "backend": job.backend, "status": status.value, "queued_ms": queued_ms,
+                   "run_ms": run_ms, "error_type": job.error["type"] if job.error else None,
+                   "request_id": job.request_id},
         )
         if self._on_final is not None:
             self._on_final(job)

