@@ -246,3 +246,22 @@ def test_the_key_appears_in_no_log_response_or_stored_file(
     assert any(path.suffix == ".png" for path in files)
     for path in files:
         assert CANARY_KEY.encode() not in path.read_bytes(), path
+
+
+def test_bfl_errors_are_counted_by_kind_in_metrics(flux_service: Service, bfl: RunningFake) -> None:
+    from tests.ops.helpers import delta, scrape
+
+    client = flux_service(bfl, default_backend="flux-api")
+    before = scrape(client)
+    bfl.fake.inject("submit", 402, body={"detail": "Insufficient credits"})
+    assert client.post("/api/txt2img", json={"prompt": "no credits"}).status_code == 402
+    bfl.fake.inject("submit", 401, body={"detail": "Invalid key"})
+    assert client.post("/api/txt2img", json={"prompt": "bad key"}).status_code == 503
+    bfl.fake.inject("submit", 422, body={"detail": [{"msg": "width too large"}]})
+    assert client.post("/api/txt2img", json={"prompt": "rejected"}).status_code == 422
+    assert client.post("/api/txt2img", json={"prompt": "fine"}).status_code == 200
+    after = scrape(client)
+    assert delta(before, after, "imagegen_bfl_errors_total", kind="credits") == 1
+    assert delta(before, after, "imagegen_bfl_errors_total", kind="auth") == 1
+    assert delta(before, after, "imagegen_bfl_errors_total", kind="invalid_request") == 1
+    assert delta(before, after, "imagegen_jobs_total", backend="flux-api", status="succeeded") == 1

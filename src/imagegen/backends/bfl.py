@@ -44,11 +44,15 @@ from imagegen.backends.bfl_client import (
 )
 from imagegen.backends.bfl_health import KeyMonitor
 from imagegen.backends.bfl_models import FOUR_MP, MODELS, BflModelRules, aspect_ratio, check_request
+from imagegen import metrics
 from imagegen.config import Backend, Settings
 from imagegen.errors import (
     BackendUnavailableError,
+    ContentModeratedError,
     DeadlineExceededError,
     InvalidParameterError,
+    JobCancelledError,
+    PaymentRequiredError,
     ServiceError,
     UpstreamError,
 )
@@ -119,6 +123,24 @@ def decode_image(data: bytes) -> Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, PILImage.DecompressionBombError):
         raise UpstreamError("BFL returned a result that is not a valid PNG, JPEG or WebP image") from None
     return image
+
+
+def bfl_error_kind(error: ServiceError) -> str:
+    """The metric kind of an error of this backend: the raise site's tag, else the error's class."""
+    tag = getattr(error, "bfl_kind", None)
+    if tag:
+        return str(tag)
+    by_class: tuple[tuple[type[ServiceError], str], ...] = (
+        (PaymentRequiredError, "credits"),
+        (ContentModeratedError, "moderated"),
+        (InvalidParameterError, "invalid_request"),
+        (DeadlineExceededError, "timeout"),
+        (UpstreamError, "bad_response"),
+    )
+    for error_class, kind in by_class:
+        if isinstance(error, error_class):
+            return kind
+    return "other"
 
 
 class FluxApiBackend(ImageBackend):
@@ -332,10 +354,12 @@ class FluxApiBackend(ImageBackend):
         tasks = [asyncio.ensure_future(job) for job in jobs]
         try:
             images = await asyncio.gather(*tasks)
-        except BaseException:
+        except BaseException as error:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if isinstance(error, ServiceError) and not isinstance(error, JobCancelledError):
+                metrics.record_bfl_error(bfl_error_kind(error))
             raise
         results, start = [], 0
         for count in shape:

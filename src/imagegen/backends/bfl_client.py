@@ -44,6 +44,12 @@ FINAL_STATUSES = frozenset({"Ready", "Request Moderated", "Content Moderated", "
 KEY_REJECTED = "BFL key rejected: check SD_BFL_API_KEY"
 OUT_OF_CREDITS = "BFL account out of credits"
 
+
+def tagged(error: ServiceError, kind: str) -> ServiceError:
+    """Mark an error with its kind for the `imagegen_bfl_errors_total` metric (see metrics.py)."""
+    error.bfl_kind = kind  # type: ignore[attr-defined]
+    return error
+
 # api.bfl.ai, api.eu.bfl.ai, api.us1.bfl.ai, ... (the hosts BFL's own polling URLs use).
 _BFL_API_HOST = re.compile(r"api[a-z0-9-]*(?:\.[a-z0-9-]+)*\.bfl\.ai")
 _MAX_TEXT = 300
@@ -297,10 +303,10 @@ class BflClient:
                 safe = idempotent or isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
                 problem = f"{type(error).__name__}"
                 if not safe:
-                    raise UpstreamError(
+                    raise tagged(UpstreamError(
                         f"BFL did not answer the {what} ({problem}); it is not retried because the task may "
                         "already exist"
-                    ) from None
+                    ), "network") from None
                 status = None
             else:
                 if response.status_code not in TRANSIENT_STATUSES:
@@ -313,9 +319,9 @@ class BflClient:
                 raise self._exhausted(what, status, problem, attempt + 1)
             delay = self._delay(attempt, retry_after)
             if delay >= deadline - time.monotonic():
-                raise BackendUnavailableError(
+                raise tagged(BackendUnavailableError(
                     f"BFL {what} failed ({problem}) and its retry delay of {delay:.1f} s runs past the deadline"
-                )
+                ), "timeout")
             attempt += 1
             log.warning("BFL %s answered %s; retry %d/%d in %.2f s", what, problem, attempt, retries, delay)
             await asyncio.sleep(delay)
@@ -330,12 +336,14 @@ class BflClient:
     @staticmethod
     def _exhausted(what: str, status: int | None, problem: str, attempts: int) -> ServiceError:
         if status == 429:
-            reason = "BFL is busy (HTTP 429: too many active tasks)"
+            reason, kind = "BFL is busy (HTTP 429: too many active tasks)", "rate_limited"
         elif status is None:
-            reason = f"cannot reach BFL ({problem})"
+            reason, kind = f"cannot reach BFL ({problem})", "network"
         else:
-            reason = f"BFL is unavailable ({problem})"
-        return BackendUnavailableError(f"{reason}; the {what} failed after {attempts} attempt(s); retry later")
+            reason, kind = f"BFL is unavailable ({problem})", "server_error"
+        return tagged(
+            BackendUnavailableError(f"{reason}; the {what} failed after {attempts} attempt(s); retry later"), kind
+        )
 
     # -- mapping BFL's answers -------------------------------------------------------------------
     def _report_key(self, status: str) -> None:
@@ -346,7 +354,7 @@ class BflClient:
         status = response.status_code
         if status in (401, 403):
             self._report_key("rejected")
-            raise BackendUnavailableError(KEY_REJECTED)
+            raise tagged(BackendUnavailableError(KEY_REJECTED), "auth")
         if status == 402:
             self._report_key("no_credits")
             raise PaymentRequiredError(OUT_OF_CREDITS)
@@ -354,8 +362,9 @@ class BflClient:
         if what == "submit" and status in (400, 422):
             raise InvalidParameterError(f"BFL rejected the request: {detail or f'HTTP {status}'}")
         if what == "submit" and status == 404:
-            raise UpstreamError(f"BFL has no endpoint /v1/{model} at {self.api_host} (HTTP 404)")
-        raise UpstreamError(f"BFL {what} failed: HTTP {status}" + (f": {detail}" if detail else ""))
+            raise tagged(UpstreamError(f"BFL has no endpoint /v1/{model} at {self.api_host} (HTTP 404)"), "not_found")
+        kind = "server_error" if status >= 500 else "not_found" if status == 404 else "bad_response"
+        raise tagged(UpstreamError(f"BFL {what} failed: HTTP {status}" + (f": {detail}" if detail else "")), kind)
 
     def _json(self, response: httpx.Response, what: str) -> dict[str, Any]:
         try:
@@ -433,5 +442,8 @@ def raise_for_final_status(body: dict[str, Any], task_id: str, scrub: Callable[[
             f"BFL's moderation flagged the generated image (stage: output); it is not returned{suffix}"
         )
     if status == "Task not found":
-        raise UpstreamError(f"BFL does not know task {task_id} (Task not found): it expired or was never created")
-    raise UpstreamError(f"BFL failed the task (status {status}){suffix or ': no reason given'}")
+        raise tagged(
+            UpstreamError(f"BFL does not know task {task_id} (Task not found): it expired or was never created"),
+            "not_found",
+        )
+    raise tagged(UpstreamError(f"BFL failed the task (status {status}){suffix or ': no reason given'}"), "task_failed")
