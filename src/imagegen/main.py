@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from imagegen import __version__
-from imagegen.api import generate, health, images, jobs, presenters
+from imagegen.api import generate, health, images, jobs, presenters, web
 from imagegen.api.deps import Services
 from imagegen.api.errors import install_error_handlers
 from imagegen.api.middleware import ApiKeyMiddleware, BodyGuardMiddleware, RequestContextMiddleware
@@ -115,11 +115,18 @@ def create_app(
     install_error_handlers(app)
     for router in (health.router, generate.router, jobs.router, images.router):
         app.include_router(router)
+    # The browser page and its exact files are public (it must load to ask for the key); the API
+    # calls it makes are not.
+    assets = web.WebAssets.load()
+    app.include_router(web.make_router(assets, auth_required=settings.api_key is not None))
 
     # Added innermost first: BodyGuard, then ApiKey, then CORS, then RequestContext (outermost).
     app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), public_paths=PUBLIC_PATHS)
+        app.add_middleware(
+            ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(),
+            public_paths=(*PUBLIC_PATHS, *assets.public_paths),
+        )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
