@@ -62,10 +62,13 @@ class PageProbe:
         # restores the scroll position late, so a click right after it could land where its target
         # used to be.
         viewport = self.page.viewport_size
+        scrolled = self.page.evaluate("[scrollX, scrollY]")
+        self.page.evaluate("window.scrollTo(0, 0)")
         height = self.page.evaluate("document.documentElement.scrollHeight")
         self.page.set_viewport_size({"width": viewport["width"], "height": max(height, viewport["height"])})
         self.page.screenshot(path=str(path))
         self.page.set_viewport_size(viewport)
+        self.page.evaluate("([x, y]) => window.scrollTo(x, y)", scrolled)
         return path
 
     def record_texts(self, selector: str) -> None:
@@ -94,9 +97,13 @@ class PageProbe:
     def seen_texts(self) -> list[str]:
         return self.page.evaluate("window.__seen")
 
-    def assert_clean(self, allowed: tuple[str, ...] = ()) -> None:
-        unexpected = [error for error in self.errors if not any(text in error for text in allowed)]
-        assert unexpected == [], unexpected
+    def assert_clean(self) -> None:
+        """No console error, no uncaught exception, and nothing fetched from anywhere but the
+        service (no CDN: the page works offline)."""
+        assert self.errors == [], self.errors
+        origin = "/".join(self.page.url.split("/")[:3]) + "/"
+        elsewhere = [r.url for r in self.requests if not r.url.startswith((origin, "blob:", "data:"))]
+        assert elsewhere == [], elsewhere
 
 
 @pytest.fixture
