@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from imagegen import __version__, metrics, preflight
-from imagegen.api import generate, health, images, jobs, presenters
+from imagegen.api import generate, health, images, jobs, presenters, web
 from imagegen.api import metrics as metrics_api
 from imagegen.api.deps import Services
 from imagegen.api.errors import install_error_handlers
@@ -136,7 +136,13 @@ def create_app(
     app.state.services = services
     app.state.metrics_registry = metrics.app_registry(services)
     install_error_handlers(app)
-    routers = (health.router, generate.router, jobs.router, images.router, metrics_api.router)
+    # The browser page and its exact files are public (it must load to ask for the key); the API
+    # calls it makes are not.
+    assets = web.WebAssets.load()
+    routers = (
+        health.router, generate.router, jobs.router, images.router, metrics_api.router,
+        web.make_router(assets, auth_required=settings.api_key is not None),
+    )
     for router in routers:
         app.include_router(router)
     app.state.route_templates = collect_route_templates(app.router, *routers)
@@ -144,7 +150,7 @@ def create_app(
     # Added innermost first: BodyGuard, then ApiKey, then CORS, then RequestContext (outermost).
     app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
-        public = PUBLIC_PATHS + (("/metrics",) if settings.metrics_public else ())
+        public = (*PUBLIC_PATHS, *assets.public_paths, *(("/metrics",) if settings.metrics_public else ()))
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), public_paths=public)
     if settings.cors_origins:
         app.add_middleware(

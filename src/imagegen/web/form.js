@@ -1,0 +1,239 @@
+// The "Create" form: the backend choice (with each backend's health) and the parameters that the
+// chosen backend supports, set from its capabilities in GET /api/backends.
+
+import { $, h } from "./dom.js";
+
+// A backend in these states accepts jobs (a loading one runs them once it has loaded).
+const SELECTABLE = new Set(["ready", "loading"]);
+const STATE_LABELS = {
+  ready: "ready", loading: "loading", unavailable: "unavailable", error: "error", not_configured: "not configured",
+};
+const RATIOS = [["1:1", 1, 1], ["4:3", 4, 3], ["3:4", 3, 4], ["3:2", 3, 2], ["2:3", 2, 3], ["16:9", 16, 9], ["9:16", 9, 16]];
+const SEED_MAX = 2 ** 32 - 1;
+
+function roundTo(value, multiple) { return Math.max(multiple, Math.round(value / multiple) * multiple); }
+
+// Presets keep the model's native pixel count, in common aspect ratios, each side a multiple of the
+// backend's size_multiple and inside its limits; the native size itself comes first.
+export function sizePresets(caps) {
+  const [width, height] = caps.default_size;
+  const m = caps.size_multiple;
+  const low = Math.ceil(caps.min_size / m) * m;
+  const fits = (w, h) => w >= low && h >= low && w <= caps.max_width && h <= caps.max_height && w * h <= caps.max_pixels;
+  const presets = [{ width, height, label: `${width} × ${height} (native)` }];
+  const area = width * height;
+  for (const [name, rw, rh] of RATIOS) {
+    const w = roundTo(Math.sqrt((area * rw) / rh), m);
+    const h2 = roundTo(Math.sqrt((area * rh) / rw), m);
+    if (fits(w, h2) && !presets.some((p) => p.width === w && p.height === h2)) {
+      presets.push({ width: w, height: h2, label: `${w} × ${h2} (${name})` });
+    }
+  }
+  return presets;
+}
+
+export function withServiceLimits(caps, limits) {
+  if (!limits) return caps;
+  return {
+    ...caps,
+    max_width: Math.min(caps.max_width, limits.max_width),
+    max_height: Math.min(caps.max_height, limits.max_height),
+    max_pixels: Math.min(caps.max_pixels, limits.max_pixels),
+    max_steps: Math.min(caps.max_steps, limits.max_steps),
+  };
+}
+
+export class GenerateForm {
+  constructor(form, { onSubmit }) {
+    this.form = form;
+    this.backends = new Map();
+    this.selected = null;
+    this.lastSeed = null;
+    this.maxImages = 8;
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      this.checkPixels();
+      if (!form.reportValidity()) return;
+      onSubmit(this.body());
+    });
+    // Enter generates from the prompt boxes too; Shift+Enter still starts a new line.
+    for (const box of form.querySelectorAll("textarea")) {
+      box.addEventListener("keydown", (event) => {
+        if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+          event.preventDefault();
+          form.requestSubmit();
+        }
+      });
+    }
+    $("#backend-list", form).addEventListener("change", () => this.applyBackend());
+    $("#size", form).addEventListener("change", () => this.applySize());
+    $("#seed-random", form).addEventListener("click", () => { $("#seed", form).value = ""; $("#seed", form).focus(); });
+    $("#seed-reuse", form).addEventListener("click", () => this.useSeed(this.lastSeed));
+  }
+
+  setLimits(limits) {
+    this.limits = limits;
+    this.maxImages = limits.max_images;
+    $("#num-images", this.form).max = String(limits.max_images);
+    for (const box of this.form.querySelectorAll("textarea")) box.maxLength = limits.max_prompt_chars;
+  }
+
+  // Updates the list in place (a refresh must not steal focus or the user's choice).
+  setBackends(list, defaultId) {
+    const container = $("#backend-list", this.form);
+    for (const backend of list) {
+      let entry = this.backends.get(backend.id);
+      if (!entry) {
+        const input = h("input", { type: "radio", name: "backend", value: backend.id, id: `backend-${backend.id}` });
+        const badge = h("span", { class: "badge" });
+        const reason = h("span", { class: "backend-reason" });
+        const label = h("label", { class: "backend", for: input.id },
+          input, h("span", { class: "backend-name" }, backend.id), badge, reason);
+        container.append(label);
+        entry = { input, badge, reason, label };
+        this.backends.set(backend.id, entry);
+      }
+      const usable = SELECTABLE.has(backend.state);
+      entry.data = backend;
+      entry.input.disabled = !usable;
+      entry.label.dataset.state = backend.state;
+      entry.badge.textContent = STATE_LABELS[backend.state] || backend.state;
+      entry.reason.textContent = backend.reason + (backend.default ? " · default" : "");
+    }
+    if (!this.selectedEntry()) {
+      const usable = [...this.backends.values()].filter((entry) => !entry.input.disabled);
+      const pick = usable.find((entry) => entry.data.id === defaultId) || usable[0];
+      if (pick) pick.input.checked = true;
+      this.applyBackend();
+    }
+  }
+
+  selectedEntry() {
+    const entry = [...this.backends.values()].find((item) => item.input.checked);
+    return entry && !entry.input.disabled ? entry : null;
+  }
+
+  applyBackend() {
+    const entry = this.selectedEntry();
+    const generate = $("#generate", this.form);
+    generate.disabled = !entry;
+    $("#no-backend", this.form).hidden = Boolean(entry);
+    if (!entry || entry.data.id === this.selected) return;
+    this.selected = entry.data.id;
+    // A backend may accept more than the service allows (SD_MAX_*): the lower bound wins.
+    const caps = withServiceLimits(entry.data.capabilities, this.limits);
+    this.caps = caps;
+
+    const models = $("#model", this.form);
+    models.replaceChildren(...caps.models.map((name) => h("option", { value: name }, name)));
+    $("#model-field", this.form).hidden = caps.models.length < 2;
+
+    const sizes = sizePresets(caps);
+    $("#size", this.form).replaceChildren(
+      ...sizes.map((p) => h("option", { value: `${p.width}x${p.height}` }, p.label)),
+      h("option", { value: "custom" }, "Custom…"),
+    );
+    const m = caps.size_multiple;
+    const low = Math.ceil(caps.min_size / m) * m;
+    for (const [id, max] of [["#width", caps.max_width], ["#height", caps.max_height]]) {
+      Object.assign($(id, this.form), { min: String(low), max: String(max), step: String(m) });
+    }
+    $("#size-hint", this.form).textContent = `Width and height: multiples of ${m}, ${low}–${Math.max(caps.max_width, caps.max_height)} px.`;
+    this.applySize();
+
+    const steps = $("#steps", this.form);
+    Object.assign(steps, { max: String(caps.max_steps), value: caps.default_steps ?? "" });
+    steps.placeholder = caps.default_steps ? String(caps.default_steps) : "backend default";
+
+    $("#guidance-field", this.form).hidden = !caps.supports_guidance;
+    $("#guidance", this.form).value = caps.default_guidance ?? "";
+
+    const schedulers = $("#scheduler", this.form);
+    schedulers.replaceChildren(...caps.schedulers.map((name) =>
+      h("option", { value: name }, name === "default" ? "default (the model's own)" : name)));
+    schedulers.value = caps.default_scheduler || caps.schedulers[0] || "";
+    $("#scheduler-field", this.form).hidden = caps.schedulers.length === 0;
+
+    $("#negative-field", this.form).hidden = !caps.supports_negative_prompt;
+    $("#seed-field", this.form).hidden = !caps.supports_seed;
+
+    const formats = $("#output-format", this.form);
+    const current = formats.value;
+    formats.replaceChildren(...caps.output_formats.map((name) => h("option", { value: name }, name.toUpperCase())));
+    if (caps.output_formats.includes(current)) formats.value = current;
+
+    $("#num-images", this.form).max = String(Math.min(this.maxImages, 64));
+  }
+
+  applySize() {
+    const choice = $("#size", this.form).value;
+    const custom = choice === "custom";
+    $("#custom-size", this.form).hidden = !custom;
+    for (const id of ["#width", "#height"]) $(id, this.form).required = custom;
+    if (!custom && choice) {
+      const [width, height] = choice.split("x");
+      $("#width", this.form).value = width;
+      $("#height", this.form).value = height;
+    }
+  }
+
+  checkPixels() {
+    const height = $("#height", this.form);
+    const pixels = Number($("#width", this.form).value) * Number(height.value);
+    const max = this.caps ? this.caps.max_pixels : Infinity;
+    height.setCustomValidity(pixels > max ? `Width × height must be at most ${max} pixels.` : "");
+    if (pixels > max && $("#size", this.form).value !== "custom") {
+      $("#size", this.form).value = "custom";
+      this.applySize();
+    }
+  }
+
+  useSeed(seed) {
+    if (seed === null || seed === undefined) return;
+    const field = $("#seed", this.form);
+    field.value = String(seed);
+    field.focus();
+  }
+
+  rememberSeed(seed) {
+    this.lastSeed = seed;
+    const reuse = $("#seed-reuse", this.form);
+    reuse.disabled = false;
+    reuse.textContent = `Reuse ${seed}`;
+  }
+
+  // The request body for POST /api/jobs: only what the user chose and the backend uses.
+  body() {
+    const value = (id) => $(id, this.form).value.trim();
+    const caps = this.caps;
+    const body = {
+      prompt: value("#prompt"),
+      backend: this.selected,
+      width: Number(value("#width")),
+      height: Number(value("#height")),
+      num_images: Number(value("#num-images") || 1),
+      output_format: value("#output-format"),
+    };
+    if (caps.models.length > 1) body.model = value("#model");
+    if (caps.supports_negative_prompt && value("#negative-prompt")) body.negative_prompt = value("#negative-prompt");
+    if (value("#steps")) body.steps = Number(value("#steps"));
+    if (caps.supports_guidance && value("#guidance")) body.guidance_scale = Number(value("#guidance"));
+    if (caps.schedulers.length) body.scheduler = value("#scheduler");
+    if (caps.supports_seed && value("#seed")) body.seed = Math.min(Number(value("#seed")), SEED_MAX);
+    return body;
+  }
+
+  // A 422 names the parameter: point at its field.
+  markInvalid(param) {
+    const ids = { width: "#width", height: "#height", steps: "#steps", guidance_scale: "#guidance", seed: "#seed",
+      num_images: "#num-images", prompt: "#prompt", negative_prompt: "#negative-prompt", scheduler: "#scheduler" };
+    for (const field of this.form.querySelectorAll("[aria-invalid]")) field.removeAttribute("aria-invalid");
+    const id = ids[param];
+    if (!id) return;
+    if (id === "#width" || id === "#height") {
+      $("#size", this.form).value = "custom";
+      this.applySize();
+    }
+    $(id, this.form).setAttribute("aria-invalid", "true");
+  }
+}
