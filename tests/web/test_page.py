@@ -148,12 +148,13 @@ def test_unavailable_backends_flagged_image_and_failure(fake_server, open_page) 
     client, _ = fake_server(max_width=1024, max_pixels=256 * 256)
     probe = open_page(url(client))
     page = probe.page
-    for backend in ("flux-local", "flux-api"):
-        expect(page.locator(f"#backend-{backend}")).to_be_disabled()
-        label = page.locator(f'label[for="backend-{backend}"]')
-        expect(label).to_contain_text("not configured")
-        expect(label).to_contain_text("not implemented")
+    # flux-api without SD_BFL_API_KEY is not configured: disabled, with the reason.
+    expect(page.locator("#backend-flux-api")).to_be_disabled()
+    label = page.locator('label[for="backend-flux-api"]')
+    expect(label).to_contain_text("not configured")
+    expect(label).to_contain_text("SD_BFL_API_KEY is not set")
     expect(page.locator("#backend-sd")).to_be_enabled()
+    expect(page.locator("#backend-flux-local")).to_be_enabled()  # ready: loads on the first request
 
     flagged = generate(page, "an nsfw picture", seed="7")
     expect(flagged).to_have_attribute("data-status", "succeeded")
