@@ -18,6 +18,7 @@ from imagegen.api import generate, health, images, jobs, presenters, web
 from imagegen.api import metrics as metrics_api
 from imagegen.api.deps import Services
 from imagegen.api.errors import install_error_handlers
+from imagegen.api.openapi import install_openapi
 from imagegen.api.middleware import (
     ApiKeyMiddleware,
     BodyGuardMiddleware,
@@ -147,10 +148,12 @@ def create_app(
         app.include_router(router)
     app.state.route_templates = collect_route_templates(app.router, *routers)
 
+    public = (*PUBLIC_PATHS, *assets.public_paths, *(("/metrics",) if settings.metrics_public else ()))
+    install_openapi(app, auth_required=settings.api_key is not None, public_paths=public)
+
     # Added innermost first: BodyGuard, then ApiKey, then CORS, then RequestContext (outermost).
     app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
-        public = (*PUBLIC_PATHS, *assets.public_paths, *(("/metrics",) if settings.metrics_public else ()))
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), public_paths=public)
     if settings.cors_origins:
         app.add_middleware(

@@ -98,9 +98,17 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         error_type = _STATUS_TYPES.get(error.status_code, "error")
         message = error.detail if isinstance(error.detail, str) else "request failed"
+        headers = dict(getattr(error, "headers", None) or {})
         if error.status_code == 404:
             message = "not found"
-        return error_response(error.status_code, error_type, message, headers=getattr(error, "headers", None))
+        if error.status_code == 405:
+            from imagegen.api.middleware import allowed_methods
+
+            # Starlette names only the first matching route's methods; list them all.
+            methods = allowed_methods(request.scope)
+            if methods:
+                headers["Allow"] = ", ".join(methods)
+        return error_response(error.status_code, error_type, message, headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -99,7 +99,17 @@ async def delete_job(job: JobDep, request: Request, services: ServicesDep) -> di
     return _body(cancelled, services, request, include_b64=False)
 
 
-@router.get("/api/jobs/{job_id}/events", response_class=EventSourceResponse, responses=_ERRORS)
+# Errors come before the stream starts, as JSON (not event-stream) bodies.
+_STREAM_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {
+        "description": "Error",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
+    for code in (401, 404)
+}
+
+
+@router.get("/api/jobs/{job_id}/events", response_class=EventSourceResponse, responses=_STREAM_ERRORS)
 async def job_events(job: JobDep, request: Request, services: ServicesDep) -> AsyncIterator[ServerSentEvent]:
     """Live progress as Server-Sent Events: `queued` (position), `running`, `progress` (each step), then
     one final `succeeded` | `failed` | `cancelled` carrying the job body; the stream then ends."""

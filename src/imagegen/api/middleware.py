@@ -56,15 +56,26 @@ async def send_error(
     await send({"type": "http.response.body", "body": body})
 
 
-def collect_route_templates(*routers: Any) -> list[tuple[re.Pattern[str], str]]:
-    """(regex, template) of every route of these routers (FastAPI's app.router and ours)."""
+def collect_route_templates(*routers: Any) -> list[tuple[re.Pattern[str], str, frozenset[str]]]:
+    """(regex, template, methods) of every route of these routers (FastAPI's app.router and ours)."""
     found = []
     for router in routers:
         for route in getattr(router, "routes", ()):
             regex, path = getattr(route, "path_regex", None), getattr(route, "path", None)
             if regex is not None and path:
-                found.append((regex, str(path)))
+                found.append((regex, str(path), frozenset(getattr(route, "methods", None) or ())))
     return found
+
+
+def allowed_methods(scope: Scope) -> list[str]:
+    """Every method some route answers on this path (the `Allow` header of a 405): routes of one
+    path may be declared apart (GET and DELETE /api/images/{name})."""
+    state = getattr(scope.get("app"), "state", None)
+    methods: set[str] = set()
+    for regex, _, route_methods in getattr(state, "route_templates", ()):
+        if regex.match(scope.get("path", "")):
+            methods |= route_methods
+    return sorted(methods)
 
 
 def route_template(scope: Scope) -> str:
@@ -77,7 +88,7 @@ def route_template(scope: Scope) -> str:
     if path:
         return str(path)
     state = getattr(scope.get("app"), "state", None)
-    for regex, template in getattr(state, "route_templates", ()):
+    for regex, template, _ in getattr(state, "route_templates", ()):
         if regex.match(scope.get("path", "")):
             return template
     return "unmatched"
