@@ -13,6 +13,7 @@ import pytest
 from imagegen.config import Settings
 from imagegen.main import create_app
 from tests.support.fake_backend import FakeBackend
+from tests.support.process import ServiceProcess
 from tests.support.server import LiveServer, wait_ready
 
 # Tests never reach a model hub, and never pick up a developer's .env.
@@ -91,3 +92,20 @@ def fake_factory() -> Callable[..., Any]:
         return {options.get("backend_id", "fake"): factory}, holder
 
     return make
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """Services in their own processes (fake backend as default), sharing this test's folders, so a
+    test can kill one for real and start the next on the same data."""
+    made: list[ServiceProcess] = []
+
+    def make(**env: str) -> ServiceProcess:
+        made.append(ServiceProcess(tmp_path, **env))
+        return made[-1]
+
+    yield make
+    for proc in made:
+        if proc.process is not None and proc.process.poll() is None:
+            proc.process.kill()
+            proc.process.wait()

@@ -10,7 +10,6 @@ import httpx
 
 from imagegen.backends.local import LoadedPipeline
 from imagegen.backends.sd import StableDiffusionBackend
-from imagegen.config import Settings
 
 
 class GatedStableDiffusionBackend(StableDiffusionBackend):

@@ -9,6 +9,7 @@ the prompt inject behaviour, so a test (or a server in another process) needs no
   "fail"    raises a generation error
   "crash"   raises an unexpected exception (a bug)
   "nsfw"    the image is flagged by the "safety checker"
+  "fatal"   the backend breaks for good (a lost device): it raises and its health turns to error
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from imagegen.backends.base import (
     ImageBackend,
     RunContext,
 )
-from imagegen.errors import GenerationFailedError, OutOfMemoryError
+from imagegen.errors import BackendUnavailableError, GenerationFailedError, OutOfMemoryError
 
 
 def expected_pixels(prompt: str, seed: int, width: int, height: int) -> Image.Image:
@@ -119,6 +120,9 @@ class FakeBackend(ImageBackend):
 
     async def _generate(self, batch: Sequence[GenerationRequest], ctx: RunContext) -> list[list[GeneratedImage]]:
         prompts = " ".join(request.prompt for request in batch)
+        if "fatal" in prompts or self.state is BackendState.ERROR:
+            self.state = BackendState.ERROR
+            raise BackendUnavailableError(f"backend '{self.id}' failed fatally (fake device lost)")
         if "oom" in prompts:
             raise OutOfMemoryError("out of memory (fake): reduce the size or the number of images")
         if "crash" in prompts:

@@ -205,12 +205,11 @@ class FluxLocalBackend(LocalPipelineBackend):
         return getattr(torch, choice)
 
     def load_pipeline(self) -> LoadedPipeline:
-        import torch  # noqa: F401 - imported here, on the loading path only
-        from diffusers import DiffusionPipeline
-
         from imagegen.backends.diffusers_support import model_source, pick_device, quiet_libraries
 
-        quiet_libraries()
+        quiet_libraries()  # before diffusers' first import: some notices print at import time
+        from diffusers import DiffusionPipeline
+
         settings = self.settings
         source = model_source(self.model_id, settings)
         index = source.model_index()
