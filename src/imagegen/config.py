@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         min_length=1,
         description="Model of the sd backend: hub id, local folder, or built-in tiny-sd / tiny-sdxl.",
     )
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated extra models (hub ids, local folders, tiny-sd / tiny-sdxl) the sd backend may "
+        "switch to when a request names one, besides SD_MODEL_ID. The allowlist: a request can select only "
+        "these, never make the service download anything else.",
+    )
     model_dir: Path = Field(Path("./models"), description="Hugging Face cache and built-in tiny models.")
     huggingface_token: SecretStr | None = Field(None, description="Token for gated or rate-limited hub downloads.")
     safety_checker: bool = Field(True, description="Run the NSFW safety checker on every local image.")
@@ -232,7 +238,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
 
-    @field_validator("cors_origins", "webhook_allowed_hosts", "bfl_models", mode="before")
+    @field_validator("cors_origins", "webhook_allowed_hosts", "bfl_models", "models", mode="before")
     @classmethod
     def _parse_lists(cls, value: object) -> object:
         return _split_csv(value)
@@ -266,6 +272,12 @@ class Settings(BaseSettings):
         if parts.scheme == "http" and not _is_loopback(parts.hostname):
             raise ValueError("must use https (http is accepted only for a loopback host, e.g. a fake BFL server)")
         return value.strip().rstrip("/")
+
+    @field_validator("models")
+    @classmethod
+    def _unique_sd_models(cls, value: list[str]) -> list[str]:
+        # Order kept (it is the order clients list them in); duplicates would list a model twice.
+        return list(dict.fromkeys(value))
 
     @field_validator("bfl_models")
     @classmethod

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from imagegen import __version__, metrics, preflight
-from imagegen.api import generate, health, images, jobs, presenters, web
+from imagegen.api import a1111, generate, health, images, jobs, openai_images, presenters, web
 from imagegen.api import metrics as metrics_api
 from imagegen.api.deps import Services
 from imagegen.api.errors import install_error_handlers
@@ -142,6 +142,8 @@ def create_app(
     assets = web.WebAssets.load()
     routers = (
         health.router, generate.router, jobs.router, images.router, metrics_api.router,
+        # Drop-in compatibility: the A1111 (/sdapi/v1) and OpenAI Images (/v1) dialects.
+        a1111.router, openai_images.router,
         web.make_router(assets, auth_required=settings.api_key is not None),
     )
     for router in routers:

@@ -77,3 +77,21 @@ def test_checker_can_be_switched_off(serve: Callable[..., httpx.Client], flaggin
 def test_unflagged_images_pass_the_tiny_checker(sd_client: httpx.Client) -> None:
     body = sd_client.post("/api/txt2img", json={"prompt": "a tree", "num_images": 2, "steps": 2}).json()
     assert [image["nsfw"] for image in body["images"]] == [False, False]
+
+
+def test_several_models_one_loaded_at_a_time(serve: Callable[..., httpx.Client]) -> None:
+    """SD_MODELS: the sd backend serves tiny-sd and tiny-sdxl, switching through the unload path; a
+    model outside the list is a 422 (no request makes the service load or download anything else)."""
+    client = serve(model_id="tiny-sd", models=["tiny-sdxl"])
+    backend = client.get("/api/backends").json()["backends"][0]
+    assert backend["capabilities"]["models"] == ["tiny-sd", "tiny-sdxl"]
+    body = client.post("/api/txt2img", json={"prompt": "a castle", "model": "tiny-sdxl", "steps": 2}).json()
+    assert body["model"] == "tiny-sdxl" and body["parameters"]["guidance_scale"] == 5.0  # SDXL's own default
+    health = client.get("/health").json()["backends"]["sd"]
+    assert health["model"] == "tiny-sdxl" and health["last_unload"]["reason"] == "switching to model tiny-sdxl"
+    assert health["residency"]["loaded_pipelines"] == ["sd"]
+    body = client.post("/api/txt2img", json={"prompt": "a castle", "steps": 2}).json()
+    assert body["model"] == "tiny-sd" and body["parameters"]["guidance_scale"] == 7.5  # the default model again
+    refused = client.post("/api/txt2img", json={"prompt": "a castle", "model": "runwayml/stable-diffusion-v1-5"})
+    assert refused.status_code == 422 and refused.json()["error"]["param"] == "model"
+    assert "tiny-sdxl" in refused.json()["error"]["message"]

@@ -1,4 +1,5 @@
-"""One error envelope for every error: `{"error": {"type", "message", "param", "request_id"}}`.
+"""One error envelope for every error: `{"error": {"type", "message", "param", "request_id"}}`, and
+the same errors in the OpenAI and A1111 dialects on their routes (api/dialects.py).
 
 Validation messages name the parameter and the rule, never the value sent (pydantic would echo it).
 Unexpected exceptions become a generic 500 whose details go to the log with the request id.
@@ -14,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from imagegen.api.dialects import error_body
 from imagegen.errors import ServiceError
 from imagegen.logging_setup import request_id_var
 
@@ -51,12 +53,15 @@ def error_response(
     message: str,
     param: str | None = None,
     headers: dict[str, str] | None = None,
+    path: str | None = None,
 ) -> JSONResponse:
-    return JSONResponse(envelope(error_type, message, param), status_code=status_code, headers=headers)
+    """The error in the dialect of `path` (the native envelope when None)."""
+    status_code, body = error_body(path, status_code, error_type, message, param, request_id_var.get())
+    return JSONResponse(body, status_code=status_code, headers=headers)
 
 
-def service_error_response(error: ServiceError) -> JSONResponse:
-    return error_response(error.status_code, error.error_type, error.message, error.param, error.headers)
+def service_error_response(error: ServiceError, path: str | None = None) -> JSONResponse:
+    return error_response(error.status_code, error.error_type, error.message, error.param, error.headers, path)
 
 
 def _describe_validation(error: RequestValidationError) -> tuple[int, str, str, str | None]:
@@ -87,12 +92,12 @@ def install_error_handlers(app: FastAPI) -> None:
         if error.status_code >= 500:
             log.warning("%s %s -> %d %s: %s", request.method, request.url.path, error.status_code,
                         error.error_type, error.message)
-        return service_error_response(error)
+        return service_error_response(error, request.scope["path"])
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         status, error_type, message, param = _describe_validation(error)
-        return error_response(status, error_type, message, param)
+        return error_response(status, error_type, message, param, path=request.scope["path"])
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -108,9 +113,11 @@ def install_error_handlers(app: FastAPI) -> None:
             methods = allowed_methods(request.scope)
             if methods:
                 headers["Allow"] = ", ".join(methods)
-        return error_response(error.status_code, error_type, message, headers=headers or None)
+        return error_response(error.status_code, error_type, message, headers=headers or None,
+                              path=request.scope["path"])
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal error; the service log has the details for this request id")
+        return error_response(500, "internal_error", "internal error; the service log has the details for this request id",
+                              path=request.scope["path"])

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imagegen import metrics
-from imagegen.api.errors import envelope
+from imagegen.api.dialects import error_body, www_authenticate
 from imagegen.logging_setup import request_id_var
 
 access_log = logging.getLogger("imagegen.access")
@@ -48,9 +48,12 @@ def _headers(scope: Scope, name: bytes) -> list[str]:
 
 
 async def send_error(
-    send: Send, status: int, error_type: str, message: str, extra_headers: Iterable[tuple[bytes, bytes]] = ()
+    send: Send, status: int, error_type: str, message: str, extra_headers: Iterable[tuple[bytes, bytes]] = (),
+    path: str | None = None,
 ) -> None:
-    body = json.dumps(envelope(error_type, message)).encode("utf-8")
+    """An error answered before routing, in the dialect of `path` (OpenAI under /v1/, A1111 under /sdapi/)."""
+    status, payload = error_body(path, status, error_type, message, None, request_id_var.get())
+    body = json.dumps(payload).encode("utf-8")
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra_headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -200,7 +203,7 @@ class ApiKeyMiddleware:
         await send_error(
             send, 401, "authentication_error",
             "missing or invalid API key: send it as X-API-Key, Authorization: Bearer, or Basic auth",
-            [(b"www-authenticate", b'Bearer realm="imagegen"')],
+            [(b"www-authenticate", www_authenticate(scope["path"]))], path=scope["path"],
         )
 
 
@@ -230,18 +233,20 @@ class BodyGuardMiddleware:
             try:
                 length = int(length_header)
             except ValueError:
-                await send_error(send, 400, "invalid_request", "invalid Content-Length")
+                await send_error(send, 400, "invalid_request", "invalid Content-Length", path=scope["path"])
                 return
             if length > self.max_body_bytes:
                 await send_error(send, 413, "payload_too_large",
-                                 f"request body larger than {self.max_body_bytes} bytes (SD_MAX_BODY_BYTES)")
+                                 f"request body larger than {self.max_body_bytes} bytes (SD_MAX_BODY_BYTES)",
+                                 path=scope["path"])
                 return
         else:
             length = 0
         if length > 0 or chunked:
             content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
             if content_type != "application/json" and not content_type.endswith("+json"):
-                await send_error(send, 415, "unsupported_media_type", "the request body must be JSON (Content-Type: application/json)")
+                await send_error(send, 415, "unsupported_media_type",
+                                 "the request body must be JSON (Content-Type: application/json)", path=scope["path"])
                 return
 
         received = 0
@@ -266,7 +271,8 @@ class BodyGuardMiddleware:
         except _BodyTooLarge:
             if not started["value"]:
                 await send_error(send, 413, "payload_too_large",
-                                 f"request body larger than {self.max_body_bytes} bytes (SD_MAX_BODY_BYTES)")
+                                 f"request body larger than {self.max_body_bytes} bytes (SD_MAX_BODY_BYTES)",
+                                 path=scope["path"])
 
 
 def client_host(scope: Scope) -> Any:

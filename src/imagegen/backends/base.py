@@ -233,12 +233,20 @@ class ImageBackend(abc.ABC):
     concurrency: int = 1
     #: Set by the registry: the default backend loads at start-up, the others on first use.
     preload: bool = False
+    #: The model a request that names none gets; None: the first of `capabilities().models`.
+    #: Changed at runtime when a client picks the service's default model (A1111 options).
+    default_model: str | None = None
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
     @abc.abstractmethod
     def capabilities(self) -> Capabilities: ...
+
+    def capabilities_for(self, model: str) -> Capabilities:
+        """What the backend accepts for one of its models. Backends whose models differ in sizes or
+        defaults (sd serving SD 1.x and SDXL) override this; `resolve` validates against it."""
+        return self.capabilities()
 
     @abc.abstractmethod
     def health(self) -> BackendHealth: ...
@@ -266,6 +274,14 @@ class ImageBackend(abc.ABC):
         settings = self.settings
         ignored: list[str] = []
 
+        model = params.model or self.default_model or caps.models[0]
+        if model not in caps.models:
+            raise InvalidParameterError(
+                f"model is not available on backend '{self.id}'; available: {', '.join(caps.models)}",
+                param="model",
+            )
+        caps = self.capabilities_for(model)
+
         prompt = params.prompt
         if not prompt.strip():
             raise InvalidParameterError("prompt must not be empty", param="prompt")
@@ -283,13 +299,6 @@ class ImageBackend(abc.ABC):
         if negative and not caps.supports_negative_prompt:
             ignored.append("negative_prompt")
             negative = None
-
-        model = params.model or caps.models[0]
-        if model not in caps.models:
-            raise InvalidParameterError(
-                f"model is not available on backend '{self.id}'; available: {', '.join(caps.models)}",
-                param="model",
-            )
 
         width = caps.default_width if params.width is None else params.width
         height = caps.default_height if params.height is None else params.height

@@ -237,6 +237,24 @@ class LocalPipelineBackend(ImageBackend):
         metrics.record_model_unload(self.id)
         return True
 
+    def _switch_model_locked(self, model: str) -> None:
+        """Make `model` the one to load: a backend serving several models (sd with SD_MODELS) holds one
+        pipeline at a time, so another model first unloads the current one (the usual unload path:
+        memory handed back, metrics, /health's last_unload).
+
+        The allowlist is checked again here, not only when the request was accepted: a job stored
+        before a restart may name a model the configuration no longer allows."""
+        if model == self.model_id:
+            return
+        if model not in self.capabilities().models:
+            raise BackendUnavailableError(f"model is no longer available on backend '{self.id}' (not in its settings)")
+        self._unload_locked(f"switching to model {model}")
+        log.info("backend=%s switching model %s -> %s", self.id, self.model_id, model)
+        self.model_id = model
+        # A load failure belonged to the previous model; the new one gets its own try.
+        self._state = LoadState.UNLOADED
+        self._failure = None
+
     async def close(self) -> None:
         if self.device_manager is not None:
             await self.device_manager.stop()
@@ -297,6 +315,7 @@ class LocalPipelineBackend(ImageBackend):
         from imagegen.backends import diffusers_support as support
 
         with self._lock:
+            self._switch_model_locked(batch[0].model)  # a batch never mixes models (the batch key has it)
             loaded = self.ensure_loaded()
             ctx.check()
             try:

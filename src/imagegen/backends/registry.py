@@ -72,6 +72,16 @@ class BackendRegistry:
                 f"unknown backend; known backends: {', '.join(self._backends)}", param="backend"
             ) from None
 
+    def set_default(self, backend_id: str, model: str | None = None) -> None:
+        """Change, at runtime and in memory only, which backend (and model of it) a request naming
+        none gets: what an A1111 client's "checkpoint" choice means. The model must be one the
+        backend offers; the new default loads on first use (a restart returns to the settings)."""
+        backend = self.get(backend_id)
+        if model is not None and model not in backend.capabilities().models:
+            raise InvalidParameterError(f"model is not available on backend '{backend.id}'", param="model")
+        self.default_id = backend.id
+        backend.default_model = model
+
     @property
     def default(self) -> ImageBackend:
         return self._backends[self.default_id]

@@ -24,27 +24,36 @@ class StableDiffusionBackend(LocalPipelineBackend):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, settings.model_id)
+        # The allowlist: SD_MODEL_ID first (the default), then SD_MODELS. One is loaded at a time;
+        # `model_id` is the one loaded (or to load next).
+        self.model_ids: tuple[str, ...] = tuple(dict.fromkeys((settings.model_id, *settings.models)))
 
     # -- capabilities: known before loading, exact once the model is loaded -----------------------
     def capabilities(self) -> Capabilities:
-        loaded = self._loaded  # read once: the device manager may unload it from another thread
-        return self._capabilities_from(loaded.details if loaded else self._peek_config())
+        """The capabilities of the default model (what a request naming no model gets)."""
+        return self.capabilities_for(self.default_model or self.model_ids[0])
 
-    def _peek_config(self) -> dict[str, Any]:
+    def capabilities_for(self, model: str) -> Capabilities:
+        loaded = self._loaded  # read once: the device manager may unload it from another thread
+        if loaded is not None and self.model_id == model:
+            return self._capabilities_from(loaded.details, model)
+        return self._capabilities_from(self._peek_config(model), model)
+
+    def _peek_config(self, model: str) -> dict[str, Any]:
         """What can be learnt without loading weights: the pipeline class of a built-in or local model."""
-        if tiny_models.is_builtin(self.model_id):
+        if tiny_models.is_builtin(model):
             return {
-                "pipeline_class": "StableDiffusionXLPipeline" if self.model_id == tiny_models.TINY_SDXL else "StableDiffusionPipeline",
+                "pipeline_class": "StableDiffusionXLPipeline" if model == tiny_models.TINY_SDXL else "StableDiffusionPipeline",
                 "native_size": 64,
             }
         return {}
 
-    def _capabilities_from(self, details: dict[str, Any]) -> Capabilities:
-        family = _family_of(details.get("pipeline_class"), self.model_id)
+    def _capabilities_from(self, details: dict[str, Any], model: str) -> Capabilities:
+        family = _family_of(details.get("pipeline_class"), model)
         native = details.get("native_size") or (1024 if family == "sdxl" else 512)
         settings = self.settings
         return Capabilities(
-            models=(self.model_id,),
+            models=self.model_ids,
             default_width=native,
             default_height=native,
             size_multiple=8,
@@ -64,7 +73,7 @@ class StableDiffusionBackend(LocalPipelineBackend):
 
     def info(self) -> dict[str, Any]:
         loaded = self._loaded
-        details = loaded.details if loaded else self._peek_config()
+        details = loaded.details if loaded else self._peek_config(self.model_id)
         return {"family": _family_of(details.get("pipeline_class"), self.model_id)}
 
     # -- loading ---------------------------------------------------------------------------------

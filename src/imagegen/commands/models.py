@@ -56,6 +56,9 @@ def _settings() -> Any:
 
 def configured_models(settings: Any) -> list[ConfiguredModel]:
     models = [ConfiguredModel(settings.model_id, "sd", "sd")]
+    # The models sd may switch to (SD_MODELS): `pull` fetches them too, so they work offline.
+    models += [ConfiguredModel(extra, "sd (SD_MODELS)", "sd") for extra in getattr(settings, "models", ())
+               if extra != settings.model_id]
     if settings.safety_checker:
         models.append(ConfiguredModel(settings.safety_checker_id, "safety checker (models without their own)", None))
     # The flux backends' settings exist once those backends are part of the service; read them
@@ -316,7 +319,9 @@ def run_pull(args: argparse.Namespace) -> int:
     model_id = args.model_id
     if model_id is None:
         backend = args.backend or "sd"
-        by_backend = {model.backend: model.model_id for model in configured_models(settings)}
+        by_backend: dict[str | None, str] = {}
+        for model in configured_models(settings):
+            by_backend.setdefault(model.backend, model.model_id)  # a backend's first model is its default
         if backend not in by_backend or backend == "flux-api":
             return _fail(f"backend '{backend}' has no local model to pull", 2)
         model_id = by_backend[backend]
