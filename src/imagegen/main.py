@@ -19,6 +19,7 @@ from imagegen.api import metrics as metrics_api
 from imagegen.api.deps import Services
 from imagegen.api.errors import install_error_handlers
 from imagegen.api.openapi import install_openapi
+from imagegen.api.schemas import NATIVE_ERRORS
 from imagegen.api.middleware import (
     ApiKeyMiddleware,
     BodyGuardMiddleware,
@@ -133,6 +134,7 @@ def create_app(
         version=__version__,
         description="Self-hosted image generation: Stable Diffusion, FLUX (local) and the BFL FLUX API behind one API.",
         lifespan=lifespan,
+        responses=NATIVE_ERRORS,
     )
     app.state.services = services
     app.state.metrics_registry = metrics.app_registry(services)

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Body, Request
 from imagegen.api import a1111_translate, model_catalog
 from imagegen.api.a1111_samplers import SAMPLERS, SCHEDULE_TYPES
 from imagegen.api.a1111_schemas import (
+    A1111_ERRORS,
     A1111Checkpoint,
     A1111Progress,
     A1111Sampler,
@@ -30,7 +31,7 @@ from imagegen.api.generate import raise_for_job
 from imagegen.engine.jobs import Job, JobStatus
 from imagegen.errors import ConflictError, InvalidParameterError, NotFoundError
 
-router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
+router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], responses=A1111_ERRORS)
 
 
 @router.post("/txt2img", response_model=A1111Txt2ImgResponse)

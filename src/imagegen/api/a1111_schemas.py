@@ -105,3 +105,21 @@ class A1111Scheduler(BaseModel):
     aliases: list[str] | None = None
     default_rho: float = -1
     need_inner_model: bool = False
+
+
+class A1111ErrorResponse(BaseModel):
+    """A1111's error shape (its exception handler's strings), without the request echoed back."""
+
+    error: str
+    detail: str
+    errors: str
+    param: str | None = None
+    request_id: str | None = None
+
+
+#: Documented on every /sdapi/v1 route.
+A1111_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": A1111ErrorResponse}
+    for code in (400, 401, 402, 404, 409, 413, 415, 422, 429, 500, 502, 503, 504)
+}
+

@@ -16,11 +16,18 @@ from imagegen.api import model_catalog, presenters
 from imagegen.api.compat_jobs import renamed, run_job
 from imagegen.api.deps import ServicesDep, base_url
 from imagegen.api.generate import raise_for_job
-from imagegen.api.openai_schemas import ImageGenerationRequest, ImagesResponse, ModelList, ModelOut, model_entry
+from imagegen.api.openai_schemas import (
+    OPENAI_ERRORS,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ModelList,
+    ModelOut,
+    model_entry,
+)
 from imagegen.backends.base import GenerationParams
 from imagegen.errors import ContentModeratedError, InvalidParameterError, NotFoundError, ServiceError
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], responses=OPENAI_ERRORS)
 
 #: Names n8n's legacy OpenAI node keeps (it lists only ids starting with "dall-"); both mean the
 #: default backend, like every other name the service does not know.

@@ -101,3 +101,23 @@ class ModelList(BaseModel):
 
 def model_entry(model_id: str, owned_by: str) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": 0, "owned_by": owned_by}
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    """OpenAI's error envelope, which every /v1/ error uses."""
+
+    error: OpenAIErrorBody
+
+
+#: Documented on every /v1/ route (invalid parameters are 400 in this dialect, as OpenAI answers).
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIErrorResponse} for code in (400, 401, 402, 404, 413, 415, 422, 429, 500, 502, 503, 504)
+}
+

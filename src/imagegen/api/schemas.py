@@ -85,6 +85,12 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+#: Errors any native route may answer (validation, bodies, overload, failures); routes add their own.
+NATIVE_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 429, 500, 503)
+}
+
+
 class ImageOut(BaseModel):
     model_config = ConfigDict(extra="allow")
 
