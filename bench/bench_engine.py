@@ -18,7 +18,7 @@ import httpx
 
 from bench._service import Service
 
-RUNS = 12
+RUNS = 20
 PARAMS = {"width": 128, "height": 128, "steps": 20}  # the pipeline dominates, as with real models
 SMALL = {"width": 64, "height": 64, "steps": 10}
 

@@ -22,7 +22,6 @@ time still measures the loop.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import shutil
@@ -30,7 +29,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 for entry in (ROOT / "src", ROOT):
     if str(entry) not in sys.path:
         sys.path.insert(0, str(entry))
+
+from bench.gpu_flux import default_dtype  # noqa: E402 - after the path set-up above
 
 SD15_UNET: dict[str, Any] = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
@@ -63,18 +63,6 @@ FAMILIES = {
     "sdxl": (1024, 20, "sd", "tiny-sdxl"),
     "klein": (1024, 4, "flux-local", "tiny-flux2-klein"),
 }
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: Any) -> Iterator[None]:
-    import torch
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def _clip(tokenizer: Any, hidden: int, projection: int | None = None) -> Any:
