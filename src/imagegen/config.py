@@ -307,13 +307,7 @@ class Settings(BaseSettings):
     @property
     def binds_publicly(self) -> bool:
         """True when the bind address is reachable from other machines."""
-        host = self.host.strip("[]")
-        if host == "localhost":
-            return False
-        try:
-            return not ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return True
+        return not _is_loopback(self.host)
 
 
 def _is_loopback(host: str) -> bool:

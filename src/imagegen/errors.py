@@ -15,7 +15,6 @@ class ServiceError(Exception):
 
     status_code = 500
     error_type = "internal_error"
-    retryable = False
 
     def __init__(
         self,
@@ -46,26 +45,6 @@ class InvalidParameterError(ServiceError):
     error_type = "invalid_parameter"
 
 
-class InvalidRequestError(ServiceError):
-    status_code = 400
-    error_type = "invalid_request"
-
-
-class UnsupportedMediaTypeError(ServiceError):
-    status_code = 415
-    error_type = "unsupported_media_type"
-
-
-class PayloadTooLargeError(ServiceError):
-    status_code = 413
-    error_type = "payload_too_large"
-
-
-class AuthenticationError(ServiceError):
-    status_code = 401
-    error_type = "authentication_error"
-
-
 class NotFoundError(ServiceError):
     status_code = 404
     error_type = "not_found"
@@ -89,7 +68,6 @@ class PaymentRequiredError(ServiceError):
 class QueueFullError(ServiceError):
     status_code = 429
     error_type = "queue_full"
-    retryable = True
 
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after)})
@@ -101,31 +79,26 @@ class BackendUnavailableError(ServiceError):
 
     status_code = 503
     error_type = "backend_unavailable"
-    retryable = True
 
 
 class OutOfMemoryError(ServiceError):
     status_code = 503
     error_type = "out_of_memory"
-    retryable = True
 
 
 class UpstreamError(ServiceError):
     status_code = 502
     error_type = "upstream_error"
-    retryable = True
 
 
 class ServiceDrainingError(ServiceError):
     status_code = 503
     error_type = "shutting_down"
-    retryable = True
 
 
 class DeadlineExceededError(ServiceError):
     status_code = 504
     error_type = "deadline_exceeded"
-    retryable = True
 
 
 class JobCancelledError(ServiceError):

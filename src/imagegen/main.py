@@ -18,14 +18,14 @@ from imagegen.api import a1111, generate, health, images, jobs, openai_images, p
 from imagegen.api import metrics as metrics_api
 from imagegen.api.deps import Services
 from imagegen.api.errors import install_error_handlers
-from imagegen.api.openapi import install_openapi
-from imagegen.api.schemas import NATIVE_ERRORS
 from imagegen.api.middleware import (
     ApiKeyMiddleware,
     BodyGuardMiddleware,
     RequestContextMiddleware,
     collect_route_templates,
 )
+from imagegen.api.openapi import install_openapi
+from imagegen.api.schemas import NATIVE_ERRORS
 from imagegen.backends.registry import BackendFactory, BackendRegistry
 from imagegen.config import Settings, SettingsError, load_settings
 from imagegen.engine.engine import JobEngine

@@ -7,6 +7,7 @@ Every txt2img is a job of the engine (queue limits, progress, cancel apply). Err
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from datetime import UTC, datetime
@@ -25,10 +26,9 @@ from imagegen.api.a1111_schemas import (
     A1111Txt2ImgRequest,
     A1111Txt2ImgResponse,
 )
-from imagegen.api.compat_jobs import renamed, run_job
 from imagegen.api.deps import ServicesDep, base_url
-from imagegen.api.generate import raise_for_job
-from imagegen.engine.jobs import Job, JobStatus
+from imagegen.api.sync_jobs import raise_for_job, renamed, run_job
+from imagegen.engine.jobs import JobStatus
 from imagegen.errors import ConflictError, InvalidParameterError, NotFoundError
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], responses=A1111_ERRORS)
@@ -44,7 +44,10 @@ async def txt2img(body: A1111Txt2ImgRequest, request: Request, services: Service
     )
     if job.status is not JobStatus.CANCELLED:  # interrupted: A1111 answers 200, with what it has
         raise_for_job(job)
-    return a1111_translate.response_body(body, job, plan, services.outputs, base_url(request, services.settings))
+    # Reading and base64-encoding the images happens off the event loop.
+    return await asyncio.to_thread(
+        a1111_translate.response_body, body, job, plan, services.outputs, base_url(request, services.settings)
+    )
 
 
 # -- options: the service's default checkpoint ---------------------------------------------------
@@ -163,14 +166,10 @@ async def scripts() -> dict[str, list[str]]:
 # -- the running job: progress and interrupt -----------------------------------------------------
 
 
-def _running(services: ServicesDep) -> list[Job]:
-    return services.engine.list(status=JobStatus.RUNNING, limit=100)
-
-
 @router.get("/progress", response_model=A1111Progress)
 async def progress(services: ServicesDep) -> dict[str, Any]:
     """The running job's progress (the longest-running one when several run); 0 and job_count 0 when idle."""
-    running = _running(services)
+    running = services.engine.running()
     job_count = len(running) + services.engine.queued_count()
     state: dict[str, Any] = {
         "skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": job_count,
@@ -201,7 +200,7 @@ async def progress(services: ServicesDep) -> dict[str, Any]:
 @router.post("/interrupt")
 async def interrupt(services: ServicesDep) -> dict[str, Any]:
     """Cancel the running job(s), as A1111's Interrupt button does; queued jobs go on. Answers {}."""
-    for job in _running(services):
+    for job in services.engine.running():
         with contextlib.suppress(ConflictError, NotFoundError):  # it ended meanwhile
             await services.engine.cancel(job.id, reason="interrupted (POST /sdapi/v1/interrupt)")
     return {}

@@ -8,7 +8,6 @@ Unexpected exceptions become a generic 500 whose details go to the log with the 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,17 +33,6 @@ _STATUS_TYPES = {
     422: "invalid_parameter",
     429: "rate_limited",
 }
-
-
-def envelope(error_type: str, message: str, param: str | None = None, request_id: str | None = None) -> dict[str, Any]:
-    return {
-        "error": {
-            "type": error_type,
-            "message": message,
-            "param": param,
-            "request_id": request_id if request_id is not None else request_id_var.get(),
-        }
-    }
 
 
 def error_response(

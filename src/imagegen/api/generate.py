@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from imagegen.api import presenters
 from imagegen.api.deps import ServicesDep, base_url, request_id
 from imagegen.api.schemas import ErrorResponse, Txt2ImgRequest, Txt2ImgResponse
-from imagegen.engine.jobs import Job, JobStatus
+from imagegen.api.sync_jobs import raise_for_job, run_job
 from imagegen.errors import ContentModeratedError, ServiceError
 
 router = APIRouter(tags=["generate"])
@@ -58,21 +60,6 @@ def raw_format(accept: str | None, body: Txt2ImgRequest) -> str | None:
     return None
 
 
-async def _disconnected(request: Request) -> None:
-    """Returns when the client goes away (the body has been read, so the next message is the disconnect)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-def raise_for_job(job: Job) -> None:
-    if job.status is JobStatus.SUCCEEDED:
-        return
-    error = job.error or {"type": "generation_failed", "message": "the job did not succeed"}
-    raise ServiceError.from_dict(error, int(error.get("status_code", 500)))
-
-
 @router.post(
     "/api/txt2img",
     response_model=Txt2ImgResponse,
@@ -84,9 +71,7 @@ def raise_for_job(job: Job) -> None:
 async def txt2img(body: Txt2ImgRequest, request: Request, services: ServicesDep) -> Response:
     """Generate images and wait for them. With `Accept: image/png` (jpeg, webp) and one image, the raw bytes."""
     raw = raw_format(request.headers.get("accept"), body)
-    rid = request_id(request)
-    job = await services.engine.submit(body.to_params(output_format=raw), body.backend, request_id=rid)
-    job = await services.engine.wait_sync(job.id, lambda: _disconnected(request))
+    job = await run_job(services, request, body.to_params(output_format=raw), body.backend)
     raise_for_job(job)
     if raw is not None:
         image = (job.result or {})["images"][0]
@@ -94,7 +79,7 @@ async def txt2img(body: Txt2ImgRequest, request: Request, services: ServicesDep)
             raise ContentModeratedError("the safety checker flagged the image; no content is returned")
         path = services.outputs.resolve(image["filename"])
         return Response(
-            content=path.read_bytes(),
+            content=await asyncio.to_thread(path.read_bytes),  # file I/O off the event loop
             media_type=image["mime_type"],
             headers={
                 "Content-Disposition": f'inline; filename="{image["filename"]}"',
@@ -102,4 +87,8 @@ async def txt2img(body: Txt2ImgRequest, request: Request, services: ServicesDep)
                 "X-Job-Id": job.id,
             },
         )
-    return JSONResponse(presenters.txt2img_body(job, services.outputs, base_url(request, services.settings), rid))
+    # Reading and base64-encoding the images happens off the event loop (several MB for big images).
+    answer = await asyncio.to_thread(
+        presenters.txt2img_body, job, services.outputs, base_url(request, services.settings), request_id(request)
+    )
+    return JSONResponse(answer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 from importlib import metadata
 from typing import Any
@@ -59,7 +60,8 @@ def backends(services: ServicesDep) -> dict[str, Any]:
     return {"default": services.registry.default_id, "backends": listed}
 
 
-def _version(package: str) -> str | None:
+@functools.lru_cache(maxsize=None)
+def _version(package: str) -> str | None:  # installed versions cannot change while the process runs
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:

@@ -274,7 +274,3 @@ class BodyGuardMiddleware:
                                  f"request body larger than {self.max_body_bytes} bytes (SD_MAX_BODY_BYTES)",
                                  path=scope["path"])
 
-
-def client_host(scope: Scope) -> Any:
-    client = scope.get("client")
-    return client[0] if client else None

@@ -7,15 +7,14 @@ parameter named as OpenAI names it (`size`, not width).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request
 
 from imagegen.api import model_catalog, presenters
-from imagegen.api.compat_jobs import renamed, run_job
 from imagegen.api.deps import ServicesDep, base_url
-from imagegen.api.generate import raise_for_job
 from imagegen.api.openai_schemas import (
     OPENAI_ERRORS,
     ImageGenerationRequest,
@@ -24,6 +23,7 @@ from imagegen.api.openai_schemas import (
     ModelOut,
     model_entry,
 )
+from imagegen.api.sync_jobs import raise_for_job, renamed, run_job
 from imagegen.backends.base import GenerationParams
 from imagegen.errors import ContentModeratedError, InvalidParameterError, NotFoundError, ServiceError
 
@@ -69,11 +69,11 @@ async def generate_images(body: ImageGenerationRequest, request: Request, servic
     job = await run_job(services, request, params, backend.id, on_error=_renamed)
     raise_for_job(job)
     as_url = body.response_format == "url"
-    images = [
-        image for image in presenters.images(job, services.outputs, base_url(request, services.settings),
-                                             include_b64=not as_url)
-        if not image.get("nsfw") and image.get("filename")
-    ]
+    # Reading and base64-encoding the images happens off the event loop.
+    listed = await asyncio.to_thread(
+        presenters.images, job, services.outputs, base_url(request, services.settings), include_b64=not as_url
+    )
+    images = [image for image in listed if not image.get("nsfw") and image.get("filename")]
     if not images:
         raise ContentModeratedError("the safety checker flagged every image; no content is returned")
     # Flagged images are left out: `data` may hold fewer than n images (never an unsafe one).

@@ -200,10 +200,6 @@ class RunContext:
         with self._lock:
             self._cancelled.update(range(len(self.job_ids)))
 
-    def is_cancelled(self, index: int) -> bool:
-        with self._lock:
-            return index in self._cancelled
-
     @property
     def all_cancelled(self) -> bool:
         with self._lock:

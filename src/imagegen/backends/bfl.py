@@ -302,10 +302,7 @@ class FluxApiBackend(ImageBackend):
         body: dict[str, Any] = {
             "prompt": request.prompt,
             "seed": seed,
-            "safety_tolerance": int(
-                request.backend_options.get("safety_tolerance", min(self.settings.bfl_safety_tolerance,
-                                                                     rules.max_safety_tolerance))
-            ),
+            "safety_tolerance": int(request.backend_options["safety_tolerance"]),  # resolve() always sets it
             "output_format": self._bfl_format(request.output_format),
         }
         if rules.size_mode == "size":

@@ -54,10 +54,6 @@ class DeviceManager:
                 manager._backends.append(backend)
         return manager
 
-    @property
-    def backends(self) -> list[LocalPipelineBackend]:
-        return list(self._backends)
-
     # -- policy --------------------------------------------------------------------------------
     def limit(self) -> int:
         """The most pipelines held at once. Auto resolves the device on a loading path only (torch)."""

@@ -105,7 +105,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 class FluxLocalBackend(LocalPipelineBackend):
     id = Backend.FLUX_LOCAL.value
-    family = "flux"
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, settings.flux_model_id)
@@ -185,8 +184,6 @@ class FluxLocalBackend(LocalPipelineBackend):
         profile = health.details.pop("profile", None)
         if isinstance(profile, FluxProfile):
             health.details.update(profile.to_dict())
-        health.details.pop("scheduler_config", None)
-        health.details["safety_checker_enabled"] = self.settings.safety_checker
         return health
 
     # -- loading ---------------------------------------------------------------------------------

@@ -29,9 +29,7 @@ from imagegen.backends.base import (
 from imagegen.config import Settings
 from imagegen.errors import (
     BackendUnavailableError,
-    DeadlineExceededError,
     GenerationFailedError,
-    JobCancelledError,
     OutOfMemoryError,
     ServiceError,
 )
@@ -83,8 +81,6 @@ def device_executor() -> ThreadPoolExecutor:
 class LocalPipelineBackend(ImageBackend):
     lane = "local"
     concurrency = 1
-    #: "sd" or "flux": decides dtype rules.
-    family = "sd"
 
     def __init__(self, settings: Settings, model_id: str) -> None:
         super().__init__(settings)
@@ -280,9 +276,13 @@ class LocalPipelineBackend(ImageBackend):
 
         # Also when unloaded: the process RSS shows that unloading gave the memory back.
         memory = memory_in_use(device)
-        details: dict[str, Any] = {"load_seconds": round(self._load_seconds, 3) if self._load_seconds else None}
+        details: dict[str, Any] = {
+            "load_seconds": round(self._load_seconds, 3) if self._load_seconds else None,
+            "safety_checker_enabled": self.settings.safety_checker,
+        }
         if loaded is not None:
-            details.update(loaded.details)
+            # Everything the load decided, but the scheduler's config (internal, large).
+            details.update((key, value) for key, value in loaded.details.items() if key != "scheduler_config")
         if self.device_manager is not None:
             details["residency"] = self.device_manager.describe()
         if self._last_unload is not None:
@@ -321,10 +321,8 @@ class LocalPipelineBackend(ImageBackend):
             try:
                 images = self.run_pipeline(loaded, batch, ctx)
                 flags = self._check_images(loaded, images)
-            except (JobCancelledError, DeadlineExceededError):
-                raise
             except ServiceError:
-                raise
+                raise  # cancelled, deadline, and the backend's own typed errors pass through
             except Exception as error:  # noqa: BLE001 - mapped to a typed error below
                 if support.is_out_of_memory(error):
                     del error

@@ -11,7 +11,7 @@ from typing import Any
 
 from imagegen.backends import tiny_models
 from imagegen.backends.diffusers_support import model_source
-from imagegen.config import DEFAULT_SAFETY_CHECKER, Settings
+from imagegen.config import Settings
 
 
 class SafetyChecker:
@@ -39,10 +39,7 @@ class SafetyChecker:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessor
 
-        checker_id = settings.safety_checker_id
-        if checker_id == DEFAULT_SAFETY_CHECKER and tiny_models.is_builtin(model_id):
-            # Built-in tiny models are offline: pair them with the built-in tiny checker.
-            checker_id = tiny_models.TINY_SAFETY_CHECKER
+        checker_id = tiny_models.checker_for(settings.safety_checker_id, model_id)
         source = model_source(checker_id, settings)
         kwargs = {key: value for key, value in source.kwargs.items() if key != "use_safetensors"}
         checker = StableDiffusionSafetyChecker.from_pretrained(

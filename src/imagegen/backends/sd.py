@@ -20,7 +20,6 @@ def _family_of(class_name: str | None, model_id: str) -> str:
 
 class StableDiffusionBackend(LocalPipelineBackend):
     id = Backend.SD.value
-    family = "sd"
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, settings.model_id)
@@ -116,12 +115,6 @@ class StableDiffusionBackend(LocalPipelineBackend):
             "scheduler_class": type(pipe.scheduler).__name__,
         }
         return LoadedPipeline(pipe, device, dtype, safety, details)
-
-    def health(self):  # type: ignore[no-untyped-def]
-        health = super().health()
-        health.details.pop("scheduler_config", None)
-        health.details["safety_checker_enabled"] = self.settings.safety_checker
-        return health
 
     # -- generation ------------------------------------------------------------------------------
     def run_pipeline(self, loaded: LoadedPipeline, batch: Sequence[GenerationRequest], ctx: RunContext) -> Any:

@@ -339,6 +339,16 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
 }
 
 
+def checker_for(checker_id: str, model_id: str) -> str:
+    """The safety checker the service pairs with a model: built-in tiny models are offline, so with
+    the default (hub) checker setting they get the built-in tiny checker."""
+    from imagegen.config import DEFAULT_SAFETY_CHECKER
+
+    if checker_id == DEFAULT_SAFETY_CHECKER and is_builtin(model_id):
+        return TINY_SAFETY_CHECKER
+    return checker_id
+
+
 def is_builtin(model_id: str) -> bool:
     return model_id in BUILDERS
 

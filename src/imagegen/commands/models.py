@@ -57,27 +57,19 @@ def _settings() -> Any:
 def configured_models(settings: Any) -> list[ConfiguredModel]:
     models = [ConfiguredModel(settings.model_id, "sd", "sd")]
     # The models sd may switch to (SD_MODELS): `pull` fetches them too, so they work offline.
-    models += [ConfiguredModel(extra, "sd (SD_MODELS)", "sd") for extra in getattr(settings, "models", ())
+    models += [ConfiguredModel(extra, "sd (SD_MODELS)", "sd") for extra in settings.models
                if extra != settings.model_id]
     if settings.safety_checker:
         models.append(ConfiguredModel(settings.safety_checker_id, "safety checker (models without their own)", None))
-    # The flux backends' settings exist once those backends are part of the service; read them
-    # without requiring them, so this command works with and without them.
-    flux_model = getattr(settings, "flux_model_id", None)
-    if flux_model:
-        models.append(ConfiguredModel(flux_model, "flux-local", "flux-local"))
+    models.append(ConfiguredModel(settings.flux_model_id, "flux-local", "flux-local"))
     if settings.safety_checker:
         from imagegen.backends import tiny_models
-        from imagegen.config import DEFAULT_SAFETY_CHECKER
 
-        # The service pairs built-in models with the built-in checker (backends/safety.py).
-        if settings.safety_checker_id == DEFAULT_SAFETY_CHECKER and any(
-            tiny_models.is_builtin(model.model_id) for model in models
-        ):
+        # Built-in models are paired with the built-in checker instead (backends/safety.py).
+        if any(tiny_models.checker_for(settings.safety_checker_id, model.model_id) != settings.safety_checker_id
+               for model in models):
             models.append(ConfiguredModel(tiny_models.TINY_SAFETY_CHECKER, "safety checker (built-in models)", None))
-    bfl_model = getattr(settings, "bfl_model", None)
-    if bfl_model:
-        models.append(ConfiguredModel(bfl_model, "flux-api (cloud)", "flux-api"))
+    models.append(ConfiguredModel(settings.bfl_model, "flux-api (cloud)", "flux-api"))
     return models
 
 
@@ -310,7 +302,7 @@ def pull_one(model_id: str, settings: Any, patterns: list[str] = PIPELINE_PATTER
 def run_pull(args: argparse.Namespace) -> int:
     from imagegen.backends import tiny_models
     from imagegen.backends.diffusers_support import describe_load_error
-    from imagegen.config import DEFAULT_SAFETY_CHECKER, SettingsError
+    from imagegen.config import SettingsError
 
     try:
         settings = _settings()
@@ -334,9 +326,7 @@ def run_pull(args: argparse.Namespace) -> int:
         print(f"warning: {model_id} has no model_index.json: it is not a diffusers pipeline the service can load",
               file=sys.stderr)
     if settings.safety_checker and not args.no_safety_checker and not _pipeline_has_own_checker(folder):
-        checker = settings.safety_checker_id
-        if checker == DEFAULT_SAFETY_CHECKER and tiny_models.is_builtin(model_id):
-            checker = tiny_models.TINY_SAFETY_CHECKER  # what the service pairs built-in models with
+        checker = tiny_models.checker_for(settings.safety_checker_id, model_id)  # what the service loads
         print(f"{model_id} has no safety checker of its own: pulling {checker} (SD_SAFETY_CHECKER_ID)", file=sys.stderr)
         try:
             print(pull_one(checker, settings, CHECKER_PATTERNS))

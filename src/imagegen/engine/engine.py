@@ -173,11 +173,7 @@ class JobEngine:
         self.draining = True
         for lane in self._lanes.values():
             for job in lane.jobs():
-                future = self._done.get(job.id)
-                if future is not None and not future.done():
-                    future.set_exception(ServiceDrainingError(
-                        f"the service is shutting down; job {job.id} stays queued and runs after restart"))
-                    future.exception()  # retrieved: nobody may be waiting
+                self._release_waiter(job.id)
             lane.wake()
 
     async def shutdown(self, grace: float) -> None:
@@ -195,12 +191,17 @@ class JobEngine:
                 await asyncio.wait(pending, timeout=5)
         if self._background:
             await asyncio.wait(self._background, timeout=max(1.0, min(grace, 10.0)))
-        for job_id, future in list(self._done.items()):
-            if not future.done():
-                future.set_exception(
-                    ServiceDrainingError(f"the service is shutting down; job {job_id} stays queued and runs after restart")
-                )
-                future.exception()  # retrieved: no "never retrieved" warning when nobody waits
+        for job_id in list(self._done):
+            self._release_waiter(job_id)
+
+    def _release_waiter(self, job_id: str) -> None:
+        """Answer a synchronous caller 503 now: its job stays queued in the store for the next start."""
+        future = self._done.get(job_id)
+        if future is not None and not future.done():
+            future.set_exception(
+                ServiceDrainingError(f"the service is shutting down; job {job_id} stays queued and runs after restart")
+            )
+            future.exception()  # retrieved: no "never retrieved" warning when nobody waits
 
     def _recover(self) -> None:
         """Resume what a previous process accepted: queued jobs run again, an interrupted running job
@@ -273,8 +274,12 @@ class JobEngine:
     def queued_count(self) -> int:
         return sum(len(lane) for lane in self._lanes.values())
 
+    def running(self) -> list[Job]:
+        """The jobs running now (from memory: every active job is here)."""
+        return [job for job in self._active.values() if job.status is JobStatus.RUNNING]
+
     def running_count(self) -> int:
-        return sum(1 for job in self._active.values() if job.status is JobStatus.RUNNING)
+        return len(self.running())
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: recent batch time x queue length / concurrency."""

@@ -139,7 +139,9 @@ class WebhookSender:
         url = job.callback_url
         if not url:
             return
-        body = json.dumps(self.render(job), separators=(",", ":")).encode("utf-8")
+        # The body carries the images in base64: built off the event loop.
+        rendered = await asyncio.to_thread(self.render, job)
+        body = json.dumps(rendered, separators=(",", ":")).encode("utf-8")
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "imagegen-webhook",

@@ -1,5 +1,6 @@
-"""What the A1111 and OpenAI routes share: a synchronous call is a job like any other (queue limits,
-progress, cancel, persistence), and errors name the parameter the way the caller's dialect does."""
+"""What every synchronous generation route shares (/api/txt2img, the A1111 and OpenAI dialects): a
+synchronous call is a job like any other (queue limits, progress, cancel, persistence), a caller that
+disconnects cancels it, and errors name the parameter the way the caller's dialect does."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from fastapi import Request
 
 from imagegen.api.deps import Services, request_id
 from imagegen.backends.base import GenerationParams
-from imagegen.engine.jobs import Job
+from imagegen.engine.jobs import Job, JobStatus
 from imagegen.errors import ServiceError
 
 
@@ -39,6 +40,14 @@ async def run_job(
         raise on_error(error) from None
     waiter: Callable[[], Awaitable[None]] = lambda: _disconnected(request)  # noqa: E731
     return await services.engine.wait_sync(job.id, waiter)
+
+
+def raise_for_job(job: Job) -> None:
+    """Raise the error a finished job ended with (its stored status code), unless it succeeded."""
+    if job.status is JobStatus.SUCCEEDED:
+        return
+    error = job.error or {"type": "generation_failed", "message": "the job did not succeed"}
+    raise ServiceError.from_dict(error, int(error.get("status_code", 500)))
 
 
 def renamed(error: ServiceError, names: dict[str, str], prefix: dict[str, str] | None = None) -> ServiceError:
