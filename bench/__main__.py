@@ -28,8 +28,9 @@ def _modules(selected: list[str]) -> list[str]:
 
 def _commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -47,7 +48,10 @@ def main(argv: list[str]) -> int:
     headers = ("bench", "metric", "value", "target", "met")
     table = [
         (
-            row["bench"], row["metric"], f"{row['value']:.3f} {row.get('unit', '')}".strip(), row.get("target") or "-",
+            row["bench"],
+            row["metric"],
+            f"{row['value']:.3f} {row.get('unit', '')}".strip(),
+            row.get("target") or "-",
             {True: "yes", False: "NO", None: "-"}[row.get("met")],
         )
         for row in rows
@@ -67,8 +71,11 @@ def main(argv: list[str]) -> int:
     report = {
         "commit": _commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"python": platform.python_version(), "cpu_count": __import__("os").cpu_count(),
-                    "platform": platform.platform()},
+        "machine": {
+            "python": platform.python_version(),
+            "cpu_count": __import__("os").cpu_count(),
+            "platform": platform.platform(),
+        },
         "results": rows,
     }
     (out / "latest.json").write_text(json.dumps(report, indent=2))

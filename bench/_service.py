@@ -27,9 +27,14 @@ class Service:
         self.port = free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SD_")}
         self.env.update(
-            SD_HOST="127.0.0.1", SD_PORT=str(self.port), SD_MODEL_DIR=str(model_dir),
-            SD_OUTPUT_DIR=str(self.tmp / "outputs"), SD_DATA_DIR=str(self.tmp / "data"),
-            SD_LOG_LEVEL="warning", HF_HUB_OFFLINE="1", **env,
+            SD_HOST="127.0.0.1",
+            SD_PORT=str(self.port),
+            SD_MODEL_DIR=str(model_dir),
+            SD_OUTPUT_DIR=str(self.tmp / "outputs"),
+            SD_DATA_DIR=str(self.tmp / "data"),
+            SD_LOG_LEVEL="warning",
+            HF_HUB_OFFLINE="1",
+            **env,
         )
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -38,8 +43,11 @@ class Service:
     def __enter__(self) -> Service:
         started = time.perf_counter()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "imagegen.cli", "serve"], cwd=self.tmp, env=self.env,
-            stdout=subprocess.DEVNULL, stderr=open(self.tmp / "server.log", "wb"),
+            [sys.executable, "-m", "imagegen.cli", "serve"],
+            cwd=self.tmp,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.tmp / "server.log", "wb"),
         )
         with httpx.Client(base_url=self.url, timeout=5) as client:
             while True:

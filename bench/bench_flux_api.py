@@ -67,14 +67,31 @@ def _processes(report_progress: bool) -> Iterator[tuple[str, str]]:
     fake_port, service_port = _free_port(), _free_port()
     fake_url, service_url = f"http://127.0.0.1:{fake_port}", f"http://127.0.0.1:{service_port}"
     work = Path(tempfile.mkdtemp(prefix="bench-flux-api-"))
-    fake_args = [sys.executable, "-m", "tests.support.fake_bfl", "--port", str(fake_port), "--key", KEY,
-                 "--generation-time", str(GENERATION_S), "--max-active", "24"]
+    fake_args = [
+        sys.executable,
+        "-m",
+        "tests.support.fake_bfl",
+        "--port",
+        str(fake_port),
+        "--key",
+        KEY,
+        "--generation-time",
+        str(GENERATION_S),
+        "--max-active",
+        "24",
+    ]
     if not report_progress:
         fake_args.append("--no-progress")
     service_env = _env(
-        SD_DEFAULT_BACKEND="flux-api", SD_BFL_API_URL=fake_url, SD_BFL_API_KEY=KEY, SD_HOST="127.0.0.1",
-        SD_PORT=str(service_port), SD_OUTPUT_DIR=str(work / "outputs"), SD_DATA_DIR=str(work / "data"),
-        SD_MODEL_DIR=str(work / "models"), SD_LOG_LEVEL="warning",
+        SD_DEFAULT_BACKEND="flux-api",
+        SD_BFL_API_URL=fake_url,
+        SD_BFL_API_KEY=KEY,
+        SD_HOST="127.0.0.1",
+        SD_PORT=str(service_port),
+        SD_OUTPUT_DIR=str(work / "outputs"),
+        SD_DATA_DIR=str(work / "data"),
+        SD_MODEL_DIR=str(work / "models"),
+        SD_LOG_LEVEL="warning",
     )
     started: list[subprocess.Popen[bytes]] = []
     try:
@@ -82,9 +99,23 @@ def _processes(report_progress: bool) -> Iterator[tuple[str, str]]:
         started.append(fake)
         _wait(f"{fake_url}/v1/credits", {"x-key": KEY}, fake)
         service = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "imagegen.main:app", "--host", "127.0.0.1", "--port", str(service_port),
-             "--log-level", "warning", "--no-access-log"],
-            cwd=work, env=service_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "imagegen.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(service_port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            cwd=work,
+            env=service_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         started.append(service)
         _wait(f"{service_url}/health", None, service)
@@ -100,9 +131,11 @@ def _processes(report_progress: bool) -> Iterator[tuple[str, str]]:
 
 async def _direct(client: httpx.AsyncClient, fake_url: str, seed: int) -> float:
     started = time.perf_counter()
-    submitted = await client.post(f"{fake_url}/v1/flux-2-klein-4b", headers={"x-key": KEY},
-                                  json={"prompt": PROMPT, "seed": seed, "width": 1024, "height": 1024,
-                                        "output_format": "png"})
+    submitted = await client.post(
+        f"{fake_url}/v1/flux-2-klein-4b",
+        headers={"x-key": KEY},
+        json={"prompt": PROMPT, "seed": seed, "width": 1024, "height": 1024, "output_format": "png"},
+    )
     polling_url = submitted.json()["polling_url"]
     while True:
         await asyncio.sleep(0.01)
@@ -116,9 +149,16 @@ async def _direct(client: httpx.AsyncClient, fake_url: str, seed: int) -> float:
 
 async def _service(client: httpx.AsyncClient, service_url: str, seed: int, size: int = 1024) -> float:
     started = time.perf_counter()
-    response = await client.post(f"{service_url}/api/txt2img", json={
-        "prompt": PROMPT, "backend": "flux-api", "seed": seed, "width": size, "height": size,
-    })
+    response = await client.post(
+        f"{service_url}/api/txt2img",
+        json={
+            "prompt": PROMPT,
+            "backend": "flux-api",
+            "seed": seed,
+            "width": size,
+            "height": size,
+        },
+    )
     elapsed = time.perf_counter() - started
     if response.status_code != 200:
         raise RuntimeError(f"service answered {response.status_code}: {response.text[:200]}")
@@ -142,12 +182,14 @@ async def _measure(report_progress: bool, pairs: int, throughput: bool) -> dict[
                 for round_ in range(3):
                     # The fake's own scaling first (same machine, same moment), then the service's.
                     started = time.perf_counter()
-                    await asyncio.gather(*(_direct(client, fake_url, 10_000 * (round_ + 1) + index)
-                                           for index in range(CONCURRENT)))
+                    await asyncio.gather(
+                        *(_direct(client, fake_url, 10_000 * (round_ + 1) + index) for index in range(CONCURRENT))
+                    )
                     direct_walls.append(time.perf_counter() - started)
                     started = time.perf_counter()
-                    await asyncio.gather(*(_service(client, service_url, 1000 * (round_ + 1) + index)
-                                           for index in range(CONCURRENT)))
+                    await asyncio.gather(
+                        *(_service(client, service_url, 1000 * (round_ + 1) + index) for index in range(CONCURRENT))
+                    )
                     walls.append(time.perf_counter() - started)
                 # The same at 256x256: image decode/encode is then negligible, which separates the
                 # service's own scaling from per-pixel CPU work on a small machine.
@@ -155,11 +197,20 @@ async def _measure(report_progress: bool, pairs: int, throughput: bool) -> dict[
                 small_walls = []
                 for round_ in range(3):
                     started = time.perf_counter()
-                    await asyncio.gather(*(_service(client, service_url, 5000 * (round_ + 1) + index, 256)
-                                           for index in range(CONCURRENT)))
+                    await asyncio.gather(
+                        *(
+                            _service(client, service_url, 5000 * (round_ + 1) + index, 256)
+                            for index in range(CONCURRENT)
+                        )
+                    )
                     small_walls.append(time.perf_counter() - started)
-                result.update(single=single, walls=walls, direct_walls=direct_walls, small_single=small_single,
-                              small_walls=small_walls)
+                result.update(
+                    single=single,
+                    walls=walls,
+                    direct_walls=direct_walls,
+                    small_single=small_single,
+                    small_walls=small_walls,
+                )
             return result
 
 
@@ -181,7 +232,11 @@ def run() -> list[dict[str, Any]]:
     machine = f"{os.cpu_count()} CPU cores, 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     return [
         {
-            "metric": "overhead_median", "value": added, "unit": "ms", "target": "< 150 ms", "met": added < 150,
+            "metric": "overhead_median",
+            "value": added,
+            "unit": "ms",
+            "target": "< 150 ms",
+            "met": added < 150,
             "detail": (
                 f"median(service - direct) over {PAIRS} alternating pairs, fake generation {GENERATION_S:g} s, "
                 f"1024x1024 PNG; direct median {direct_ms:.0f} ms, service median {service_ms:.0f} ms; default "
@@ -189,14 +244,22 @@ def run() -> list[dict[str, Any]]:
             ),
         },
         {
-            "metric": "overhead_median_no_progress", "value": blind_added, "unit": "ms", "target": None, "met": None,
+            "metric": "overhead_median_no_progress",
+            "value": blind_added,
+            "unit": "ms",
+            "target": None,
+            "met": None,
             "detail": (
                 "the same with the fake reporting progress: null (5 pairs): polling falls back to the backoff "
                 "schedule alone (0.5 s, x1.5, to 2 s), which is most of this figure"
             ),
         },
         {
-            "metric": "concurrent_24_vs_one", "value": ratio, "unit": "x", "target": "<= 1.3x", "met": ratio <= 1.3,
+            "metric": "concurrent_24_vs_one",
+            "value": ratio,
+            "unit": "x",
+            "target": "<= 1.3x",
+            "met": ratio <= 1.3,
             "detail": (
                 f"wall time for {CONCURRENT} concurrent /api/txt2img (median of 3 rounds: "
                 f"{', '.join(f'{wall:.2f}' for wall in measured['walls'])} s) / one request alone "
@@ -204,14 +267,22 @@ def run() -> list[dict[str, Any]]:
             ),
         },
         {
-            "metric": "direct_24_vs_one", "value": direct_ratio, "unit": "x", "target": None, "met": None,
+            "metric": "direct_24_vs_one",
+            "value": direct_ratio,
+            "unit": "x",
+            "target": None,
+            "met": None,
             "detail": (
                 f"reference: the same {CONCURRENT} concurrent generations sent straight to the fake (rounds "
                 f"{', '.join(f'{wall:.2f}' for wall in measured['direct_walls'])} s) / one direct request"
             ),
         },
         {
-            "metric": "concurrent_24_vs_one_256px", "value": small_ratio, "unit": "x", "target": None, "met": None,
+            "metric": "concurrent_24_vs_one_256px",
+            "value": small_ratio,
+            "unit": "x",
+            "target": None,
+            "met": None,
             "detail": (
                 f"diagnostic: {CONCURRENT} concurrent at 256x256 (rounds "
                 f"{', '.join(f'{wall:.2f}' for wall in measured['small_walls'])} s) / one alone "

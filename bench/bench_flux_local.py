@@ -42,14 +42,20 @@ def run() -> list[dict[str, Any]]:
     import torch  # noqa: F401
 
     import_seconds = time.perf_counter() - started
-    from imagegen.backends import tiny_models
-    from imagegen.backends.flux_local import FluxLocalBackend
+    from imagegen.backends.local import tiny_models
+    from imagegen.backends.local.flux_local import FluxLocalBackend
     from imagegen.config import Settings
 
-    rows: list[dict[str, Any]] = [{
-        "metric": "import torch+diffusers", "value": import_seconds, "unit": "s", "target": None, "met": None,
-        "detail": "paid once by the first local load of a process (0 if another module imported them first)",
-    }]
+    rows: list[dict[str, Any]] = [
+        {
+            "metric": "import torch+diffusers",
+            "value": import_seconds,
+            "unit": "s",
+            "target": None,
+            "met": None,
+            "detail": "paid once by the first local load of a process (0 if another module imported them first)",
+        }
+    ]
     mib = 2**20
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
@@ -69,15 +75,38 @@ def run() -> list[dict[str, Any]]:
             steps = backend.capabilities().default_steps
             size = backend.capabilities().default_width
             rows += [
-                {"metric": f"{model_id} load", "value": load, "unit": "s", "target": None, "met": None,
-                 "detail": "from_pretrained of the folder + placing + tiny safety checker (warm disk cache)"},
-                {"metric": f"{model_id} first image", "value": first, "unit": "s", "target": None, "met": None,
-                 "detail": f"{size}x{size}, {steps} steps, right after loading"},
-                {"metric": f"{model_id} warm image", "value": warm, "unit": "s", "target": None, "met": None,
-                 "detail": "best of 3 further calls"},
-                {"metric": f"{model_id} RSS loaded / unloaded", "value": (loaded - after) / mib, "unit": "MiB",
-                 "target": None, "met": None,
-                 "detail": f"before load {before / mib:.0f}, loaded {loaded / mib:.0f}, unloaded {after / mib:.0f} MiB"},
+                {
+                    "metric": f"{model_id} load",
+                    "value": load,
+                    "unit": "s",
+                    "target": None,
+                    "met": None,
+                    "detail": "from_pretrained of the folder + placing + tiny safety checker (warm disk cache)",
+                },
+                {
+                    "metric": f"{model_id} first image",
+                    "value": first,
+                    "unit": "s",
+                    "target": None,
+                    "met": None,
+                    "detail": f"{size}x{size}, {steps} steps, right after loading",
+                },
+                {
+                    "metric": f"{model_id} warm image",
+                    "value": warm,
+                    "unit": "s",
+                    "target": None,
+                    "met": None,
+                    "detail": "best of 3 further calls",
+                },
+                {
+                    "metric": f"{model_id} RSS loaded / unloaded",
+                    "value": (loaded - after) / mib,
+                    "unit": "MiB",
+                    "target": None,
+                    "met": None,
+                    "detail": f"before load {before / mib:.0f}, loaded {loaded / mib:.0f}, unloaded {after / mib:.0f} MiB",
+                },
             ]
 
         folder = model_dir / "flux-ballast"
@@ -95,10 +124,15 @@ def run() -> list[dict[str, Any]]:
         backend.unload()
         after = _rss()
         grown, released = loaded - before, loaded - after
-        rows.append({
-            "metric": "ballast model: RSS given back on unload", "value": released / mib, "unit": "MiB",
-            "target": ">= 90% of what loading took", "met": released >= 0.9 * grown,
-            "detail": f"before {before / mib:.0f}, loaded {loaded / mib:.0f} (+{grown / mib:.0f}), "
-            f"unloaded {after / mib:.0f} MiB; 128 MiB of float32 ballast",
-        })
+        rows.append(
+            {
+                "metric": "ballast model: RSS given back on unload",
+                "value": released / mib,
+                "unit": "MiB",
+                "target": ">= 90% of what loading took",
+                "met": released >= 0.9 * grown,
+                "detail": f"before {before / mib:.0f}, loaded {loaded / mib:.0f} (+{grown / mib:.0f}), "
+                f"unloaded {after / mib:.0f} MiB; 128 MiB of float32 ballast",
+            }
+        )
     return rows

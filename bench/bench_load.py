@@ -21,7 +21,7 @@ from bench._service import ROOT, free_port
 
 CLIENTS, REQUESTS = 64, 20
 
-_PROBE = r'''
+_PROBE = r"""
 import json, sys, time, httpx
 url, seconds = sys.argv[1], float(sys.argv[2])
 with httpx.Client(base_url=url, timeout=30) as client:
@@ -31,17 +31,29 @@ with httpx.Client(base_url=url, timeout=30) as client:
         status = client.get("/health").status_code
         print(json.dumps([time.perf_counter() - started, status]), flush=True)
         time.sleep(0.02)
-'''
+"""
 
 
 def _start_service(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SD_")}
-    env.update(SD_DATA_DIR=str(tmp / "data"), SD_OUTPUT_DIR=str(tmp / "outputs"), SD_MODEL_DIR=str(tmp / "models"),
-               SD_LOG_LEVEL="warning", SD_MAX_QUEUE=str(CLIENTS * 2), SD_MAX_BATCH="8", FAKE_STEP_DELAY="0.001",
-               PYTHONPATH=str(ROOT))
-    process = subprocess.Popen([sys.executable, "-m", "tests.support.serve_fake", "--port", str(port)], cwd=ROOT,
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env.update(
+        SD_DATA_DIR=str(tmp / "data"),
+        SD_OUTPUT_DIR=str(tmp / "outputs"),
+        SD_MODEL_DIR=str(tmp / "models"),
+        SD_LOG_LEVEL="warning",
+        SD_MAX_QUEUE=str(CLIENTS * 2),
+        SD_MAX_BATCH="8",
+        FAKE_STEP_DELAY="0.001",
+        PYTHONPATH=str(ROOT),
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.serve_fake", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=url, timeout=5) as client:
         for _ in range(600):
@@ -58,11 +70,14 @@ def _start_service(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
 async def _load(url: str) -> tuple[int, int, float]:
     limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+
         async def one(index: int) -> list[int]:
             codes = []
             for round_ in range(REQUESTS):
-                response = await http.post("/api/txt2img", json={"prompt": f"c{index} r{round_}",
-                                                                 "seed": index * 1000 + round_, "width": 32, "height": 32})
+                response = await http.post(
+                    "/api/txt2img",
+                    json={"prompt": f"c{index} r{round_}", "seed": index * 1000 + round_, "width": 32, "height": 32},
+                )
                 codes.append(response.status_code)
             return codes
 
@@ -88,11 +103,31 @@ def run() -> list[dict]:
     p99 = latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000 if latencies else float("nan")
     total = CLIENTS * REQUESTS
     return [
-        {"metric": "/health p99 under 64x20 load", "value": p99, "unit": "ms", "target": "< 100", "met": p99 < 100,
-         "detail": f"{len(latencies)} probes from their own process; median "
-                   f"{statistics.median(latencies) * 1000:.1f} ms" if latencies else "no probes"},
-        {"metric": "requests answered 200", "value": ok, "unit": f"of {total}", "target": f"= {total}", "met": ok == total},
+        {
+            "metric": "/health p99 under 64x20 load",
+            "value": p99,
+            "unit": "ms",
+            "target": "< 100",
+            "met": p99 < 100,
+            "detail": f"{len(latencies)} probes from their own process; median "
+            f"{statistics.median(latencies) * 1000:.1f} ms"
+            if latencies
+            else "no probes",
+        },
+        {
+            "metric": "requests answered 200",
+            "value": ok,
+            "unit": f"of {total}",
+            "target": f"= {total}",
+            "met": ok == total,
+        },
         {"metric": "5xx answers", "value": server_errors, "unit": "", "target": "= 0", "met": server_errors == 0},
-        {"metric": "throughput", "value": total / seconds, "unit": "req/s", "target": None, "met": None,
-         "detail": f"{total} synchronous txt2img requests (32x32, fake backend) in {seconds:.1f} s"},
+        {
+            "metric": "throughput",
+            "value": total / seconds,
+            "unit": "req/s",
+            "target": None,
+            "met": None,
+            "detail": f"{total} synchronous txt2img requests (32x32, fake backend) in {seconds:.1f} s",
+        },
     ]

@@ -40,13 +40,20 @@ def run() -> list[dict]:
     bare = _baseline_python_seconds()
     imported = subprocess.run(
         [sys.executable, "-c", "import sys, imagegen.cli, imagegen.main; print('torch' in sys.modules)"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
-    rows.append({
-        "metric": "imagegen --help", "value": statistics.median(helps) * 1000, "unit": "ms",
-        "target": "well under 1 s, no torch", "met": statistics.median(helps) < 1.0 and imported == "False",
-        "detail": f"median of 5; a bare `python -c pass` takes {bare * 1000:.0f} ms here; torch imported: {imported}",
-    })
+    rows.append(
+        {
+            "metric": "imagegen --help",
+            "value": statistics.median(helps) * 1000,
+            "unit": "ms",
+            "target": "well under 1 s, no torch",
+            "met": statistics.median(helps) < 1.0 and imported == "False",
+            "detail": f"median of 5; a bare `python -c pass` takes {bare * 1000:.0f} ms here; torch imported: {imported}",
+        }
+    )
     model_dir = Path(tempfile.mkdtemp(prefix="imagegen-bench-models-"))
     for label in ("first start (builds tiny-sd)", "cold start to ready (tiny-sd)"):
         with Service(model_dir, SD_MODEL_ID="tiny-sd") as service:
@@ -55,9 +62,27 @@ def run() -> list[dict]:
             with httpx.Client(base_url=service.url, timeout=60) as client:
                 assert client.post("/api/txt2img", json={"prompt": "a fox", "seed": 1}).status_code == 200
             after = service.rss_bytes()
-        rows.append({"metric": label, "value": ready, "unit": "s", "target": None, "met": None,
-                     "detail": "process start to /health 200 (imports torch + diffusers, loads the pipeline)"})
-    rows.append({"metric": "RSS idle (tiny-sd loaded)", "value": idle / 2**20, "unit": "MiB", "target": None, "met": None})
-    rows.append({"metric": "RSS after a request", "value": after / 2**20, "unit": "MiB", "target": None, "met": None,
-                 "detail": "one 64x64 image, 25 steps"})
+        rows.append(
+            {
+                "metric": label,
+                "value": ready,
+                "unit": "s",
+                "target": None,
+                "met": None,
+                "detail": "process start to /health 200 (imports torch + diffusers, loads the pipeline)",
+            }
+        )
+    rows.append(
+        {"metric": "RSS idle (tiny-sd loaded)", "value": idle / 2**20, "unit": "MiB", "target": None, "met": None}
+    )
+    rows.append(
+        {
+            "metric": "RSS after a request",
+            "value": after / 2**20,
+            "unit": "MiB",
+            "target": None,
+            "met": None,
+            "detail": "one 64x64 image, 25 steps",
+        }
+    )
     return rows

@@ -73,8 +73,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (checks the script, no GPU)")
     parser.add_argument("--size", type=int, default=None, help="image width and height (default 1024; 64 dry-run)")
-    parser.add_argument("--steps", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                        help="step counts whose time difference gives the step rate (default 4 12; 1 3 dry-run)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="step counts whose time difference gives the step rate (default 4 12; 1 3 dry-run)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per step count; the fastest counts")
     args = parser.parse_args(argv)
     args.size = args.size or (64 if args.dry_run else 1024)
@@ -101,35 +107,55 @@ def default_dtype(dtype: Any) -> Iterator[None]:
 
 def build_pipeline(dry_run: bool, device: str, dtype: Any) -> Any:
     import torch
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from imagegen.backends.tiny_models import _qwen_tokenizer
+    from imagegen.backends.local.tiny_models import _qwen_tokenizer
 
     config = TINY_TRANSFORMER if dry_run else KLEIN_4B_TRANSFORMER
     torch.manual_seed(0)
     tokenizer = _qwen_tokenizer()
     hidden = config["joint_attention_dim"] // 3  # klein stacks three hidden states of the encoder
     encoder_config = Qwen3Config(
-        hidden_size=hidden, num_hidden_layers=28, num_attention_heads=2 if dry_run else 4,
-        num_key_value_heads=2 if dry_run else 4, head_dim=8 if dry_run else 128,
-        intermediate_size=16 if dry_run else 1024, vocab_size=len(tokenizer), max_position_embeddings=512,
+        hidden_size=hidden,
+        num_hidden_layers=28,
+        num_attention_heads=2 if dry_run else 4,
+        num_key_value_heads=2 if dry_run else 4,
+        head_dim=8 if dry_run else 128,
+        intermediate_size=16 if dry_run else 1024,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
         tie_word_embeddings=True,
     )
     vae_config: dict[str, Any] = {}
     if dry_run:
         vae_config = dict(
-            sample_size=64, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(4, 8), layers_per_block=1, latent_channels=1, norm_num_groups=1,
-            use_quant_conv=False, use_post_quant_conv=False,
+            sample_size=64,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(4, 8),
+            layers_per_block=1,
+            latent_channels=1,
+            norm_num_groups=1,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
         )
     with torch.device(device), default_dtype(dtype):
         transformer = Flux2Transformer2DModel(**config)
         text_encoder = Qwen3ForCausalLM(encoder_config)
         vae = AutoencoderKLFlux2(**vae_config)
     pipe = Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        transformer=transformer, is_distilled=True,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=True,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -150,8 +176,13 @@ def time_plain(pipe: Any, size: int, steps: int, device: str) -> float:
     started = time.perf_counter()
     with torch.inference_mode():
         pipe(
-            prompt="a red fox in the snow", height=size, width=size, num_inference_steps=steps,
-            guidance_scale=1.0, generator=torch.Generator("cpu").manual_seed(0), output_type="np",
+            prompt="a red fox in the snow",
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=1.0,
+            generator=torch.Generator("cpu").manual_seed(0),
+            output_type="np",
         )
     _synchronize(device)
     return time.perf_counter() - started
@@ -162,8 +193,9 @@ def time_service(backend: Any, size: int, steps: int, device: str) -> tuple[floa
     from imagegen.backends.base import GenerationParams, RunContext
     from imagegen.errors import ServiceError
 
-    request = backend.resolve(GenerationParams(prompt="a red fox in the snow", width=size, height=size,
-                                               steps=steps, seed=0))
+    request = backend.resolve(
+        GenerationParams(prompt="a red fox in the snow", width=size, height=size, steps=steps, seed=0)
+    )
     ctx = RunContext(["bench"], deadline=time.monotonic() + 600)
     error = None
     _synchronize(device)
@@ -182,8 +214,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import diffusers
     import torch
 
-    from imagegen.backends.flux_local import FluxLocalBackend
-    from imagegen.backends.local import LoadState
+    from imagegen.backends.local.base import LoadState
+    from imagegen.backends.local.flux_local import FluxLocalBackend
     from imagegen.config import Settings
 
     if args.dry_run:
@@ -202,9 +234,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     weights_bytes = int(torch.cuda.memory_allocated()) if device == "cuda" else None
     low, high = args.steps
 
-    settings = Settings(_env_file=None, flux_model_id="bench-klein-4b-random", safety_checker=False,
-                        max_width=max(2048, args.size), max_height=max(2048, args.size),
-                        max_pixels=max(2048 * 2048, args.size * args.size))
+    settings = Settings(
+        _env_file=None,
+        flux_model_id="bench-klein-4b-random",
+        safety_checker=False,
+        max_width=max(2048, args.size),
+        max_height=max(2048, args.size),
+        max_pixels=max(2048 * 2048, args.size * args.size),
+    )
     backend = FluxLocalBackend(settings)
     loaded = backend.prepare(pipe, device, dtype)
     # Adopt the pipeline built in memory: there is nothing on disk to load.

@@ -40,22 +40,40 @@ for entry in (ROOT / "src", ROOT):
 from bench.gpu_flux import default_dtype  # noqa: E402 - after the path set-up above
 
 SD15_UNET: dict[str, Any] = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
-    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    cross_attention_dim=768,
+    block_out_channels=(320, 640, 1280, 1280),
+    attention_head_dim=8,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
 SDXL_UNET: dict[str, Any] = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=2048,
-    block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    cross_attention_dim=2048,
+    block_out_channels=(320, 640, 1280),
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )
 SD_VAE: dict[str, Any] = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
 )
 FAMILIES = {
     # family: (size, steps, backend, built-in tiny model for --dry-run)
@@ -69,9 +87,15 @@ def _clip(tokenizer: Any, hidden: int, projection: int | None = None) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=4,
-        num_attention_heads=hidden // 64, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=4,
+        num_attention_heads=hidden // 64,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
         projection_dim=projection or hidden,
     )
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
@@ -88,7 +112,7 @@ def build_full(family: str, target: Path, dtype: Any) -> Any:
         UNet2DConditionModel,
     )
 
-    from imagegen.backends import tiny_models
+    from imagegen.backends.local import tiny_models
 
     torch.manual_seed(0)
     if family == "klein":
@@ -100,23 +124,34 @@ def build_full(family: str, target: Path, dtype: Any) -> Any:
         return pipe
     # Schedulers and tokenizers are built outside the device context: a scheduler's tables must
     # stay on the CPU (it converts them with numpy).
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
     tokenizer = tiny_models._clip_tokenizer()
     tokenizer_2 = tiny_models._clip_tokenizer()
     with torch.device("cuda"), default_dtype(dtype):
         vae = AutoencoderKL(**SD_VAE, sample_size=512 if family == "sd15" else 1024)
         if family == "sd15":
             pipe = StableDiffusionPipeline(
-                vae=vae, text_encoder=_clip(tokenizer, 768), tokenizer=tokenizer,
-                unet=UNet2DConditionModel(**SD15_UNET), scheduler=scheduler, safety_checker=None,
-                feature_extractor=None, requires_safety_checker=False,
+                vae=vae,
+                text_encoder=_clip(tokenizer, 768),
+                tokenizer=tokenizer,
+                unet=UNet2DConditionModel(**SD15_UNET),
+                scheduler=scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
             )
         else:
             pipe = StableDiffusionXLPipeline(
-                vae=vae, text_encoder=_clip(tokenizer, 768), text_encoder_2=_clip(tokenizer_2, 1280, 1280),
-                tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=UNet2DConditionModel(**SDXL_UNET),
-                scheduler=scheduler, add_watermarker=False,
+                vae=vae,
+                text_encoder=_clip(tokenizer, 768),
+                text_encoder_2=_clip(tokenizer_2, 1280, 1280),
+                tokenizer=tokenizer,
+                tokenizer_2=tokenizer_2,
+                unet=UNet2DConditionModel(**SDXL_UNET),
+                scheduler=scheduler,
+                add_watermarker=False,
             )
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(target, safe_serialization=True)
@@ -126,7 +161,7 @@ def build_full(family: str, target: Path, dtype: Any) -> Any:
 def load_tiny(family: str, model_dir: Path) -> tuple[Any, Path]:
     from diffusers import DiffusionPipeline
 
-    from imagegen.backends import tiny_models
+    from imagegen.backends.local import tiny_models
 
     path = tiny_models.ensure_builtin(model_dir, FAMILIES[family][3])
     pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
@@ -140,7 +175,10 @@ def plain_call(pipe: Any, family: str, size: int, steps: int, batch: int, seed: 
     import torch
 
     kwargs: dict[str, Any] = dict(
-        prompt=[f"a lighthouse {i}" for i in range(batch)], width=size, height=size, num_inference_steps=steps,
+        prompt=[f"a lighthouse {i}" for i in range(batch)],
+        width=size,
+        height=size,
+        num_inference_steps=steps,
         generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)],
     )
     if family == "klein":
@@ -203,11 +241,22 @@ def measure_family(family: str, args: argparse.Namespace, work: Path) -> dict[st
         torch.cuda.reset_peak_memory_stats()
 
     settings = Settings(
-        _env_file=None, host="127.0.0.1", model_dir=work / "models", output_dir=work / "outputs",
-        data_dir=work / "data" / family, model_id=str(folder) if backend_id == "sd" else "tiny-sd",
-        flux_model_id=str(folder), default_backend=backend_id, safety_checker=False, max_batch=4,
-        max_width=2048, max_height=2048, device="cuda" if torch.cuda.is_available() else "cpu",
-        job_timeout=600, log_level="warning", max_loaded_pipelines=1,
+        _env_file=None,
+        host="127.0.0.1",
+        model_dir=work / "models",
+        output_dir=work / "outputs",
+        data_dir=work / "data" / family,
+        model_id=str(folder) if backend_id == "sd" else "tiny-sd",
+        flux_model_id=str(folder),
+        default_backend=backend_id,
+        safety_checker=False,
+        max_batch=4,
+        max_width=2048,
+        max_height=2048,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        job_timeout=600,
+        log_level="warning",
+        max_loaded_pipelines=1,
     )
     app = create_app(settings)
     errors: list[str] = []
@@ -219,8 +268,15 @@ def measure_family(family: str, args: argparse.Namespace, work: Path) -> dict[st
         load_seconds = time.perf_counter() - load_started
 
         def post(batch: int, seed: int) -> float:
-            body = {"prompt": "a lighthouse", "backend": backend_id, "width": size, "height": size,
-                    "steps": steps, "num_images": batch, "seed": seed}
+            body = {
+                "prompt": "a lighthouse",
+                "backend": backend_id,
+                "width": size,
+                "height": size,
+                "steps": steps,
+                "num_images": batch,
+                "seed": seed,
+            }
             began = time.perf_counter()
             response = client.post("/api/txt2img", json=body)
             elapsed = time.perf_counter() - began
@@ -242,9 +298,13 @@ def measure_family(family: str, args: argparse.Namespace, work: Path) -> dict[st
 
     gib = 2**30
     result = {
-        "bench": "gpu_service", "family": family, "dry_run": args.dry_run,
+        "bench": "gpu_service",
+        "family": family,
+        "dry_run": args.dry_run,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "dtype": str(dtype).replace("torch.", ""), "size": size, "steps": steps,
+        "dtype": str(dtype).replace("torch.", ""),
+        "size": size,
+        "steps": steps,
         "denoiser_params_billions": round(params / 1e9, 3),
         "plain_images_per_s_batch1": round(per_second(plain_1, 1), 3),
         "service_images_per_s_batch1": round(per_second(service_1, 1), 3),
@@ -258,9 +318,11 @@ def measure_family(family: str, args: argparse.Namespace, work: Path) -> dict[st
         "runs": args.runs,
     }
     result["service_vs_plain_batch1"] = round(
-        result["service_images_per_s_batch1"] / result["plain_images_per_s_batch1"], 3)
+        result["service_images_per_s_batch1"] / result["plain_images_per_s_batch1"], 3
+    )
     result["batch4_vs_batch1_service"] = round(
-        result["service_images_per_s_batch4"] / result["service_images_per_s_batch1"], 3)
+        result["service_images_per_s_batch4"] / result["service_images_per_s_batch1"], 3
+    )
     return result
 
 
@@ -281,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 line = json.dumps(measure_family(family, args, work))
             except Exception as error:  # noqa: BLE001 - one family failing must not hide the others
-                line = json.dumps({"bench": "gpu_service", "family": family, "error": f"{type(error).__name__}: {error}"})
+                line = json.dumps(
+                    {"bench": "gpu_service", "family": family, "error": f"{type(error).__name__}: {error}"}
+                )
             print(line, flush=True)
             if args.out is not None:
                 with args.out.open("a") as handle:

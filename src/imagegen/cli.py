@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     generate = commands.add_parser(
-        "generate", help="generate an image, in this process or with a running service (--url)",
+        "generate",
+        help="generate an image, in this process or with a running service (--url)",
         description="Generate images with the configured backends in this process (SD_* settings, the same "
         "engine as the service; images are stored in SD_OUTPUT_DIR), or with a running service (--url). "
         "A progress bar on stderr shows each step; the written file names go to stdout.",
@@ -113,9 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance-scale", type=float, help="classifier-free guidance")
     generate.add_argument("--scheduler", help="scheduler name (see GET /api/backends)")
     generate.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (default 1)")
-    generate.add_argument("--out", help="file to write (.png/.jpg/.webp; more images: NAME-2.png...). Default: "
-                          "in-process, the stored file in SD_OUTPUT_DIR; remote, the server's name in this folder")
-    generate.add_argument("--format", choices=["png", "jpeg", "webp"], help="image format (default: from --out, else png)")
+    generate.add_argument(
+        "--out",
+        help="file to write (.png/.jpg/.webp; more images: NAME-2.png...). Default: "
+        "in-process, the stored file in SD_OUTPUT_DIR; remote, the server's name in this folder",
+    )
+    generate.add_argument(
+        "--format", choices=["png", "jpeg", "webp"], help="image format (default: from --out, else png)"
+    )
     generate.add_argument("--url", help="a running service, e.g. http://127.0.0.1:7860 (default: in this process)")
     generate.add_argument("--api-key", help="the service's key (default: SD_API_KEY from the environment or .env)")
     generate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -132,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(func=_lazy("imagegen.commands.models:run_list"))
     pull = model_commands.add_parser(
-        "pull", help="download a model into SD_MODEL_DIR for offline use (HF_HUB_OFFLINE=1 later)",
+        "pull",
+        help="download a model into SD_MODEL_DIR for offline use (HF_HUB_OFFLINE=1 later)",
         description="Download a Hugging Face model (only the files the service loads) into SD_MODEL_DIR with "
         "SD_HUGGINGFACE_TOKEN, build a built-in tiny model, or copy a local diffusers folder into "
         "SD_MODEL_DIR/local/. Without ID: the sd backend's SD_MODEL_ID (or --backend's model), plus the "

@@ -26,10 +26,19 @@ class Backend(str, enum.Enum):
 DeviceChoice = Literal["auto", "cuda", "mps", "cpu"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 # The BFL endpoints (`POST /v1/<model>`) the flux-api backend can call; each model's own parameter
-# rules live in imagegen.backends.bfl_models, which a test keeps in step with this list.
+# rules live in imagegen.backends.bfl.models, which a test keeps in step with this list.
 BflModel = Literal[
-    "flux-2-klein-4b", "flux-2-klein-9b", "flux-2-pro", "flux-2-max", "flux-2-flex",
-    "flux-kontext-pro", "flux-kontext-max", "flux-pro-1.1", "flux-pro-1.1-ultra", "flux-pro", "flux-dev",
+    "flux-2-klein-4b",
+    "flux-2-klein-9b",
+    "flux-2-pro",
+    "flux-2-max",
+    "flux-2-flex",
+    "flux-kontext-pro",
+    "flux-kontext-max",
+    "flux-pro-1.1",
+    "flux-pro-1.1-ultra",
+    "flux-pro",
+    "flux-dev",
 ]
 BFL_DEFAULT_API_URL = "https://api.bfl.ai"
 
@@ -164,7 +173,9 @@ class Settings(BaseSettings):
         "auto", description="Format BFL delivers: auto = jpeg for jpeg requests, png otherwise (lossless to re-encode)."
     )
     bfl_max_active_tasks: int = Field(
-        24, ge=1, le=1000,
+        24,
+        ge=1,
+        le=1000,
         description="Most BFL tasks in flight at once (BFL's account limit is 24); extra jobs wait in the queue.",
     )
     bfl_poll_interval: float = Field(0.5, gt=0, le=60, description="Seconds before the first poll of a task.")
@@ -195,7 +206,9 @@ class Settings(BaseSettings):
         0.0, ge=0, le=36_500, description="Delete stored images older than this many days (0: keep them forever)."
     )
     output_max_gb: float = Field(
-        0.0, ge=0, le=1_000_000,
+        0.0,
+        ge=0,
+        le=1_000_000,
         description="Keep the stored images under this many GB (10^9 bytes), deleting the oldest first (0: no limit).",
     )
     output_prune_interval: float = Field(
@@ -228,7 +241,8 @@ class Settings(BaseSettings):
     # --- webhooks ------------------------------------------------------------------------------
     webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key signing webhook bodies.")
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Comma-separated hosts callbacks may go to. Empty: any public or private host."
+        default_factory=list,
+        description="Comma-separated hosts callbacks may go to. Empty: any public or private host.",
     )
     webhook_timeout: float = Field(10.0, gt=0, le=300)
     webhook_max_attempts: int = Field(5, ge=1, le=20)

@@ -25,8 +25,17 @@ class _RequestIdFilter(logging.Filter):
 #: Structured fields that request and job lines carry (`extra=`): JSON lines get them as keys, so a
 #: log pipeline can filter by job or route; text lines already say them in the message.
 EXTRA_FIELDS = (
-    "job_id", "backend", "status", "error_type", "queued_ms", "run_ms",
-    "method", "path", "route", "status_code", "duration_ms",
+    "job_id",
+    "backend",
+    "status",
+    "error_type",
+    "queued_ms",
+    "run_ms",
+    "method",
+    "path",
+    "route",
+    "status_code",
+    "duration_ms",
 )
 
 

@@ -14,8 +14,9 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from imagegen import __version__, metrics, preflight
-from imagegen.api import a1111, generate, health, images, jobs, openai_images, presenters, web
+from imagegen.api import generate, health, images, jobs, presenters, web
 from imagegen.api import metrics as metrics_api
+from imagegen.api.a1111 import routes as a1111
 from imagegen.api.deps import Services
 from imagegen.api.errors import install_error_handlers
 from imagegen.api.middleware import (
@@ -24,6 +25,7 @@ from imagegen.api.middleware import (
     RequestContextMiddleware,
     collect_route_templates,
 )
+from imagegen.api.openai import routes as openai_images
 from imagegen.api.openapi import install_openapi
 from imagegen.api.schemas import NATIVE_ERRORS
 from imagegen.backends.registry import BackendFactory, BackendRegistry
@@ -93,7 +95,9 @@ def create_app(
     services = Services(settings, registry, job_store, outputs, events, engine, disk)
     metrics.init_backends(registry.ids())
     retention = RetentionTask(
-        outputs.root, RetentionPolicy.from_settings(settings), settings.output_prune_interval,
+        outputs.root,
+        RetentionPolicy.from_settings(settings),
+        settings.output_prune_interval,
         after_pass=lambda report: disk.refresh_in_background() if report.removed else None,
     )
 
@@ -103,7 +107,8 @@ def create_app(
             log.warning(
                 "SECURITY: listening on %s without SD_API_KEY: anyone who can reach port %d can generate "
                 "images and read outputs. Set SD_API_KEY (or bind to 127.0.0.1).",
-                settings.host, settings.port,
+                settings.host,
+                settings.port,
             )
         findings = preflight.check(settings)
         for problem in findings.errors:
@@ -143,9 +148,14 @@ def create_app(
     # calls it makes are not.
     assets = web.WebAssets.load()
     routers = (
-        health.router, generate.router, jobs.router, images.router, metrics_api.router,
+        health.router,
+        generate.router,
+        jobs.router,
+        images.router,
+        metrics_api.router,
         # Drop-in compatibility: the A1111 (/sdapi/v1) and OpenAI Images (/v1) dialects.
-        a1111.router, openai_images.router,
+        a1111.router,
+        openai_images.router,
         web.make_router(assets, auth_required=settings.api_key is not None),
     )
     for router in routers:

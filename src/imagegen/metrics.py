@@ -53,40 +53,49 @@ _GENERATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 6
 _LOAD_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 
 HTTP_REQUESTS = Counter(
-    "imagegen_http_requests", "HTTP requests by route template, method and status code.",
+    "imagegen_http_requests",
+    "HTTP requests by route template, method and status code.",
     ["route", "method", "status"],
 )
 HTTP_DURATION = Histogram(
     "imagegen_http_request_duration_seconds",
     "Time to answer an HTTP request, by route template (event streams last as long as their job).",
-    ["route"], buckets=_LATENCY_BUCKETS,
+    ["route"],
+    buckets=_LATENCY_BUCKETS,
 )
 JOBS = Counter("imagegen_jobs", "Jobs that reached a final state, by backend and state.", ["backend", "status"])
 QUEUE_WAIT = Histogram(
-    "imagegen_job_queue_wait_seconds", "Time jobs waited in the queue before they started, by backend.",
-    ["backend"], buckets=_QUEUE_BUCKETS,
+    "imagegen_job_queue_wait_seconds",
+    "Time jobs waited in the queue before they started, by backend.",
+    ["backend"],
+    buckets=_QUEUE_BUCKETS,
 )
 GENERATION = Histogram(
     "imagegen_job_generation_seconds",
     "Generation time of succeeded jobs (their pipeline call or BFL task), by backend.",
-    ["backend"], buckets=_GENERATION_BUCKETS,
+    ["backend"],
+    buckets=_GENERATION_BUCKETS,
 )
 IMAGES = Counter("imagegen_images_generated", "Images generated and stored, by backend.", ["backend"])
 NSFW = Counter(
-    "imagegen_images_nsfw_flagged", "Images flagged by the safety checker (never returned or stored), by backend.",
+    "imagegen_images_nsfw_flagged",
+    "Images flagged by the safety checker (never returned or stored), by backend.",
     ["backend"],
 )
 MODEL_LOADS = Counter(
     "imagegen_model_loads", "Pipeline loads by local backend and result (success, failure).", ["backend", "result"]
 )
 MODEL_LOAD_SECONDS = Histogram(
-    "imagegen_model_load_seconds", "Time taken by successful pipeline loads (downloads included).",
-    ["backend"], buckets=_LOAD_BUCKETS,
+    "imagegen_model_load_seconds",
+    "Time taken by successful pipeline loads (downloads included).",
+    ["backend"],
+    buckets=_LOAD_BUCKETS,
 )
 MODEL_UNLOADS = Counter("imagegen_model_unloads", "Pipelines unloaded from memory, by local backend.", ["backend"])
 BFL_ERRORS = Counter("imagegen_bfl_errors", "Errors of the BFL cloud API (flux-api backend), by kind.", ["kind"])
 OUTPUTS_DELETED = Counter(
-    "imagegen_outputs_deleted", "Stored images deleted, by reason (age, size: retention; request: the API).",
+    "imagegen_outputs_deleted",
+    "Stored images deleted, by reason (age, size: retention; request: the API).",
     ["reason"],
 )
 OUTPUTS_DELETED_BYTES = Counter(
@@ -96,17 +105,17 @@ OUTPUTS_DELETED_BYTES = Counter(
 #: The kinds `record_bfl_error` accepts; anything else is counted as "other" (a label value never
 #: comes from outside text, so the number of series stays bounded).
 BFL_ERROR_KINDS = (
-    "auth",             # key missing, rejected (401/403)
-    "credits",          # out of credits (402)
-    "rate_limited",     # 429 after retries, or the account's task limit
+    "auth",  # key missing, rejected (401/403)
+    "credits",  # out of credits (402)
+    "rate_limited",  # 429 after retries, or the account's task limit
     "invalid_request",  # BFL rejected the parameters (400/422)
-    "moderated",        # Request Moderated / Content Moderated
-    "not_found",        # unknown endpoint or task (404, "Task not found")
-    "server_error",     # BFL answered 5xx
-    "network",          # BFL could not be reached (connect/read errors)
-    "timeout",          # the task did not finish before SD_BFL_TIMEOUT / the job deadline
-    "task_failed",      # a task ended with status Error
-    "bad_response",     # an answer the backend could not use (no id, not JSON, bad result URL, too large)
+    "moderated",  # Request Moderated / Content Moderated
+    "not_found",  # unknown endpoint or task (404, "Task not found")
+    "server_error",  # BFL answered 5xx
+    "network",  # BFL could not be reached (connect/read errors)
+    "timeout",  # the task did not finish before SD_BFL_TIMEOUT / the job deadline
+    "task_failed",  # a task ended with status Error
+    "bad_response",  # an answer the backend could not use (no id, not JSON, bad result URL, too large)
     "other",
 )
 for _kind in BFL_ERROR_KINDS:
@@ -141,7 +150,7 @@ def observe_final_job(job: Job) -> None:
     between a job and its final state."""
     try:
         _observe_final_job(job)
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.exception("metrics: could not record job %s", job.id)
 
 
@@ -200,7 +209,7 @@ def gpu_memory() -> list[tuple[str, str, float]]:
         if mps is not None and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             found.append(("mps", "allocated", float(mps.current_allocated_memory())))
             found.append(("mps", "driver_allocated", float(mps.driver_allocated_memory())))
-    except Exception:  # noqa: BLE001 - a broken device must not break the scrape
+    except Exception:
         log.debug("could not read accelerator memory", exc_info=True)
     return found
 
@@ -215,7 +224,7 @@ class ServiceCollector(Collector):
         for part in (self._engine, self._backends, self._disk, self._memory, self._info):
             try:
                 yield from part()
-            except Exception:  # noqa: BLE001 - one unreadable part leaves the rest of the scrape intact
+            except Exception:
                 log.warning("metrics: %s failed", part.__name__, exc_info=True)
 
     def _engine(self) -> Iterator[Metric]:
@@ -227,7 +236,9 @@ class ServiceCollector(Collector):
             busy.add_metric([lane], values["busy"])
         yield depth
         yield busy
-        yield GaugeMetricFamily("imagegen_queue_limit", "Jobs allowed to wait (SD_MAX_QUEUE).", value=stats["max_queue"])
+        yield GaugeMetricFamily(
+            "imagegen_queue_limit", "Jobs allowed to wait (SD_MAX_QUEUE).", value=stats["max_queue"]
+        )
         yield GaugeMetricFamily(
             "imagegen_draining", "1 while the service refuses new jobs (shutting down).", value=int(stats["draining"])
         )
@@ -255,7 +266,8 @@ class ServiceCollector(Collector):
             return
         snapshot = disk.snapshot()
         used = GaugeMetricFamily(
-            "imagegen_disk_usage_bytes", "Bytes in the model and output folders (measured in the background).",
+            "imagegen_disk_usage_bytes",
+            "Bytes in the model and output folders (measured in the background).",
             labels=["folder"],
         )
         files = GaugeMetricFamily("imagegen_disk_files", "Files in the model and output folders.", labels=["folder"])
@@ -276,7 +288,8 @@ class ServiceCollector(Collector):
         import psutil
 
         yield GaugeMetricFamily(
-            "imagegen_process_resident_memory_bytes", "Resident memory of the service process (psutil; also on macOS).",
+            "imagegen_process_resident_memory_bytes",
+            "Resident memory of the service process (psutil; also on macOS).",
             value=psutil.Process().memory_info().rss,
         )
         found = gpu_memory()
@@ -292,8 +305,9 @@ class ServiceCollector(Collector):
             yield gpu
 
     def _info(self) -> Iterator[Metric]:
-        info = GaugeMetricFamily("imagegen_info", "Version and default backend of this service.",
-                                 labels=["version", "default_backend"])
+        info = GaugeMetricFamily(
+            "imagegen_info", "Version and default backend of this service.", labels=["version", "default_backend"]
+        )
         info.add_metric([__version__, self.services.registry.default_id], 1)
         yield info
 
@@ -309,4 +323,3 @@ def render(registry: CollectorRegistry) -> bytes:
     """The exposition text: process-wide events (and prometheus_client's process/GC/platform
     collectors) followed by this app's state. The two never share a metric name."""
     return generate_latest(REGISTRY) + generate_latest(registry)
-

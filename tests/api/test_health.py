@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 
-from imagegen.backends.local import LoadedPipeline
-from imagegen.backends.sd import StableDiffusionBackend
+from imagegen.backends.local.base import LoadedPipeline
+from imagegen.backends.local.sd import StableDiffusionBackend
 
 
 class GatedStableDiffusionBackend(StableDiffusionBackend):

@@ -27,9 +27,17 @@ def fake_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[http
         return holder["fake"]
 
     settings = Settings(
-        _env_file=None, output_dir=root / "o", data_dir=root / "d", host="127.0.0.1",
-        max_width=1024, max_height=1024, max_pixels=512 * 1024, max_steps=50, max_images=4,
-        max_prompt_chars=100, max_body_bytes=8192,
+        _env_file=None,
+        output_dir=root / "o",
+        data_dir=root / "d",
+        host="127.0.0.1",
+        max_width=1024,
+        max_height=1024,
+        max_pixels=512 * 1024,
+        max_steps=50,
+        max_images=4,
+        max_prompt_chars=100,
+        max_body_bytes=8192,
     )
     app = create_app(settings, backend_factories={"fake": factory}, default_backend="fake")
     with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
@@ -87,8 +95,9 @@ CASES: list[tuple[dict[str, Any], int, str | None, str]] = [
 
 
 @pytest.mark.parametrize(("body", "status", "param", "fragment"), CASES)
-def test_bad_parameters(fake_server: tuple[httpx.Client, Any], body: dict, status: int, param: str | None,
-                        fragment: str) -> None:
+def test_bad_parameters(
+    fake_server: tuple[httpx.Client, Any], body: dict, status: int, param: str | None, fragment: str
+) -> None:
     client, fake = fake_server
     calls = len(fake.calls)
     for path in ("/api/txt2img", "/api/jobs"):
@@ -120,8 +129,9 @@ RAW: list[tuple[bytes, dict[str, str], int, str]] = [
 
 
 @pytest.mark.parametrize(("content", "headers", "status", "error_type"), RAW)
-def test_malformed_bodies(fake_server: tuple[httpx.Client, Any], content: bytes, headers: dict[str, str],
-                          status: int, error_type: str) -> None:
+def test_malformed_bodies(
+    fake_server: tuple[httpx.Client, Any], content: bytes, headers: dict[str, str], status: int, error_type: str
+) -> None:
     client, fake = fake_server
     calls = len(fake.calls)
     response = client.post("/api/txt2img", content=content, headers=headers)

@@ -33,7 +33,9 @@ class Service:
         self.app.state.services.registry.set_default("sd", "tiny-sd")
 
 
-def start_service(root: Path, model_dir: Path, default_backend: str | None = None, **overrides: Any) -> Iterator[Service]:
+def start_service(
+    root: Path, model_dir: Path, default_backend: str | None = None, **overrides: Any
+) -> Iterator[Service]:
     holder: dict[str, FakeBackend] = {}
 
     def fake(settings: Settings) -> FakeBackend:
@@ -41,8 +43,14 @@ def start_service(root: Path, model_dir: Path, default_backend: str | None = Non
         return holder["fake"]
 
     values: dict[str, Any] = {
-        "model_id": "tiny-sd", "models": ["tiny-sdxl"], "model_dir": model_dir, "output_dir": root / "outputs",
-        "data_dir": root / "data", "host": "127.0.0.1", "api_key": KEY, "log_level": "warning",
+        "model_id": "tiny-sd",
+        "models": ["tiny-sdxl"],
+        "model_dir": model_dir,
+        "output_dir": root / "outputs",
+        "data_dir": root / "data",
+        "host": "127.0.0.1",
+        "api_key": KEY,
+        "log_level": "warning",
     }
     values.update(overrides)
     settings = Settings(_env_file=None, **values)

@@ -22,8 +22,9 @@ NATIVE = "/api/txt2img"
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Service]:
     # The fake backend as the default (nothing to load), a queue of one, and a small body limit.
-    yield from start_service(tmp_path_factory.mktemp("errors"), model_dir, default_backend="fake",
-                             max_queue=1, max_body_bytes=2048)
+    yield from start_service(
+        tmp_path_factory.mktemp("errors"), model_dir, default_backend="fake", max_queue=1, max_body_bytes=2048
+    )
 
 
 def is_openai(response: httpx.Response, status: int, code: str | None = None) -> dict:
@@ -46,7 +47,9 @@ def is_a1111(response: httpx.Response, status: int, error_type: str | None = Non
 
 def test_401_in_each_dialect(service: Service) -> None:
     for headers in ({}, {"Authorization": "Bearer wrong"}):
-        error = is_openai(httpx.post(service.url + OPENAI, json={"prompt": "x"}, headers=headers), 401, "invalid_api_key")
+        error = is_openai(
+            httpx.post(service.url + OPENAI, json={"prompt": "x"}, headers=headers), 401, "invalid_api_key"
+        )
         assert error["type"] == "invalid_request_error"
         response = httpx.get(service.url + "/v1/models", headers=headers)
         assert response.status_code == 401 and response.headers["www-authenticate"].startswith("Bearer")
@@ -60,13 +63,18 @@ def test_401_in_each_dialect(service: Service) -> None:
 
 def test_body_guard_answers_in_each_dialect(service: Service) -> None:
     http = service.http
-    is_openai(http.post(OPENAI, content=b"prompt=x", headers={"Content-Type": "application/x-www-form-urlencoded"}),
-              415, "unsupported_media_type")
+    is_openai(
+        http.post(OPENAI, content=b"prompt=x", headers={"Content-Type": "application/x-www-form-urlencoded"}),
+        415,
+        "unsupported_media_type",
+    )
     is_a1111(http.post(A1111, content=b"prompt=x", headers={"Content-Type": "text/plain"}), 415)
     big = {"prompt": "x" * 4096}
     is_openai(http.post(OPENAI, json=big), 413, "payload_too_large")
     is_a1111(http.post(A1111, json=big), 413, "payload_too_large")
-    is_openai(http.post(OPENAI, content=b"{not json", headers={"Content-Type": "application/json"}), 400, "invalid_json")
+    is_openai(
+        http.post(OPENAI, content=b"{not json", headers={"Content-Type": "application/json"}), 400, "invalid_json"
+    )
     is_a1111(http.post(A1111, content=b"{not json", headers={"Content-Type": "application/json"}), 400, "invalid_json")
     is_openai(http.get("/v1/no-such-route"), 404)
     is_a1111(http.get("/sdapi/v1/no-such-route"), 404)
@@ -74,9 +82,16 @@ def test_body_guard_answers_in_each_dialect(service: Service) -> None:
 
 @pytest.mark.parametrize(
     ("body", "param"),
-    [({"prompt": 5}, "prompt"), ({"prompt": "x", "n": "two"}, "n"), ({"prompt": "x", "n": 9}, "n"),
-     ({"prompt": "x", "size": "0x64"}, "size"), ({"prompt": "x", "size": "99999x99999"}, "size"),
-     ({"prompt": "x", "quality": "ultra"}, "quality"), ({"prompt": "x", "seed": -5}, "seed"), ([1, 2], None)],
+    [
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": "x", "n": "two"}, "n"),
+        ({"prompt": "x", "n": 9}, "n"),
+        ({"prompt": "x", "size": "0x64"}, "size"),
+        ({"prompt": "x", "size": "99999x99999"}, "size"),
+        ({"prompt": "x", "quality": "ultra"}, "quality"),
+        ({"prompt": "x", "seed": -5}, "seed"),
+        ([1, 2], None),
+    ],
 )
 def test_openai_bad_input_is_400_naming_the_parameter(service: Service, body: object, param: str | None) -> None:
     assert is_openai(service.http.post(OPENAI, json=body), 400)["param"] == param
@@ -84,13 +99,21 @@ def test_openai_bad_input_is_400_naming_the_parameter(service: Service, body: ob
 
 @pytest.mark.parametrize(
     ("body", "param"),
-    [({"prompt": "x", "seed": "abc"}, "seed"), ({"prompt": "x", "steps": 0}, "steps"),
-     ({"prompt": "x", "batch_size": 5, "n_iter": 5}, "batch_size"), ({"prompt": "x", "width": 60}, "width"),
-     ({"prompt": "x", "cfg_scale": 50}, "cfg_scale"), ({"prompt": ""}, "prompt"),
-     ({"prompt": "x", "scheduler": "bogus"}, "scheduler"), ({"prompt": "x", "override_settings": "x"}, "override_settings"),
-     ({"prompt": "x", "override_settings": {"sd_model_checkpoint": "nope.safetensors [abc]"}},
-      "override_settings.sd_model_checkpoint"),
-     ({"prompt": "x", "override_settings": {"sd_model_checkpoint": 7}}, "override_settings.sd_model_checkpoint")],
+    [
+        ({"prompt": "x", "seed": "abc"}, "seed"),
+        ({"prompt": "x", "steps": 0}, "steps"),
+        ({"prompt": "x", "batch_size": 5, "n_iter": 5}, "batch_size"),
+        ({"prompt": "x", "width": 60}, "width"),
+        ({"prompt": "x", "cfg_scale": 50}, "cfg_scale"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x", "scheduler": "bogus"}, "scheduler"),
+        ({"prompt": "x", "override_settings": "x"}, "override_settings"),
+        (
+            {"prompt": "x", "override_settings": {"sd_model_checkpoint": "nope.safetensors [abc]"}},
+            "override_settings.sd_model_checkpoint",
+        ),
+        ({"prompt": "x", "override_settings": {"sd_model_checkpoint": 7}}, "override_settings.sd_model_checkpoint"),
+    ],
 )
 def test_a1111_bad_input_is_422_naming_the_parameter(service: Service, body: dict, param: str) -> None:
     assert is_a1111(service.http.post(A1111, json=body), 422)["param"] == param
@@ -98,8 +121,10 @@ def test_a1111_bad_input_is_422_naming_the_parameter(service: Service, body: dic
 
 def test_options_post_errors(service: Service) -> None:
     http = service.http
-    assert is_a1111(http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}), 422)["param"] == \
-        "sd_model_checkpoint"
+    assert (
+        is_a1111(http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}), 422)["param"]
+        == "sd_model_checkpoint"
+    )
     # A known checkpoint whose backend cannot take jobs (no BFL key here) is refused with the reason.
     body = is_a1111(http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "flux-api"}), 422)
     assert "not_configured" in body["detail"]
@@ -137,9 +162,11 @@ def test_queue_full_is_429_in_each_dialect(service: Service) -> None:
 
 @pytest.mark.parametrize(
     ("prompt", "openai_status", "openai_code", "a1111_status", "a1111_type"),
-    [("fail", 500, "generation_failed", 500, "generation_failed"),
-     ("oom", 503, "out_of_memory", 503, "out_of_memory"),
-     ("nsfw", 400, "content_policy_violation", 422, "content_moderated")],
+    [
+        ("fail", 500, "generation_failed", 500, "generation_failed"),
+        ("oom", 503, "out_of_memory", 503, "out_of_memory"),
+        ("nsfw", 400, "content_policy_violation", 422, "content_moderated"),
+    ],
 )
 def test_job_failures_in_each_dialect(
     service: Service, prompt: str, openai_status: int, openai_code: str, a1111_status: int, a1111_type: str

@@ -36,12 +36,14 @@ def test_lists_offer_the_configured_models_only(service: Service) -> None:
 def test_a_model_outside_the_allowlist_is_never_loaded(service: Service) -> None:
     native = service.http.post("/api/txt2img", json={"prompt": "a fox", "model": NOT_ALLOWED, "steps": 1})
     assert native.status_code == 422 and native.json()["error"]["param"] == "model"
-    a1111_response = service.http.post("/sdapi/v1/txt2img", json={
-        "prompt": "a fox", "override_settings": {"sd_model_checkpoint": NOT_ALLOWED}})
+    a1111_response = service.http.post(
+        "/sdapi/v1/txt2img", json={"prompt": "a fox", "override_settings": {"sd_model_checkpoint": NOT_ALLOWED}}
+    )
     assert a1111_response.status_code == 422
     # OpenAI clients send any name; an unknown one means the default model, never a download.
-    response = service.http.post("/v1/images/generations", json={"prompt": "a fox", "model": NOT_ALLOWED,
-                                                                 "size": "64x64", "steps": 1})
+    response = service.http.post(
+        "/v1/images/generations", json={"prompt": "a fox", "model": NOT_ALLOWED, "size": "64x64", "steps": 1}
+    )
     assert response.status_code == 200
     assert service.http.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny-sd [sd]"
     assert sd_health(service)["model"] == "tiny-sd"
@@ -58,8 +60,9 @@ def test_switching_sd_models_per_request_and_by_default(service: Service) -> Non
     assert health["last_unload"]["reason"] == "switching to model tiny-sdxl"
     assert service.http.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny-sd [sd]"
     # The OpenAI dialect names a model by its id (or title).
-    response = service.http.post("/v1/images/generations", json={"prompt": "a fox", "model": "tiny-sdxl",
-                                                                 "size": "64x64", "steps": 1})
+    response = service.http.post(
+        "/v1/images/generations", json={"prompt": "a fox", "model": "tiny-sdxl", "size": "64x64", "steps": 1}
+    )
     assert response.status_code == 200
     # The A1111 options change the service's default: native requests naming nothing get it too.
     try:

@@ -33,8 +33,9 @@ def meta(b64: str) -> dict:
 
 
 def test_b64_is_the_default_and_carries_the_parameters(client: openai.OpenAI) -> None:
-    result = client.images.generate(prompt="a red fox in the snow", model="sd", size="64x64",
-                                    extra_body={"seed": 7, "steps": 3})
+    result = client.images.generate(
+        prompt="a red fox in the snow", model="sd", size="64x64", extra_body={"seed": 7, "steps": 3}
+    )
     assert result.created > 0 and result.size == "64x64" and result.output_format == "png"
     (item,) = result.data
     assert item.url is None and not item.b64_json.startswith("data:")
@@ -45,8 +46,9 @@ def test_b64_is_the_default_and_carries_the_parameters(client: openai.OpenAI) ->
 
 
 def test_url_mode_points_at_the_service_and_needs_the_key(client: openai.OpenAI, service: Service) -> None:
-    result = client.images.generate(prompt="a red fox", model="sd", size="64x64", response_format="url",
-                                    extra_body={"steps": 2})
+    result = client.images.generate(
+        prompt="a red fox", model="sd", size="64x64", response_format="url", extra_body={"steps": 2}
+    )
     (item,) = result.data
     assert item.b64_json is None
     assert item.url.startswith(f"{service.url}/api/images/") and item.url.endswith(".png")
@@ -107,8 +109,13 @@ def test_invalid_size_is_a_bad_request_naming_size(client: openai.OpenAI) -> Non
 
 @pytest.mark.parametrize(
     ("kwargs", "param"),
-    [({"n": 9}, "n"), ({"response_format": "gif"}, "response_format"), ({"output_format": "svg"}, "output_format"),
-     ({"stream": False, "extra_body": {"stream": True}}, "stream"), ({"prompt": ""}, "prompt")],
+    [
+        ({"n": 9}, "n"),
+        ({"response_format": "gif"}, "response_format"),
+        ({"output_format": "svg"}, "output_format"),
+        ({"stream": False, "extra_body": {"stream": True}}, "stream"),
+        ({"prompt": ""}, "prompt"),
+    ],
 )
 def test_other_invalid_parameters(client: openai.OpenAI, kwargs: dict, param: str) -> None:
     with pytest.raises(openai.BadRequestError) as caught:

@@ -45,7 +45,9 @@ def test_open_webui_automatic1111_engine(service: Service) -> None:
         # Admin > Images: "verify" is GET options + raise_for_status; the model list is sd-models,
         # shown as {"id": title, "name": model_name}.
         assert http.get("/sdapi/v1/options").status_code == 200
-        models = [{"id": model["title"], "name": model["model_name"]} for model in http.get("/sdapi/v1/sd-models").json()]
+        models = [
+            {"id": model["title"], "name": model["model_name"]} for model in http.get("/sdapi/v1/sd-models").json()
+        ]
         assert {"id": "tiny-sd [sd]", "name": "tiny-sd"} in models
         # set_image_model: read the options, and post the whole dict back only if the model differs.
         options = http.get("/sdapi/v1/options").json()
@@ -56,8 +58,14 @@ def test_open_webui_automatic1111_engine(service: Service) -> None:
         # get_image_model reads the current checkpoint back.
         assert http.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == model
         # image_generations: size from IMAGE_SIZE, steps from IMAGE_STEPS, n as batch_size.
-        data = {"prompt": "a red fox in the snow", "batch_size": 2, "width": 64, "height": 64, "steps": 3,
-                "negative_prompt": "blurry"}
+        data = {
+            "prompt": "a red fox in the snow",
+            "batch_size": 2,
+            "width": 64,
+            "height": 64,
+            "steps": 3,
+            "negative_prompt": "blurry",
+        }
         response = http.post("/sdapi/v1/txt2img", json=data)
         res = response.json()  # Open WebUI reads the JSON without checking the status
         assert response.status_code == 200
@@ -125,15 +133,26 @@ def test_n8n_legacy_openai_node(service: Service) -> None:
         options = sorted(item["id"] for item in models if item["id"].startswith("dall-"))
         assert options == ["dall-e-2", "dall-e-3"]
         # Create: response format "Binary File" sends b64_json and turns each data[i].b64_json into a file.
-        body = {"prompt": "A cute cat eating a dinosaur", "model": "dall-e-2", "response_format": "b64_json",
-                "n": 2, "size": "256x256"}
+        body = {
+            "prompt": "A cute cat eating a dinosaur",
+            "model": "dall-e-2",
+            "response_format": "b64_json",
+            "n": 2,
+            "size": "256x256",
+        }
         response = http.post("/v1/images/generations", json=body)
         assert response.status_code == 200  # sendErrorPostReceive throws on 4xx/5xx
         items = response.json()["data"]
         assert len(items) == 2 and all(png(item["b64_json"]).size == (256, 256) for item in items)
         # "Image Url" sends response_format url and passes data[] through.
-        body = {"prompt": "A cute cat", "model": "dall-e-3", "response_format": "url", "quality": "standard",
-                "style": "vivid", "size": "256x256"}
+        body = {
+            "prompt": "A cute cat",
+            "model": "dall-e-3",
+            "response_format": "url",
+            "quality": "standard",
+            "style": "vivid",
+            "size": "256x256",
+        }
         (item,) = http.post("/v1/images/generations", json=body).json()["data"]
         assert item["url"].startswith(f"{service.url}/api/images/")
 
@@ -145,8 +164,14 @@ def test_n8n_legacy_openai_node(service: Service) -> None:
 def test_librechat_stable_diffusion_tool(service: Service) -> None:
     # The tool posts a fixed payload (1024x1024, 22 steps) and reads images[0] and info (some versions
     # send no credentials at all: then the service runs without SD_API_KEY on a private network).
-    payload = {"prompt": "photo of a man in black clothes, coastline", "negative_prompt": "cgi, 3d, render",
-               "cfg_scale": 4.5, "steps": 22, "width": 1024, "height": 1024}
+    payload = {
+        "prompt": "photo of a man in black clothes, coastline",
+        "negative_prompt": "cgi, 3d, render",
+        "cfg_scale": 4.5,
+        "steps": 22,
+        "width": 1024,
+        "height": 1024,
+    }
     data = service.http.post("/sdapi/v1/txt2img", json=payload).json()
     image = data["images"][0]
     info = json.loads(data["info"])  # height, width, seed and infotexts[0] go into the file's metadata
@@ -178,11 +203,26 @@ def test_sillytavern_sd_webui_source(service: Service) -> None:
         assert state["progress"] == 0.0 and state["state"]["job_count"] == 0
         # /generate forwards its whole request body, including the url and the auth it was given.
         body = {
-            "prompt": "a red fox", "negative_prompt": "lowres", "sampler_name": "Euler a", "scheduler": "Karras",
-            "steps": 2, "cfg_scale": 7, "width": 64, "height": 64, "restore_faces": False, "enable_hr": False,
-            "hr_upscaler": "None", "hr_scale": 1.0, "denoising_strength": 0.7, "hr_second_pass_steps": 0, "seed": 9,
+            "prompt": "a red fox",
+            "negative_prompt": "lowres",
+            "sampler_name": "Euler a",
+            "scheduler": "Karras",
+            "steps": 2,
+            "cfg_scale": 7,
+            "width": 64,
+            "height": 64,
+            "restore_faces": False,
+            "enable_hr": False,
+            "hr_upscaler": "None",
+            "hr_scale": 1.0,
+            "denoising_strength": 0.7,
+            "hr_second_pass_steps": 0,
+            "seed": 9,
             "override_settings": {"CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"},
-            "override_settings_restore_afterwards": True, "clip_skip": 1, "url": service.url, "auth": auth,
+            "override_settings_restore_afterwards": True,
+            "clip_skip": 1,
+            "url": service.url,
+            "auth": auth,
         }
         response = http.post("/sdapi/v1/txt2img", json=body)
     assert response.status_code == 200

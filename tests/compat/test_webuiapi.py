@@ -30,8 +30,18 @@ def api(service: Service) -> Iterator[webuiapi.WebUIApi]:
 
 
 def test_txt2img_seed_batch_and_sampler(api: webuiapi.WebUIApi) -> None:
-    result = api.txt2img(prompt="a red fox in the snow", negative_prompt="blurry", seed=1234, steps=3,
-                         batch_size=2, width=64, height=64, sampler_name="DPM++ 2M", scheduler="karras", cfg_scale=6)
+    result = api.txt2img(
+        prompt="a red fox in the snow",
+        negative_prompt="blurry",
+        seed=1234,
+        steps=3,
+        batch_size=2,
+        width=64,
+        height=64,
+        sampler_name="DPM++ 2M",
+        scheduler="karras",
+        cfg_scale=6,
+    )
     assert len(result.images) == 2 and all(isinstance(image, Image.Image) for image in result.images)
     assert result.images[0].size == (64, 64)
     info = result.info
@@ -57,8 +67,16 @@ def test_defaults_euler_a_random_seed_and_replay(api: webuiapi.WebUIApi) -> None
 
 
 def test_n_iter_times_batch_size(api: webuiapi.WebUIApi) -> None:
-    result = api.txt2img(prompt="a fox", seed=5, steps=1, width=64, height=64, batch_size=2, n_iter=2,
-                         override_settings={"sd_model_checkpoint": "fake"})
+    result = api.txt2img(
+        prompt="a fox",
+        seed=5,
+        steps=1,
+        width=64,
+        height=64,
+        batch_size=2,
+        n_iter=2,
+        override_settings={"sd_model_checkpoint": "fake"},
+    )
     assert result.info["all_seeds"] == [5, 6, 7, 8] and len(result.images) == 4
 
 
@@ -93,8 +111,9 @@ def test_progress_and_interrupt_during_a_slow_job(service: Service, api: webuiap
 
     def generate() -> None:
         worker = connect(service)  # its own session: requests.Session is not for two threads at once
-        outcome["result"] = worker.txt2img(prompt="a slow fox", steps=60, width=64, height=64,
-                                           override_settings={"sd_model_checkpoint": "fake"})
+        outcome["result"] = worker.txt2img(
+            prompt="a slow fox", steps=60, width=64, height=64, override_settings={"sd_model_checkpoint": "fake"}
+        )
 
     thread = threading.Thread(target=generate)
     thread.start()

@@ -83,9 +83,7 @@ def test_burst_past_the_queue_limit_gets_exactly_the_excess_as_429(fake_client) 
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=str(client.base_url), timeout=30) as http:
-            return await asyncio.gather(
-                *(http.post("/api/jobs", json={"prompt": f"burst {i}"}) for i in range(9))
-            )
+            return await asyncio.gather(*(http.post("/api/jobs", json={"prompt": f"burst {i}"}) for i in range(9)))
 
     responses = asyncio.run(burst())
     statuses = sorted(response.status_code for response in responses)
@@ -155,7 +153,7 @@ def test_cancel_a_queued_job_at_once(fake_client) -> None:
 
 
 def test_cancel_a_running_job_between_steps(fake_client) -> None:
-    client, fake = fake_client({"step_delay": 0.05, "default_steps": 100})
+    client, _fake = fake_client({"step_delay": 0.05, "default_steps": 100})
     running = submit(client, prompt="long one")
     wait_status(client, running["id"], {"running"})
     behind = submit(client, prompt="runs next", steps=2)
@@ -257,13 +255,14 @@ def test_a_backend_bug_fails_the_job_not_the_service(fake_client) -> None:
 
 
 def test_client_disconnect_cancels_its_synchronous_job(fake_client) -> None:
-    client, fake = fake_client({"step_delay": 0.05, "default_steps": 150})
+    client, _fake = fake_client({"step_delay": 0.05, "default_steps": 150})
     host, port = client.base_url.host, client.base_url.port
     body = b'{"prompt": "abandoned"}'
     with socket.create_connection((host, port)) as raw:
         raw.sendall(
             b"POST /api/txt2img HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
         )
         deadline = time.monotonic() + 10
         while not client.get("/api/jobs", params={"status": "running"}).json()["jobs"]:

@@ -35,10 +35,12 @@ class Receiver:
     def __init__(self) -> None:
         self.received: list[dict[str, Any]] = []
         self.script: list[int] = []
-        self.app = Starlette(routes=[
-            Route("/hook", self.hook, methods=["POST"]),
-            Route("/target", self.target, methods=["POST", "GET"]),
-        ])
+        self.app = Starlette(
+            routes=[
+                Route("/hook", self.hook, methods=["POST"]),
+                Route("/target", self.target, methods=["POST", "GET"]),
+            ]
+        )
 
     async def hook(self, request: Request) -> Response:
         body = await request.body()
@@ -137,9 +139,18 @@ def test_redirects_are_never_followed(client: httpx.Client, receiver: tuple[Rece
 @pytest.mark.parametrize(
     "url",
     [
-        "http://169.254.169.254/latest/meta-data/", "http://[fe80::1]/x", "http://metadata.google.internal/x",
-        "http://[fd00:ec2::254]/", "http://[::ffff:169.254.169.254]/", "ftp://example.com/x", "file:///etc/passwd",
-        "http://user:pass@example.com/x", "http:///nohost", "not a url", "http://0.0.0.0/x", "http://224.0.0.1/x",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fe80::1]/x",
+        "http://metadata.google.internal/x",
+        "http://[fd00:ec2::254]/",
+        "http://[::ffff:169.254.169.254]/",
+        "ftp://example.com/x",
+        "file:///etc/passwd",
+        "http://user:pass@example.com/x",
+        "http:///nohost",
+        "not a url",
+        "http://0.0.0.0/x",
+        "http://224.0.0.1/x",
     ],
 )
 def test_refused_destinations_are_rejected_at_submit(client: httpx.Client, url: str) -> None:
@@ -151,8 +162,13 @@ def test_refused_destinations_are_rejected_at_submit(client: httpx.Client, url: 
 def test_allowlist_restricts_hosts(serve: Callable[..., httpx.Client], fake_factory, receiver) -> None:
     _, url = receiver
     factories, _ = fake_factory()
-    client = serve(factories=factories, default_backend="fake", webhook_allowed_hosts="n8n.internal",
-                   webhook_max_attempts=1, webhook_timeout=1)
+    client = serve(
+        factories=factories,
+        default_backend="fake",
+        webhook_allowed_hosts="n8n.internal",
+        webhook_max_attempts=1,
+        webhook_timeout=1,
+    )
     refused = client.post("/api/jobs", json={"prompt": "x", "callback_url": f"{url}/hook"})
     assert refused.status_code == 422 and "SD_WEBHOOK_ALLOWED_HOSTS" in refused.json()["error"]["message"]
     accepted = client.post("/api/jobs", json={"prompt": "x", "callback_url": "http://n8n.internal:5678/webhook/abc"})
@@ -160,7 +176,7 @@ def test_allowlist_restricts_hosts(serve: Callable[..., httpx.Client], fake_fact
 
 
 def test_a_host_that_resolves_to_link_local_is_refused_at_delivery(tmp_path, receiver) -> None:
-    hook, url = receiver
+    hook, _url = receiver
 
     async def rebinding_resolver(host: str, port: int) -> list[Any]:
         return [(2, 1, 6, "", ("169.254.169.254", port))]
@@ -171,10 +187,22 @@ def test_a_host_that_resolves_to_link_local_is_refused_at_delivery(tmp_path, rec
         store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
         from imagegen.backends.base import GenerationRequest
 
-        request = GenerationRequest(backend="fake", model="m", prompt="p", negative_prompt=None, width=8, height=8,
-                                    steps=1, guidance_scale=None, scheduler=None, seeds=(1,), output_format="png")
-        job = Job(id="a" * 32, request=request, status=JobStatus.SUCCEEDED,
-                  callback_url="http://hooks.example.com/hook")
+        request = GenerationRequest(
+            backend="fake",
+            model="m",
+            prompt="p",
+            negative_prompt=None,
+            width=8,
+            height=8,
+            steps=1,
+            guidance_scale=None,
+            scheduler=None,
+            seeds=(1,),
+            output_format="png",
+        )
+        job = Job(
+            id="a" * 32, request=request, status=JobStatus.SUCCEEDED, callback_url="http://hooks.example.com/hook"
+        )
         store.add(job)
         sender.validate(job.callback_url)  # the name itself is fine...
         await sender.deliver(job, store)

@@ -48,7 +48,9 @@ def _stages() -> dict[str, str]:
 
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = _tool("hadolint", HADOLINT_HINT)
-    result = subprocess.run([hadolint, "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [hadolint, "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -78,7 +80,9 @@ def test_dockerfile_runs_as_non_root_with_a_patient_healthcheck() -> None:
 
 
 def test_dockerignore_keeps_keys_and_data_out_of_the_image() -> None:
-    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")}
+    ignored = {
+        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")
+    }
     assert {".env", ".git", ".venv", "models", "outputs", "data"} <= ignored
     for needed in ("src", "pyproject.toml", "README.md"):  # README.md is the package's readme: the build needs it
         assert needed not in ignored

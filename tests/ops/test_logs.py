@@ -43,14 +43,22 @@ def _json_lines(text: str) -> list[dict]:  # type: ignore[type-arg]
 
 
 def test_json_lines_for_requests_and_jobs_without_secrets(
-    serve: Callable[..., httpx.Client], fake_factory  # type: ignore[no-untyped-def]
+    serve: Callable[..., httpx.Client],
+    fake_factory,  # type: ignore[no-untyped-def]
 ) -> None:
     factories, _ = fake_factory()
-    client = serve(factories=factories, default_backend="fake", log_format="json", log_level="info",
-                   api_key=KEY_CANARY, headers={"X-API-Key": KEY_CANARY})
+    client = serve(
+        factories=factories,
+        default_backend="fake",
+        log_format="json",
+        log_level="info",
+        api_key=KEY_CANARY,
+        headers={"X-API-Key": KEY_CANARY},
+    )
     log = capture_service_log(client)
-    response = client.post("/api/txt2img", json={"prompt": PROMPT_CANARY, "seed": 4},
-                           headers={"X-Request-ID": "req-abc-1"})
+    response = client.post(
+        "/api/txt2img", json={"prompt": PROMPT_CANARY, "seed": 4}, headers={"X-Request-ID": "req-abc-1"}
+    )
     assert response.status_code == 200
     job_id = response.json()["id"]
     client.post("/api/txt2img", json={"prompt": "fail " + PROMPT_CANARY, "seed": 5})
@@ -81,7 +89,8 @@ def test_json_lines_for_requests_and_jobs_without_secrets(
 
 
 def test_text_lines_carry_the_same_facts(
-    serve: Callable[..., httpx.Client], fake_factory  # type: ignore[no-untyped-def]
+    serve: Callable[..., httpx.Client],
+    fake_factory,  # type: ignore[no-untyped-def]
 ) -> None:
     factories, _ = fake_factory()
     client = serve(factories=factories, default_backend="fake", log_level="info")

@@ -16,11 +16,15 @@ import httpx
 import pytest
 
 from imagegen import preflight
-from tests.ops.cli_runner import run_cli
+from tests.support.cli import run_cli
 
 
 def _dirs(tmp_path: Path) -> dict[str, str]:
-    return {"SD_OUTPUT_DIR": str(tmp_path / "o"), "SD_DATA_DIR": str(tmp_path / "d"), "SD_MODEL_DIR": str(tmp_path / "m")}
+    return {
+        "SD_OUTPUT_DIR": str(tmp_path / "o"),
+        "SD_DATA_DIR": str(tmp_path / "d"),
+        "SD_MODEL_DIR": str(tmp_path / "m"),
+    }
 
 
 def test_port_in_use_says_which_port_and_how_to_find_the_process(tmp_path: Path) -> None:
@@ -28,7 +32,9 @@ def test_port_in_use_says_which_port_and_how_to_find_the_process(tmp_path: Path)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_cli("serve", "--host", "127.0.0.1", "--port", str(port), cwd=tmp_path, timeout=60, **_dirs(tmp_path))
+        result = run_cli(
+            "serve", "--host", "127.0.0.1", "--port", str(port), cwd=tmp_path, timeout=60, **_dirs(tmp_path)
+        )
     assert result.returncode == 1
     assert f"port {port} is already in use" in result.stderr
     assert f"lsof -ti:{port}" in result.stderr and "--port" in result.stderr

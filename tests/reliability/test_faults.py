@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.process import db_statuses, wait_until
 from tests.support.fake_backend import FakeBackend
+from tests.support.process import db_statuses, wait_until
 
 
 @pytest.fixture
@@ -30,8 +30,9 @@ def two_fakes(serve: Callable[..., httpx.Client]) -> Callable[..., tuple[httpx.C
 
             return build
 
-        client = serve(factories={"fake": factory("fake"), "other": factory("other")}, default_backend="fake",
-                       **settings)
+        client = serve(
+            factories={"fake": factory("fake"), "other": factory("other")}, default_backend="fake", **settings
+        )
         return client, made
 
     return start
@@ -67,7 +68,7 @@ def test_a_hanging_backend_hits_the_deadline_and_frees_the_worker(two_fakes) -> 
 def test_a_backend_that_fails_fatally_shows_in_health_and_the_others_keep_serving(two_fakes) -> None:
     """A dead device must not take the service down: health names the broken backend, requests to
     it fail fast with 503, the other backends keep serving."""
-    client, fakes = two_fakes()
+    client, _fakes = two_fakes()
     dead = client.post("/api/txt2img", json={"prompt": "fatal"})
     assert dead.status_code == 503 and dead.json()["error"]["type"] == "backend_unavailable"
     health = client.get("/health")

@@ -48,15 +48,29 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> It
     bfl = FakeBFL(api_key=BFL_KEY, generation_time=0.01)
     with LiveServer(bfl.app) as bfl_server:
         settings = Settings(
-            _env_file=None, output_dir=root / "outputs", data_dir=root / "data", model_dir=model_dir,
-            model_id="tiny-sd", flux_model_id="tiny-flux2-klein", host="127.0.0.1", log_level="error",
-            max_queue=100_000, api_key=KEY, bfl_api_key=BFL_KEY, bfl_api_url=bfl_server.url,
-            bfl_poll_interval=0.01, bfl_poll_max_interval=0.05, max_loaded_pipelines=2,
+            _env_file=None,
+            output_dir=root / "outputs",
+            data_dir=root / "data",
+            model_dir=model_dir,
+            model_id="tiny-sd",
+            flux_model_id="tiny-flux2-klein",
+            host="127.0.0.1",
+            log_level="error",
+            max_queue=100_000,
+            api_key=KEY,
+            bfl_api_key=BFL_KEY,
+            bfl_api_url=bfl_server.url,
+            bfl_poll_interval=0.01,
+            bfl_poll_max_interval=0.05,
+            max_loaded_pipelines=2,
             # The tiny pipelines are quick at small sizes only: keep fuzzed sizes small.
-            max_width=256, max_height=256, max_pixels=128 * 128,
+            max_width=256,
+            max_height=256,
+            max_pixels=128 * 128,
         )
-        app = create_app(settings, backend_factories={"fake": lambda s: FakeBackend(s, step_delay=0)},
-                         default_backend="fake")
+        app = create_app(
+            settings, backend_factories={"fake": lambda s: FakeBackend(s, step_delay=0)}, default_backend="fake"
+        )
         with LiveServer(app) as server, httpx.Client(base_url=server.url) as client:
             wait_ready(client)
             yield server.url, root
@@ -69,11 +83,31 @@ def run_schemathesis(url: str, report: Path, *extra: str, exclude: tuple[str, ..
     schema = report.parent / "openapi.json"
     schema.write_bytes(httpx.get(f"{url}/openapi.json", headers={"X-API-Key": KEY}).raise_for_status().content)
     command = [
-        SCHEMATHESIS, "--config-file", str(Path(__file__).with_name("schemathesis.toml")), "run", str(schema), "--url", url, "--checks", ",".join(CHECKS),
-        "--exclude-checks", ",".join((*EXCLUDED, *exclude)), "--no-color", "--generation-database", "none",
-        "--seed", "20261127", "--report", "json", "--report-json-path", str(report), "--request-timeout", "60",
+        SCHEMATHESIS,
+        "--config-file",
+        str(Path(__file__).with_name("schemathesis.toml")),
+        "run",
+        str(schema),
+        "--url",
+        url,
+        "--checks",
+        ",".join(CHECKS),
+        "--exclude-checks",
+        ",".join((*EXCLUDED, *exclude)),
+        "--no-color",
+        "--generation-database",
+        "none",
+        "--seed",
+        "20261127",
+        "--report",
+        "json",
+        "--report-json-path",
+        str(report),
+        "--request-timeout",
+        "60",
         # Response time is a benchmark matter; on 2 shared cores a queued request may wait.
-        "--max-response-time", "60",
+        "--max-response-time",
+        "60",
         *extra,
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=report.parent)
@@ -82,7 +116,7 @@ def run_schemathesis(url: str, report: Path, *extra: str, exclude: tuple[str, ..
 
 
 def test_every_operation_with_the_key(fuzz_server: tuple[str, Path], tmp_path: Path) -> None:
-    url, root = fuzz_server
+    url, _root = fuzz_server
     report = run_schemathesis(url, tmp_path / "report.json", "--max-examples", "120", "-H", f"X-API-Key: {KEY}")
     assert report["operations"]["tested"] == report["operations"]["total"] >= 30
     assert report["failures"] == [] and report["errors"] == []
@@ -96,8 +130,15 @@ def test_every_operation_without_the_key(fuzz_server: tuple[str, Path], tmp_path
     (unsupported_method is left out here: the key is checked before routing, so an unauthenticated
     caller gets 401 for any method and cannot map the API.)"""
     url, _ = fuzz_server
-    report = run_schemathesis(url, tmp_path / "report.json", "--max-examples", "25", "--phases",
-                              "examples,coverage,fuzzing", exclude=("unsupported_method",))
+    report = run_schemathesis(
+        url,
+        tmp_path / "report.json",
+        "--max-examples",
+        "25",
+        "--phases",
+        "examples,coverage,fuzzing",
+        exclude=("unsupported_method",),
+    )
     assert report["failures"] == [] and report["errors"] == []
     generated = report["test_cases"]["generated"]
     print(f"schemathesis generated {generated} cases without the key")

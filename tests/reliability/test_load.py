@@ -73,5 +73,7 @@ def test_64_clients_x_20_requests_none_lost_none_swapped(serve: Callable[..., ht
     assert len(job_ids) == CLIENTS * REQUESTS
     assert health and all(status == 200 for _, status in health)
     latencies = sorted(seconds for seconds, _ in health)
-    print(f"/health during load: {len(latencies)} probes, p99 {latencies[int(len(latencies) * 0.99) - 1] * 1000:.1f} ms")
+    print(
+        f"/health during load: {len(latencies)} probes, p99 {latencies[int(len(latencies) * 0.99) - 1] * 1000:.1f} ms"
+    )
     assert sum(len(call) for call in holder["backend"].calls) == CLIENTS * REQUESTS

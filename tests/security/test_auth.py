@@ -33,8 +33,13 @@ def test_health_routes_stay_open(client: httpx.Client) -> None:
 
 @pytest.mark.parametrize(
     "headers",
-    [{"X-API-Key": KEY}, {"Authorization": f"Bearer {KEY}"}, {"Authorization": f"bearer {KEY}"},
-     {"Authorization": basic("anyone", KEY)}, {"Authorization": basic("", KEY)}],
+    [
+        {"X-API-Key": KEY},
+        {"Authorization": f"Bearer {KEY}"},
+        {"Authorization": f"bearer {KEY}"},
+        {"Authorization": basic("anyone", KEY)},
+        {"Authorization": basic("", KEY)},
+    ],
 )
 def test_each_accepted_form(client: httpx.Client, headers: dict[str, str]) -> None:
     assert client.get("/api/backends", headers=headers).status_code == 200
@@ -44,9 +49,18 @@ def test_each_accepted_form(client: httpx.Client, headers: dict[str, str]) -> No
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"X-API-Key": "wrong"}, {"X-API-Key": KEY + "x"}, {"X-API-Key": KEY[:-1]},
-     {"Authorization": f"Bearer {KEY[:-1]}"}, {"Authorization": f"Token {KEY}"}, {"Authorization": KEY},
-     {"Authorization": basic(KEY, "nope")}, {"Authorization": "Basic !!!notbase64"}, {"X-API-Key": ""}],
+    [
+        {},
+        {"X-API-Key": "wrong"},
+        {"X-API-Key": KEY + "x"},
+        {"X-API-Key": KEY[:-1]},
+        {"Authorization": f"Bearer {KEY[:-1]}"},
+        {"Authorization": f"Token {KEY}"},
+        {"Authorization": KEY},
+        {"Authorization": basic(KEY, "nope")},
+        {"Authorization": "Basic !!!notbase64"},
+        {"X-API-Key": ""},
+    ],
 )
 def test_wrong_or_missing_key_is_401(client: httpx.Client, headers: dict[str, str]) -> None:
     response = client.get("/api/backends", headers=headers)
@@ -69,8 +83,12 @@ def test_every_route_but_health_requires_the_key(client: httpx.Client) -> None:
     for method, template in operations:
         path = template.replace("{name}", "20260101-000000-aaaaaaaaaaaa.png").replace("{job_id}", "0" * 32)
         public = template in ("/health", "/health/live")
-        for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"},
-                        {"Authorization": basic("user", "wrong")}):
+        for headers in (
+            {},
+            {"X-API-Key": "wrong"},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": basic("user", "wrong")},
+        ):
             response = client.request(method, path, headers=headers)
             if public:
                 assert response.status_code == 200, (method, template)
@@ -142,15 +160,23 @@ def test_cors_is_closed_by_default_and_exact_when_set(serve: Callable[..., httpx
     closed = serve()
     response = closed.get("/health", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in response.headers
-    preflight = closed.options("/api/txt2img", headers={"Origin": "https://evil.example",
-                                                          "Access-Control-Request-Method": "POST"})
+    preflight = closed.options(
+        "/api/txt2img", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    )
     assert "access-control-allow-origin" not in preflight.headers
 
     allowed = serve(cors_origins="https://ui.example", api_key=KEY)
-    ok = allowed.options("/api/txt2img", headers={"Origin": "https://ui.example", "Access-Control-Request-Method": "POST",
-                                                  "Access-Control-Request-Headers": "x-api-key,content-type"})
+    ok = allowed.options(
+        "/api/txt2img",
+        headers={
+            "Origin": "https://ui.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-api-key,content-type",
+        },
+    )
     assert ok.status_code == 200
     assert ok.headers["access-control-allow-origin"] == "https://ui.example"
-    denied = allowed.options("/api/txt2img", headers={"Origin": "https://evil.example",
-                                                       "Access-Control-Request-Method": "POST"})
+    denied = allowed.options(
+        "/api/txt2img", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    )
     assert denied.headers.get("access-control-allow-origin") != "https://evil.example"

@@ -13,7 +13,6 @@ import itertools
 import os
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -32,17 +31,59 @@ def traversal_corpus() -> list[str]:
     """More than 200 hostile names: plain, encoded, double-encoded, overlong-UTF-8, backslashes,
     absolute paths, NUL bytes, dot tricks, aimed at files beside and above the output folder."""
     targets = ["secret.png", "../secret.png", "sentinel.txt", "etc/passwd", "data/jobs.sqlite3"]
-    climbs = ["../", "..\\", "../../", "..%2f", "..%2F", "%2e%2e/", "%2e%2e%2f", "%2E%2E%2F", "%252e%252e%252f",
-              "..%252f", "%c0%ae%c0%ae/", "%c0%ae%c0%ae%c0%af", "..%c0%af", "..%5c", "%2e%2e%5c", "....//",
-              "..;/", ".%2e/", "%2e./", "..%00/", "..\\..\\", "%u002e%u002e/"]
+    climbs = [
+        "../",
+        "..\\",
+        "../../",
+        "..%2f",
+        "..%2F",
+        "%2e%2e/",
+        "%2e%2e%2f",
+        "%2E%2E%2F",
+        "%252e%252e%252f",
+        "..%252f",
+        "%c0%ae%c0%ae/",
+        "%c0%ae%c0%ae%c0%af",
+        "..%c0%af",
+        "..%5c",
+        "%2e%2e%5c",
+        "....//",
+        "..;/",
+        ".%2e/",
+        "%2e./",
+        "..%00/",
+        "..\\..\\",
+        "%u002e%u002e/",
+    ]
     names = [climb * depth + target for climb, depth, target in itertools.product(climbs, (1, 4), targets)]
     names += [
-        "/etc/passwd", "%2fetc%2fpasswd", "%252fetc%252fpasswd", "C:\\Windows\\win.ini", "C:%5cWindows%5cwin.ini",
-        "\\\\server\\share\\x.png", "file:///etc/passwd", "20261127-000000-aaaaaaaaaaaa.png%00.txt",
-        "20261127-000000-aaaaaaaaaaaa.png\\..\\..\\secret.png", "20261127-000000-aaaaaaaaaaaa.png/../../secret.png",
-        "20261127-000000-aaaaaaaaaaaa.png%2f..%2f..%2fsecret.png", ".", "..", "...", "%2e", "%2e%2e", "~", "~root",
-        "20261127-000000-aaaaaaaaaaaa.PNG", "20261127-000000-aaaaaaaaaaaa.svg", "20261127-000000-aaaaaaaaaaaa.html",
-        "x" * 300, "%00", "%0a", "%0d%0aSet-Cookie:x=1", "link-out.png", "20261127-000000-bbbbbbbbbbbb.png",
+        "/etc/passwd",
+        "%2fetc%2fpasswd",
+        "%252fetc%252fpasswd",
+        "C:\\Windows\\win.ini",
+        "C:%5cWindows%5cwin.ini",
+        "\\\\server\\share\\x.png",
+        "file:///etc/passwd",
+        "20261127-000000-aaaaaaaaaaaa.png%00.txt",
+        "20261127-000000-aaaaaaaaaaaa.png\\..\\..\\secret.png",
+        "20261127-000000-aaaaaaaaaaaa.png/../../secret.png",
+        "20261127-000000-aaaaaaaaaaaa.png%2f..%2f..%2fsecret.png",
+        ".",
+        "..",
+        "...",
+        "%2e",
+        "%2e%2e",
+        "~",
+        "~root",
+        "20261127-000000-aaaaaaaaaaaa.PNG",
+        "20261127-000000-aaaaaaaaaaaa.svg",
+        "20261127-000000-aaaaaaaaaaaa.html",
+        "x" * 300,
+        "%00",
+        "%0a",
+        "%0d%0aSet-Cookie:x=1",
+        "link-out.png",
+        "20261127-000000-bbbbbbbbbbbb.png",
     ]
     return names
 
@@ -55,7 +96,12 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     root = tmp_path_factory.mktemp("hostile")
     outputs = root / "service" / "outputs"
     outputs.mkdir(parents=True)
-    sentinels = [root / "secret.png", root / "service" / "secret.png", root / "sentinel.txt", root / "service" / "sentinel.txt"]
+    sentinels = [
+        root / "secret.png",
+        root / "service" / "secret.png",
+        root / "sentinel.txt",
+        root / "service" / "sentinel.txt",
+    ]
     for path in sentinels:
         path.write_bytes(SENTINEL)
     # A symlink with a valid output name that leaves the folder (ComfyUI #12285).
@@ -67,14 +113,26 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         holder["fake"] = FakeBackend(settings)
         return holder["fake"]
 
-    settings = Settings(_env_file=None, output_dir=outputs, data_dir=root / "service" / "data", host="127.0.0.1",
-                        log_level="error", max_body_bytes=65536)
+    settings = Settings(
+        _env_file=None,
+        output_dir=outputs,
+        data_dir=root / "service" / "data",
+        host="127.0.0.1",
+        log_level="error",
+        max_body_bytes=65536,
+    )
     app = create_app(settings, backend_factories={"fake": factory}, default_backend="fake")
     with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         wait_ready(client)
         stats = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in sentinels}
-        yield {"client": client, "fake": holder["fake"], "server": server, "sentinels": stats,
-               "outputs": outputs, "host": server.url.split("//")[1]}
+        yield {
+            "client": client,
+            "fake": holder["fake"],
+            "server": server,
+            "sentinels": stats,
+            "outputs": outputs,
+            "host": server.url.split("//")[1],
+        }
         for path, (content, mtime) in stats.items():
             assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime, path
         assert (outputs / "20261127-000000-bbbbbbbbbbbb.png").is_symlink()
@@ -140,8 +198,10 @@ def test_oversized_bodies_are_refused_before_parsing(hostile: dict[str, Any], pa
     # Announced too large: answered without reading a byte of the body.
     address, port = host.split(":")
     with socket.create_connection((address, int(port)), timeout=10) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {10**12}\r\n\r\n".encode())
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {10**12}\r\n\r\n".encode()
+        )
         answer = sock.recv(4096)
     assert answer.split(b" ", 2)[1] == b"413"
     big = b'{"prompt": "' + b"a" * 70_000 + b'"}'
@@ -151,9 +211,14 @@ def test_oversized_bodies_are_refused_before_parsing(hostile: dict[str, Any], pa
 @pytest.mark.parametrize("path", POST_ROUTES)
 @pytest.mark.parametrize(
     ("content_type", "body"),
-    [("text/plain", b'{"prompt": "x"}'), ("application/x-www-form-urlencoded", b"prompt=x"),
-     ("multipart/form-data; boundary=b", b"--b\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n--b--"),
-     ("application/xml", b"<prompt>x</prompt>"), ("", b'{"prompt": "x"}'), ("image/png", b"\x89PNG\r\n")],
+    [
+        ("text/plain", b'{"prompt": "x"}'),
+        ("application/x-www-form-urlencoded", b"prompt=x"),
+        ("multipart/form-data; boundary=b", b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--b--'),
+        ("application/xml", b"<prompt>x</prompt>"),
+        ("", b'{"prompt": "x"}'),
+        ("image/png", b"\x89PNG\r\n"),
+    ],
 )
 def test_non_json_bodies_are_415(hostile: dict[str, Any], path: str, content_type: str, body: bytes) -> None:
     headers = {"Content-Type": content_type} if content_type else {}

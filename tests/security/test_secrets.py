@@ -47,8 +47,12 @@ class _Collect(logging.Handler):
 @pytest.fixture
 def logs() -> Iterator[_Collect]:
     handler = _Collect()
-    loggers = [logging.getLogger(), logging.getLogger("imagegen"), logging.getLogger("uvicorn"),
-               logging.getLogger("httpx")]
+    loggers = [
+        logging.getLogger(),
+        logging.getLogger("imagegen"),
+        logging.getLogger("uvicorn"),
+        logging.getLogger("httpx"),
+    ]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.addHandler(handler)
@@ -71,15 +75,29 @@ def test_no_canary_anywhere(tmp_path: Path, model_dir: Path, logs: _Collect, cap
     receiver = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
     with LiveServer(fake_bfl.app) as bfl, LiveServer(receiver) as hooks:
         settings = Settings(
-            _env_file=None, host="127.0.0.1", model_dir=model_dir, model_id="tiny-sd",
-            output_dir=tmp_path / "outputs", data_dir=tmp_path / "data", log_level="debug",
-            api_key=API_KEY, huggingface_token=HF_TOKEN, webhook_secret=WEBHOOK_SECRET,
-            bfl_api_key=BFL_KEY, bfl_api_url=bfl.url, bfl_poll_interval=0.01, bfl_poll_max_interval=0.05,
-            bfl_retry_backoff=0.01, bfl_max_retries=1, webhook_backoff=0.01,
+            _env_file=None,
+            host="127.0.0.1",
+            model_dir=model_dir,
+            model_id="tiny-sd",
+            output_dir=tmp_path / "outputs",
+            data_dir=tmp_path / "data",
+            log_level="debug",
+            api_key=API_KEY,
+            huggingface_token=HF_TOKEN,
+            webhook_secret=WEBHOOK_SECRET,
+            bfl_api_key=BFL_KEY,
+            bfl_api_url=bfl.url,
+            bfl_poll_interval=0.01,
+            bfl_poll_max_interval=0.05,
+            bfl_retry_backoff=0.01,
+            bfl_max_retries=1,
+            webhook_backoff=0.01,
         )
         app = create_app(settings, backend_factories={"fake": lambda s: FakeBackend(s)}, default_backend="fake")
-        with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=60,
-                                                    headers={"X-API-Key": API_KEY}) as client:
+        with (
+            LiveServer(app) as server,
+            httpx.Client(base_url=server.url, timeout=60, headers={"X-API-Key": API_KEY}) as client,
+        ):
             wait_ready(client)
 
             def record(response: httpx.Response) -> httpx.Response:
@@ -90,18 +108,30 @@ def test_no_canary_anywhere(tmp_path: Path, model_dir: Path, logs: _Collect, cap
             record(client.post("/api/txt2img", json={"prompt": "fake ok", "seed": 1}))
             record(client.post("/api/txt2img", json={"prompt": "fail", "seed": 1}))
             record(client.post("/api/txt2img", json={"prompt": "sd ok", "backend": "sd", "steps": 2}))
-            record(client.post("/api/txt2img", json={"prompt": "cloud ok", "backend": "flux-api", "width": 256,
-                                                     "height": 256}))
+            record(
+                client.post(
+                    "/api/txt2img", json={"prompt": "cloud ok", "backend": "flux-api", "width": 256, "height": 256}
+                )
+            )
             # Upstream errors that echo the key back.
             fake_bfl.inject("submit", 422, body={"detail": f"bad request for key {BFL_KEY}"})
-            record(client.post("/api/txt2img", json={"prompt": "cloud 422", "backend": "flux-api", "width": 256,
-                                                     "height": 256}))
+            record(
+                client.post(
+                    "/api/txt2img", json={"prompt": "cloud 422", "backend": "flux-api", "width": 256, "height": 256}
+                )
+            )
             fake_bfl.inject("submit", 500, times=5, body={"detail": f"internal: {BFL_KEY}"})
-            record(client.post("/api/txt2img", json={"prompt": "cloud 500", "backend": "flux-api", "width": 256,
-                                                     "height": 256}))
+            record(
+                client.post(
+                    "/api/txt2img", json={"prompt": "cloud 500", "backend": "flux-api", "width": 256, "height": 256}
+                )
+            )
             fake_bfl.inject("submit", 401, body={"detail": f"key {BFL_KEY} rejected"})
-            record(client.post("/api/txt2img", json={"prompt": "cloud 401", "backend": "flux-api", "width": 256,
-                                                     "height": 256}))
+            record(
+                client.post(
+                    "/api/txt2img", json={"prompt": "cloud 401", "backend": "flux-api", "width": 256, "height": 256}
+                )
+            )
             job = record(client.post("/api/jobs", json={"prompt": "hooked", "callback_url": f"{hooks.url}/hook"}))
             record(client.get(f"/api/jobs/{job.json()['id']}"))
             # Wrong keys, and keys where they do not belong.

@@ -101,8 +101,14 @@ class FakeBackend(ImageBackend):
         )
 
     def health(self) -> BackendHealth:
-        return BackendHealth(self.state, f"fake backend is {self.state.value}", model="fake-model", device="cpu",
-                             dtype="none", loaded=self.state is BackendState.READY)
+        return BackendHealth(
+            self.state,
+            f"fake backend is {self.state.value}",
+            model="fake-model",
+            device="cpu",
+            dtype="none",
+            loaded=self.state is BackendState.READY,
+        )
 
     async def generate(self, batch: Sequence[GenerationRequest], ctx: RunContext) -> list[list[GeneratedImage]]:
         if self._loop is None:

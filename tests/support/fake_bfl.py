@@ -63,8 +63,20 @@ MODEL_RULES: dict[str, dict[str, Any]] = {
     "flux-pro": {**_FLUX1, "steps": (1, 50), "guidance": (1.5, 5.0)},
     "flux-dev": {**_FLUX1, "steps": (1, 50), "guidance": (1.5, 5.0)},
 }
-_COMMON_FIELDS = {"prompt", "seed", "safety_tolerance", "output_format", "prompt_upsampling", "webhook_url",
-                  "webhook_secret", "input_image", "input_image_2", "input_image_3", "input_image_4", "raw"}
+_COMMON_FIELDS = {
+    "prompt",
+    "seed",
+    "safety_tolerance",
+    "output_format",
+    "prompt_upsampling",
+    "webhook_url",
+    "webhook_secret",
+    "input_image",
+    "input_image_2",
+    "input_image_3",
+    "input_image_4",
+    "raw",
+}
 # Size of the image an aspect_ratio model returns (about 1 MP; Ultra about 4 MP, kept small here).
 _ASPECT_PIXELS = 512 * 512
 
@@ -164,8 +176,9 @@ class FakeBFL:
         )
 
     # -- test controls ---------------------------------------------------------------------------
-    def inject(self, route: str, status: int, *, times: int = 1, body: Any = None,
-               headers: dict[str, str] | None = None) -> None:
+    def inject(
+        self, route: str, status: int, *, times: int = 1, body: Any = None, headers: dict[str, str] | None = None
+    ) -> None:
         """The next `times` requests to `route` (submit | poll | sample | credits) get this answer."""
         with self._lock:
             queue = self._injected.setdefault(route, deque())
@@ -175,8 +188,9 @@ class FakeBFL:
     def active(self, now: float | None = None, model: str | None = None) -> int:
         now = time.monotonic() if now is None else now
         with self._lock:
-            return sum(1 for task in self.tasks.values()
-                       if task.ready_at > now and (model is None or task.model == model))
+            return sum(
+                1 for task in self.tasks.values() if task.ready_at > now and (model is None or task.model == model)
+            )
 
     def count(self, route: str) -> int:
         with self._lock:
@@ -189,10 +203,15 @@ class FakeBFL:
     # -- helpers ---------------------------------------------------------------------------------
     def _record(self, route: str, request: Request) -> None:
         with self._lock:
-            self.requests.append({
-                "route": route, "method": request.method, "path": request.url.path,
-                "headers": dict(request.headers), "time": time.monotonic(),
-            })
+            self.requests.append(
+                {
+                    "route": route,
+                    "method": request.method,
+                    "path": request.url.path,
+                    "headers": dict(request.headers),
+                    "time": time.monotonic(),
+                }
+            )
 
     def _take_injected(self, route: str) -> Response | None:
         with self._lock:
@@ -238,10 +257,16 @@ class FakeBFL:
         if rules["mode"] == "size":
             for name in ("width", "height"):
                 value = body.get(name, 1024)
-                if not isinstance(value, int) or value % rules["multiple"] or not rules["low"] <= value <= rules["high"]:
+                if (
+                    not isinstance(value, int)
+                    or value % rules["multiple"]
+                    or not rules["low"] <= value <= rules["high"]
+                ):
                     return self._invalid(
-                        name, f"must be a multiple of {rules['multiple']} between {rules['low']} and {rules['high']}",
-                        value)
+                        name,
+                        f"must be a multiple of {rules['multiple']} between {rules['low']} and {rules['high']}",
+                        value,
+                    )
             if body.get("width", 1024) * body.get("height", 1024) > rules["pixels"]:
                 return self._invalid("width", "image too large", body.get("width"))
         else:
@@ -275,8 +300,9 @@ class FakeBFL:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return JSONResponse({"detail": [{"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error"}]},
-                                status_code=422)
+            return JSONResponse(
+                {"detail": [{"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error"}]}, status_code=422
+            )
         if (invalid := self._validate(model, body)) is not None:
             return invalid
         prompt: str = body["prompt"]
@@ -293,8 +319,15 @@ class FakeBFL:
             if "moderate-input" in prompt:
                 outcome, duration = "request_moderated", 0.0
             else:
-                outcome = ("content_moderated" if "moderate-output" in prompt else "error" if "fail-task" in prompt
-                           else "lost" if "lose-task" in prompt else "ready")
+                outcome = (
+                    "content_moderated"
+                    if "moderate-output" in prompt
+                    else "error"
+                    if "fail-task" in prompt
+                    else "lost"
+                    if "lose-task" in prompt
+                    else "ready"
+                )
                 duration = self.generation_time * (10 if "slow-task" in prompt else 1)
             if MODEL_RULES[model]["mode"] == "size":
                 width, height = body.get("width", 1024), body.get("height", 1024)
@@ -304,9 +337,16 @@ class FakeBFL:
                 width, height = max(16, round(ratio_w * scale / 16) * 16), max(16, round(ratio_h * scale / 16) * 16)
             seed = body.get("seed")
             task = Task(
-                id=str(uuid.uuid4()), model=model, body=dict(body), created=now, ready_at=now + duration,
-                outcome=outcome, seed=int(seed) if isinstance(seed, int) else secrets.randbelow(2**32),
-                width=width, height=height, output_format=body.get("output_format", "jpeg"),
+                id=str(uuid.uuid4()),
+                model=model,
+                body=dict(body),
+                created=now,
+                ready_at=now + duration,
+                outcome=outcome,
+                seed=int(seed) if isinstance(seed, int) else secrets.randbelow(2**32),
+                width=width,
+                height=height,
+                output_format=body.get("output_format", "jpeg"),
                 corrupt="corrupt-result" in prompt,
             )
             self.tasks[task.id] = task
@@ -321,13 +361,15 @@ class FakeBFL:
         if self.submit_delay:
             await asyncio.sleep(self.submit_delay)
         base = self._base(request, self.polling_base)
-        return JSONResponse({
-            "id": task.id,
-            "polling_url": f"{base}/v1/get_result?id={task.id}",
-            "cost": self.cost,
-            "input_mp": 0.0,
-            "output_mp": round(width * height / 1e6, 2),
-        })
+        return JSONResponse(
+            {
+                "id": task.id,
+                "polling_url": f"{base}/v1/get_result?id={task.id}",
+                "cost": self.cost,
+                "input_mp": 0.0,
+                "output_mp": round(width * height / 1e6, 2),
+            }
+        )
 
     async def _get_result(self, request: Request) -> Response:
         self._record("poll", request)
@@ -339,8 +381,16 @@ class FakeBFL:
         with self._lock:
             task = self.tasks.get(task_id)
         if task is None or task.outcome == "lost":
-            return JSONResponse({"id": task_id, "status": "Task not found", "result": None, "progress": None,
-                                 "details": None, "preview": None})
+            return JSONResponse(
+                {
+                    "id": task_id,
+                    "status": "Task not found",
+                    "result": None,
+                    "progress": None,
+                    "details": None,
+                    "preview": None,
+                }
+            )
         now = time.monotonic()
         body: dict[str, Any] = {"id": task.id, "result": None, "progress": None, "details": None, "preview": None}
         if now < task.ready_at:
@@ -364,10 +414,18 @@ class FakeBFL:
             ext = "png" if task.output_format == "png" else "jpeg"
             base = self._base(request, self.delivery_base)
             sample = f"{base}/results/{task.id}/sample.{ext}?se={expires}&sig={self._signature(task.id, expires)}"
-            body.update(status="Ready", progress=1.0, result={
-                "sample": sample, "seed": task.seed, "prompt": task.body["prompt"],
-                "start_time": task.created, "end_time": task.ready_at, "duration": task.ready_at - task.created,
-            })
+            body.update(
+                status="Ready",
+                progress=1.0,
+                result={
+                    "sample": sample,
+                    "seed": task.seed,
+                    "prompt": task.body["prompt"],
+                    "start_time": task.created,
+                    "end_time": task.ready_at,
+                    "duration": task.ready_at - task.created,
+                },
+            )
         return JSONResponse(body)
 
     async def _sample(self, request: Request) -> Response:
@@ -379,15 +437,22 @@ class FakeBFL:
         signature = request.query_params.get("sig", "")
         with self._lock:
             task = self.tasks.get(task_id)
-        valid = (task is not None and expires.isdigit()
-                 and hmac.compare_digest(signature, self._signature(task_id, int(expires))))
+        valid = (
+            task is not None
+            and expires.isdigit()
+            and hmac.compare_digest(signature, self._signature(task_id, int(expires)))
+        )
         if not valid:
-            return Response("<Error><Code>AuthenticationFailed</Code></Error>", status_code=403,
-                            media_type="application/xml")
+            return Response(
+                "<Error><Code>AuthenticationFailed</Code></Error>", status_code=403, media_type="application/xml"
+            )
         if time.time() * 1000 > int(expires):
             # What a signed blob URL answers once its time is up.
-            return Response("<Error><Code>AuthenticationFailed</Code><Message>Signed expiry time has passed"
-                            "</Message></Error>", status_code=403, media_type="application/xml")
+            return Response(
+                "<Error><Code>AuthenticationFailed</Code><Message>Signed expiry time has passed</Message></Error>",
+                status_code=403,
+                media_type="application/xml",
+            )
         assert task is not None
         if task.corrupt or task.rendered is None:
             data, media = b"this is not an image" * 10, "image/png"
@@ -395,9 +460,10 @@ class FakeBFL:
             data = await task.rendered + b"\0" * self.result_padding
             media = "image/png" if task.output_format == "png" else "image/jpeg"
         if self.chunked_results:
+
             async def chunks() -> Any:
                 for start in range(0, len(data), 65536):
-                    yield data[start:start + 65536]
+                    yield data[start : start + 65536]
                     await asyncio.sleep(0)
 
             return StreamingResponse(chunks(), media_type=media)  # no Content-Length
@@ -437,8 +503,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--credits", type=float, default=1000.0)
     parser.add_argument("--no-progress", action="store_true", help="report progress: null while Pending")
     args = parser.parse_args(argv)
-    fake = FakeBFL(api_key=args.key, generation_time=args.generation_time, result_ttl=args.result_ttl,
-                   max_active=args.max_active, credits=args.credits, report_progress=not args.no_progress)
+    fake = FakeBFL(
+        api_key=args.key,
+        generation_time=args.generation_time,
+        result_ttl=args.result_ttl,
+        max_active=args.max_active,
+        credits=args.credits,
+        report_progress=not args.no_progress,
+    )
     print(f"fake BFL API on http://{args.host}:{args.port} (x-key: {args.key})", flush=True)
     uvicorn.run(fake.app, host=args.host, port=args.port, log_level="warning")
 

@@ -29,8 +29,12 @@ class ServiceProcess:
         self.tmp = tmp
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SD_")}
         self.env.update(
-            SD_DATA_DIR=str(tmp / "data"), SD_OUTPUT_DIR=str(tmp / "outputs"), SD_MODEL_DIR=str(tmp / "models"),
-            SD_LOG_LEVEL="warning", PYTHONPATH=str(ROOT), **env,
+            SD_DATA_DIR=str(tmp / "data"),
+            SD_OUTPUT_DIR=str(tmp / "outputs"),
+            SD_MODEL_DIR=str(tmp / "models"),
+            SD_LOG_LEVEL="warning",
+            PYTHONPATH=str(ROOT),
+            **env,
         )
         self.process: subprocess.Popen[bytes] | None = None
         self.client: httpx.Client | None = None
@@ -39,7 +43,10 @@ class ServiceProcess:
         port = free_port()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.support.serve_fake", "--port", str(port)],
-            cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=open(self.tmp / "server.log", "ab"),
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.tmp / "server.log", "ab"),
         )
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
         deadline = time.monotonic() + 30

@@ -26,8 +26,13 @@ def main() -> None:
         default_backend="fake",
     )
     uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning",
-                       timeout_graceful_shutdown=int(settings.shutdown_grace) + 5)
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=args.port,
+            log_level="warning",
+            timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
+        )
     ).run()
 
 

@@ -14,8 +14,15 @@ class LiveServer:
         self.app = app
         # A long keep-alive: a test process that also runs many clients can leave a connection idle
         # for seconds, and a server closing it just as the client reuses it is a client-side race.
-        self.config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
-                                     timeout_graceful_shutdown=5, timeout_keep_alive=60)
+        self.config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+            timeout_keep_alive=60,
+        )
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
         self.url = ""

@@ -17,8 +17,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "web"
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run", "--disable-quic",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
 ]
 
 
@@ -50,8 +55,12 @@ class PageProbe:
         self.page = page
         self.errors: list[str] = []
         self.requests: list[Any] = []
-        page.on("console", lambda message: message.type in ("error", "warning") and self.errors.append(
-            f"console {message.type}: {message.text}"))
+        page.on(
+            "console",
+            lambda message: (
+                message.type in ("error", "warning") and self.errors.append(f"console {message.type}: {message.text}")
+            ),
+        )
         page.on("pageerror", lambda error: self.errors.append(f"uncaught: {error}"))
         page.on("request", lambda request: self.requests.append(request))
 

@@ -14,7 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install the 'test' extra)")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (pip install the 'test' extra)"
+)
 expect = sync_api.expect
 
 KEY = "web-Canary-k3y-5d2a"
@@ -177,7 +179,8 @@ def test_unavailable_backends_flagged_image_and_failure(fake_server, open_page) 
     page.fill("#height", "256")
     page.click("#generate")
     assert page.locator("#height").evaluate("input => input.validationMessage") == (
-        "Width × height must be at most 65536 pixels.")
+        "Width × height must be at most 65536 pixels."
+    )
     expect(page.locator(".job")).to_have_count(2)
     probe.screenshot("flagged-failed-unavailable")
     probe.assert_clean()

@@ -62,8 +62,18 @@ def test_the_api_still_needs_the_key_and_never_asks_for_basic(client: httpx.Clie
 
 @pytest.mark.parametrize(
     "path",
-    ["/web/", "/web", "/web/nope.js", "/web/..%2Fmain.py", "/web/%2e%2e/api/web.py", "/web/index.html",
-     "/index.html", "/web/../api/web.py", "/web/main.js/", "/web/MAIN.JS"],
+    [
+        "/web/",
+        "/web",
+        "/web/nope.js",
+        "/web/..%2Fmain.py",
+        "/web/%2e%2e/api/web.py",
+        "/web/index.html",
+        "/index.html",
+        "/web/../api/web.py",
+        "/web/main.js/",
+        "/web/MAIN.JS",
+    ],
 )
 def test_only_the_exact_files_are_public_and_nothing_is_listed(client: httpx.Client, path: str) -> None:
     # Without the key: not public. With it: no such file (no listing, no way out of the folder).

@@ -69,8 +69,13 @@ def error_body(
         # A1111's handler: {"error": <exception name>, "detail": ..., "body": ..., "errors": ...}; "body"
         # (the request echoed back) is left out on purpose: bodies carry prompts and, from some
         # clients, credentials.
-        return status, {"error": error_type, "detail": message, "errors": message, "param": param,
-                        "request_id": request_id}
+        return status, {
+            "error": error_type,
+            "detail": message,
+            "errors": message,
+            "param": param,
+            "request_id": request_id,
+        }
     return status, {"error": {"type": error_type, "message": message, "param": param, "request_id": request_id}}
 
 

@@ -78,8 +78,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
         if error.status_code >= 500:
-            log.warning("%s %s -> %d %s: %s", request.method, request.url.path, error.status_code,
-                        error.error_type, error.message)
+            log.warning(
+                "%s %s -> %d %s: %s",
+                request.method,
+                request.url.path,
+                error.status_code,
+                error.error_type,
+                error.message,
+            )
         return service_error_response(error, request.scope["path"])
 
     @app.exception_handler(RequestValidationError)
@@ -101,11 +107,16 @@ def install_error_handlers(app: FastAPI) -> None:
             methods = allowed_methods(request.scope)
             if methods:
                 headers["Allow"] = ", ".join(methods)
-        return error_response(error.status_code, error_type, message, headers=headers or None,
-                              path=request.scope["path"])
+        return error_response(
+            error.status_code, error_type, message, headers=headers or None, path=request.scope["path"]
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal error; the service log has the details for this request id",
-                              path=request.scope["path"])
+        return error_response(
+            500,
+            "internal_error",
+            "internal error; the service log has the details for this request id",
+            path=request.scope["path"],
+        )

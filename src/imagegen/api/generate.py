@@ -54,8 +54,9 @@ def raw_format(accept: str | None, body: Txt2ImgRequest) -> str | None:
                 f"Accept asks for {media} but output_format is {body.output_format}", param="output_format"
             )
         if body.num_images != 1:
-            raise NotAcceptableError("a raw image response carries one image: set num_images to 1 or accept JSON",
-                                     param="num_images")
+            raise NotAcceptableError(
+                "a raw image response carries one image: set num_images to 1 or accept JSON", param="num_images"
+            )
         return wanted
     return None
 

@@ -60,7 +60,7 @@ def backends(services: ServicesDep) -> dict[str, Any]:
     return {"default": services.registry.default_id, "backends": listed}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _version(package: str) -> str | None:  # installed versions cannot change while the process runs
     try:
         return metadata.version(package)
@@ -71,7 +71,7 @@ def _version(package: str) -> str | None:  # installed versions cannot change wh
 @router.get("/info")
 def info(services: ServicesDep) -> dict[str, Any]:
     """Version, default backend, devices seen, library versions, limits, directories. No secrets."""
-    from imagegen.backends.diffusers_support import devices_seen
+    from imagegen.backends.local.support import devices_seen
 
     settings = services.settings
     return {

@@ -36,15 +36,17 @@ def list_images(
     listed = []
     for item in files:
         embedded = catalog.read_metadata(root, item.name) if include_metadata else None
-        listed.append({
-            "name": item.name,
-            "url": f"{base}/api/images/{item.name}",
-            "mime_type": MIME_BY_EXTENSION[item.name.rsplit(".", 1)[1]],
-            "size_bytes": item.size,
-            "created_at": iso(item.mtime),
-            "metadata": (embedded or {}).get("imagegen"),
-            "parameters": (embedded or {}).get("parameters"),
-        })
+        listed.append(
+            {
+                "name": item.name,
+                "url": f"{base}/api/images/{item.name}",
+                "mime_type": MIME_BY_EXTENSION[item.name.rsplit(".", 1)[1]],
+                "size_bytes": item.size,
+                "created_at": iso(item.mtime),
+                "metadata": (embedded or {}).get("imagegen"),
+                "parameters": (embedded or {}).get("parameters"),
+            }
+        )
     return {"images": listed, "next_before": next_before}
 
 
@@ -67,7 +69,9 @@ def get_image(name: str, services: ServicesDep) -> FileResponse:
 
 
 @router.delete(
-    "/api/images/{name}", status_code=204, response_class=Response,
+    "/api/images/{name}",
+    status_code=204,
+    response_class=Response,
     responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
 )
 def delete_image(name: str, services: ServicesDep) -> Response:

@@ -33,8 +33,11 @@ JobDep = Annotated[Job, Depends(_job)]
 
 def _body(job: Job, services: Services, request: Request, *, include_b64: bool) -> dict[str, Any]:
     return presenters.job_body(
-        job, services.outputs, base_url(request, services.settings),
-        queue_position=services.engine.queue_position(job), include_b64=include_b64,
+        job,
+        services.outputs,
+        base_url(request, services.settings),
+        queue_position=services.engine.queue_position(job),
+        include_b64=include_b64,
     )
 
 
@@ -47,12 +50,18 @@ def _body(job: Job, services: Services, request: Request, *, include_b64: bool) 
 async def create_job(body: JobCreateRequest, request: Request, services: ServicesDep) -> JSONResponse:
     """Queue a generation and return at once (202) with links to its status and live events."""
     job = await services.engine.submit(
-        body.to_params(), body.backend, priority=body.priority, callback_url=body.callback_url,
+        body.to_params(),
+        body.backend,
+        priority=body.priority,
+        callback_url=body.callback_url,
         request_id=request_id(request),
     )
     links = presenters.job_links(job.id, base_url(request, services.settings))
     accepted = {
-        "id": job.id, "status": job.status.value, "queue_position": services.engine.queue_position(job), **links,
+        "id": job.id,
+        "status": job.status.value,
+        "queue_position": services.engine.queue_position(job),
+        **links,
     }
     return JSONResponse(accepted, status_code=202, headers={"Location": links["status_url"]})
 
@@ -121,14 +130,18 @@ async def job_events(job: JobDep, request: Request, services: ServicesDep) -> As
             yield ServerSentEvent(event=current.status.value, data=_body(current, services, request, include_b64=False))
             return
         if current.status is JobStatus.QUEUED:
-            yield ServerSentEvent(event="queued", data={"status": "queued", "queue_position": engine.queue_position(current)})
+            yield ServerSentEvent(
+                event="queued", data={"status": "queued", "queue_position": engine.queue_position(current)}
+            )
         else:
             yield ServerSentEvent(event="running", data={"status": "running", **current.progress()})
         while True:
             event = await queue.get()
             if event.final:
                 final = engine.get(job.id)
-                yield ServerSentEvent(id=str(event.id), event=event.event, data=_body(final, services, request, include_b64=False))
+                yield ServerSentEvent(
+                    id=str(event.id), event=event.event, data=_body(final, services, request, include_b64=False)
+                )
                 return
             yield ServerSentEvent(id=str(event.id), event=event.event, data=event.data)
     finally:

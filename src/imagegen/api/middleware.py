@@ -48,7 +48,11 @@ def _headers(scope: Scope, name: bytes) -> list[str]:
 
 
 async def send_error(
-    send: Send, status: int, error_type: str, message: str, extra_headers: Iterable[tuple[bytes, bytes]] = (),
+    send: Send,
+    status: int,
+    error_type: str,
+    message: str,
+    extra_headers: Iterable[tuple[bytes, bytes]] = (),
     path: str | None = None,
 ) -> None:
     """An error answered before routing, in the dialect of `path` (OpenAI under /v1/, A1111 under /sdapi/)."""
@@ -125,9 +129,18 @@ class RequestContextMiddleware:
             metrics.observe_request(route, scope["method"], status_holder["status"], elapsed / 1000)
             # The path only: query strings never reach the log.
             access_log.info(
-                "%s %s %d %.1fms", scope["method"], scope["path"], status_holder["status"], elapsed,
-                extra={"method": scope["method"], "path": scope["path"], "route": route,
-                       "status_code": status_holder["status"], "duration_ms": round(elapsed, 1)},
+                "%s %s %d %.1fms",
+                scope["method"],
+                scope["path"],
+                status_holder["status"],
+                elapsed,
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "route": route,
+                    "status_code": status_holder["status"],
+                    "duration_ms": round(elapsed, 1),
+                },
             )
 
         async def send_wrapper(message: Message) -> None:
@@ -201,9 +214,12 @@ class ApiKeyMiddleware:
             await send({"type": "websocket.close", "code": 1008})
             return
         await send_error(
-            send, 401, "authentication_error",
+            send,
+            401,
+            "authentication_error",
             "missing or invalid API key: send it as X-API-Key, Authorization: Bearer, or Basic auth",
-            [(b"www-authenticate", www_authenticate(scope["path"]))], path=scope["path"],
+            [(b"www-authenticate", www_authenticate(scope["path"]))],
+            path=scope["path"],
         )
 
 
@@ -236,17 +252,26 @@ class BodyGuardMiddleware:
                 await send_error(send, 400, "invalid_request", "invalid Content-Length", path=scope["path"])
                 return
             if length > self.max_body_bytes:
-                await send_error(send, 413, "payload_too_large",
-                                 f"request body larger than {self.max_body_bytes} bytes (SD_MAX_BODY_BYTES)",
-                                 path=scope["path"])
+                await send_error(
+                    send,
+                    413,
+                    "payload_too_large",
+                    f"request body larger than {self.max_body_bytes} bytes (SD_MAX_BODY_BYTES)",
+                    path=scope["path"],
+                )
                 return
         else:
             length = 0
         if length > 0 or chunked:
             content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
             if content_type != "application/json" and not content_type.endswith("+json"):
-                await send_error(send, 415, "unsupported_media_type",
-                                 "the request body must be JSON (Content-Type: application/json)", path=scope["path"])
+                await send_error(
+                    send,
+                    415,
+                    "unsupported_media_type",
+                    "the request body must be JSON (Content-Type: application/json)",
+                    path=scope["path"],
+                )
                 return
 
         received = 0
@@ -270,7 +295,10 @@ class BodyGuardMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
             if not started["value"]:
-                await send_error(send, 413, "payload_too_large",
-                                 f"request body larger than {self.max_body_bytes} bytes (SD_MAX_BODY_BYTES)",
-                                 path=scope["path"])
-
+                await send_error(
+                    send,
+                    413,
+                    "payload_too_large",
+                    f"request body larger than {self.max_body_bytes} bytes (SD_MAX_BODY_BYTES)",
+                    path=scope["path"],
+                )

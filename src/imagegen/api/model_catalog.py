@@ -67,6 +67,7 @@ def find(registry: BackendRegistry, name: str) -> Checkpoint | None:
         return None
     pairs = checkpoints(registry)
     for fold in (False, True):
+
         def same(value: str) -> bool:
             return value.casefold() == wanted.casefold() if fold else value == wanted  # noqa: B023
 

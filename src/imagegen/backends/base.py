@@ -159,8 +159,15 @@ class GenerationRequest(BaseModel):
     def batch_key(self) -> Hashable:
         """Requests with equal keys can share one pipeline call."""
         return (
-            self.backend, self.model, self.width, self.height, self.steps, self.scheduler, self.guidance_scale,
-            self.negative_prompt is not None, tuple(sorted(self.backend_options.items())),
+            self.backend,
+            self.model,
+            self.width,
+            self.height,
+            self.steps,
+            self.scheduler,
+            self.guidance_scale,
+            self.negative_prompt is not None,
+            tuple(sorted(self.backend_options.items())),
         )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from imagegen.backends.base import ImageBackend
-from imagegen.backends.device_manager import DeviceManager
+from imagegen.backends.local.device_manager import DeviceManager
 from imagegen.config import Backend, Settings
 from imagegen.errors import InvalidParameterError
 
@@ -13,19 +13,19 @@ BackendFactory = Callable[[Settings], ImageBackend]
 
 
 def _sd(settings: Settings) -> ImageBackend:
-    from imagegen.backends.sd import StableDiffusionBackend
+    from imagegen.backends.local.sd import StableDiffusionBackend
 
     return StableDiffusionBackend(settings)
 
 
 def _flux_local(settings: Settings) -> ImageBackend:
-    from imagegen.backends.flux_local import FluxLocalBackend
+    from imagegen.backends.local.flux_local import FluxLocalBackend
 
     return FluxLocalBackend(settings)
 
 
 def _flux_api(settings: Settings) -> ImageBackend:
-    from imagegen.backends.bfl import FluxApiBackend
+    from imagegen.backends.bfl.backend import FluxApiBackend
 
     return FluxApiBackend(settings)
 

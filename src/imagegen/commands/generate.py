@@ -43,8 +43,13 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
     """The native API's request body (the in-process path builds the same GenerationParams from it)."""
     body: dict[str, Any] = {"prompt": args.prompt, "output_format": output_format(args), "num_images": args.num_images}
     optional = {
-        "negative_prompt": args.negative_prompt, "seed": args.seed, "steps": args.steps, "width": args.width,
-        "height": args.height, "guidance_scale": args.guidance_scale, "scheduler": args.scheduler,
+        "negative_prompt": args.negative_prompt,
+        "seed": args.seed,
+        "steps": args.steps,
+        "width": args.width,
+        "height": args.height,
+        "guidance_scale": args.guidance_scale,
+        "scheduler": args.scheduler,
     }
     body.update({key: value for key, value in optional.items() if value is not None})
     return body
@@ -138,7 +143,10 @@ def _write_local(args: argparse.Namespace, result: dict[str, Any], root: Path) -
     written = 0
     for index, image in enumerate(result.get("images", [])):
         if image.get("nsfw") or not image.get("filename"):
-            print(f"imagegen: image {index + 1} (seed {image.get('seed')}) was flagged by the safety checker", file=sys.stderr)
+            print(
+                f"imagegen: image {index + 1} (seed {image.get('seed')}) was flagged by the safety checker",
+                file=sys.stderr,
+            )
             continue
         stored = root / image["filename"]
         if args.out:
@@ -191,7 +199,8 @@ def _remote(args: argparse.Namespace, body: dict[str, Any]) -> int:
         try:
             response = client.post("/api/jobs", json=body)
         except httpx.HTTPError as error:
-            return _fail(f"could not reach {base}: {type(error).__name__} (is the service running? `imagegen health --url {base}`)", 2)
+            hint = f"is the service running? `imagegen health --url {base}`"
+            return _fail(f"could not reach {base}: {type(error).__name__} ({hint})", 2)
         if response.status_code != 202:
             return _fail(describe_response_error(response), 2 if response.status_code < 500 else 1)
         job_id = response.json()["id"]
@@ -210,7 +219,10 @@ def _remote(args: argparse.Namespace, body: dict[str, Any]) -> int:
         written = 0
         for index, image in enumerate((job.get("result") or {}).get("images", [])):
             if image.get("nsfw") or not image.get("filename"):
-                print(f"imagegen: image {index + 1} (seed {image.get('seed')}) was flagged by the safety checker", file=sys.stderr)
+                print(
+                    f"imagegen: image {index + 1} (seed {image.get('seed')}) was flagged by the safety checker",
+                    file=sys.stderr,
+                )
                 continue
             download = client.get(f"/api/images/{image['filename']}")
             if download.status_code != 200:

@@ -29,8 +29,10 @@ def run(args: argparse.Namespace) -> int:
         response = httpx.get(url + "/health", timeout=args.timeout)
     except httpx.HTTPError as error:
         if not args.quiet:
-            print(f"imagegen: could not reach {url}: {type(error).__name__} (is the service running on that port?)",
-                  file=sys.stderr)
+            print(
+                f"imagegen: could not reach {url}: {type(error).__name__} (is the service running on that port?)",
+                file=sys.stderr,
+            )
         return 2
     try:
         body = response.json()
@@ -43,9 +45,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"{url}: HTTP {response.status_code} (not an imagegen /health answer)")
         else:
             queue = body.get("queue", {})
-            print(f"{url}: {body.get('status')} (HTTP {response.status_code}), imagegen {body.get('version')}, "
-                  f"default backend {body.get('default_backend')}, queue {queue.get('queued')} waiting / "
-                  f"{queue.get('running')} running")
+            print(
+                f"{url}: {body.get('status')} (HTTP {response.status_code}), imagegen {body.get('version')}, "
+                f"default backend {body.get('default_backend')}, queue {queue.get('queued')} waiting / "
+                f"{queue.get('running')} running"
+            )
             for backend_id, backend in body["backends"].items():
                 print(f"  {backend_id:<11} {backend.get('state'):<15} {backend.get('reason')}")
     return 0 if response.status_code == 200 else 1

@@ -25,13 +25,30 @@ from typing import Any
 #: Left out: single-file checkpoints at the top level, .ckpt/.bin/.onnx/... and fp16 or non-EMA
 #: variants, which the service never loads and which are often several times the size of what it does.
 PIPELINE_PATTERNS = [
-    "model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.jinja", "*/*.tiktoken", "*/*.safetensors",
+    "model_index.json",
+    "*/*.json",
+    "*/*.txt",
+    "*/*.model",
+    "*/*.jinja",
+    "*/*.tiktoken",
+    "*/*.safetensors",
 ]
 #: The standalone safety checker: two subfolders of a pipeline repository.
 CHECKER_PATTERNS = ["safety_checker/*.json", "safety_checker/*.safetensors", "feature_extractor/*.json"]
 IGNORE_PATTERNS = [
-    "*.fp16.*", "*.bf16.*", "*non_ema*", "*.ckpt", "*.bin", "*.msgpack", "*.onnx", "*.onnx_data", "*.pb", "*.h5",
-    "*.pt", "*.pth", "*.gguf",
+    "*.fp16.*",
+    "*.bf16.*",
+    "*non_ema*",
+    "*.ckpt",
+    "*.bin",
+    "*.msgpack",
+    "*.onnx",
+    "*.onnx_data",
+    "*.pb",
+    "*.h5",
+    "*.pt",
+    "*.pth",
+    "*.gguf",
 ]
 LOCAL_SUBDIR = "local"
 
@@ -57,17 +74,20 @@ def _settings() -> Any:
 def configured_models(settings: Any) -> list[ConfiguredModel]:
     models = [ConfiguredModel(settings.model_id, "sd", "sd")]
     # The models sd may switch to (SD_MODELS): `pull` fetches them too, so they work offline.
-    models += [ConfiguredModel(extra, "sd (SD_MODELS)", "sd") for extra in settings.models
-               if extra != settings.model_id]
+    models += [
+        ConfiguredModel(extra, "sd (SD_MODELS)", "sd") for extra in settings.models if extra != settings.model_id
+    ]
     if settings.safety_checker:
         models.append(ConfiguredModel(settings.safety_checker_id, "safety checker (models without their own)", None))
     models.append(ConfiguredModel(settings.flux_model_id, "flux-local", "flux-local"))
     if settings.safety_checker:
-        from imagegen.backends import tiny_models
+        from imagegen.backends.local import tiny_models
 
-        # Built-in models are paired with the built-in checker instead (backends/safety.py).
-        if any(tiny_models.checker_for(settings.safety_checker_id, model.model_id) != settings.safety_checker_id
-               for model in models):
+        # Built-in models are paired with the built-in checker instead (backends/local/safety.py).
+        if any(
+            tiny_models.checker_for(settings.safety_checker_id, model.model_id) != settings.safety_checker_id
+            for model in models
+        ):
             models.append(ConfiguredModel(tiny_models.TINY_SAFETY_CHECKER, "safety checker (built-in models)", None))
     models.append(ConfiguredModel(settings.bfl_model, "flux-api (cloud)", "flux-api"))
     return models
@@ -78,13 +98,13 @@ def hub_cache_folder(model_dir: Path, repo_id: str) -> Path:
 
 
 def _is_repo_id(model_id: str) -> bool:
-    from imagegen.backends.diffusers_support import _REPO_ID
+    from imagegen.backends.local.support import _REPO_ID
 
     return bool(_REPO_ID.match(model_id))
 
 
 def source_kind(model_id: str, used_by: str = "") -> str:
-    from imagegen.backends import tiny_models
+    from imagegen.backends.local import tiny_models
 
     if "cloud" in used_by:
         return "cloud"
@@ -97,7 +117,7 @@ def source_kind(model_id: str, used_by: str = "") -> str:
 
 def cache_state(model_dir: Path, model_id: str, kind: str) -> tuple[str, int | None]:
     """("yes" | "partial" | "no" | "-", bytes) for one model in SD_MODEL_DIR."""
-    from imagegen.backends import tiny_models
+    from imagegen.backends.local import tiny_models
     from imagegen.storage.disk_usage import folder_size
 
     if kind == "built-in":
@@ -123,7 +143,7 @@ def cache_state(model_dir: Path, model_id: str, kind: str) -> tuple[str, int | N
 
 def other_models(model_dir: Path, known: set[str]) -> list[tuple[str, str, int]]:
     """Models in SD_MODEL_DIR that the configuration does not name: (id or folder, kind, bytes)."""
-    from imagegen.backends import tiny_models
+    from imagegen.backends.local import tiny_models
     from imagegen.storage.disk_usage import folder_size
 
     found: list[tuple[str, str, int]] = []
@@ -132,7 +152,7 @@ def other_models(model_dir: Path, known: set[str]) -> list[tuple[str, str, int]]
         return found
     for entry in sorted(model_dir.iterdir()):
         if entry.is_dir() and entry.name.startswith("models--"):
-            repo_id = entry.name[len("models--"):].replace("--", "/", 1)
+            repo_id = entry.name[len("models--") :].replace("--", "/", 1)
             if repo_id not in known:
                 found.append((repo_id, "hub", folder_size(entry)[0]))
     for subdir, kind in ((tiny_models.BUILTIN_SUBDIR, "built-in"), (LOCAL_SUBDIR, "folder")):
@@ -189,22 +209,37 @@ def run_list(args: argparse.Namespace) -> int:
         if loaded is not None:
             state = loaded.get(model.backend or "", {})
             row["loaded"] = (
-                "-" if model.backend is None else
-                "yes" if state.get("loaded") and state.get("model") == model.model_id else
-                state.get("state", "no") if state.get("state") not in (None, "ready") else "no"
+                "-"
+                if model.backend is None
+                else "yes"
+                if state.get("loaded") and state.get("model") == model.model_id
+                else state.get("state", "no")
+                if state.get("state") not in (None, "ready")
+                else "no"
             )
         rows.append(row)
     known = {model.model_id for model in configured_models(settings)}
     for model_id, kind, size in other_models(settings.model_dir, known):
-        rows.append({"model": model_id, "used_by": "(not configured)", "source": kind, "cached": "yes", "bytes": size,
-                     **({"loaded": "-"} if loaded is not None else {})})
+        rows.append(
+            {
+                "model": model_id,
+                "used_by": "(not configured)",
+                "source": kind,
+                "cached": "yes",
+                "bytes": size,
+                **({"loaded": "-"} if loaded is not None else {}),
+            }
+        )
     if args.json:
         print(json.dumps({"model_dir": str(Path(settings.model_dir).absolute()), "models": rows}, indent=2))
         return 0
     print(f"SD_MODEL_DIR: {Path(settings.model_dir).absolute()}")
     headers = ["MODEL", "USED BY", "SOURCE", "CACHED", "SIZE"] + (["LOADED"] if loaded is not None else [])
-    table = [[row["model"], row["used_by"], row["source"], row["cached"], _size(row["bytes"])]
-             + ([row["loaded"]] if loaded is not None else []) for row in rows]
+    table = [
+        [row["model"], row["used_by"], row["source"], row["cached"], _size(row["bytes"])]
+        + ([row["loaded"]] if loaded is not None else [])
+        for row in rows
+    ]
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *table, strict=False)]
     for line in [headers, *table]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=False)).rstrip())
@@ -257,7 +292,10 @@ def download(repo_id: str, settings: Any, patterns: list[str]) -> Path:
 
     token = settings.huggingface_token.get_secret_value() if settings.huggingface_token is not None else None
     path = snapshot_download(
-        repo_id, cache_dir=str(settings.model_dir), token=token, allow_patterns=patterns,
+        repo_id,
+        cache_dir=str(settings.model_dir),
+        token=token,
+        allow_patterns=patterns,
         ignore_patterns=IGNORE_PATTERNS,
     )
     return Path(path)
@@ -274,11 +312,14 @@ def _pipeline_has_own_checker(folder: Path) -> bool:
 
 def pull_one(model_id: str, settings: Any, patterns: list[str] = PIPELINE_PATTERNS) -> Path:
     """Make one model available offline; its folder. Raises what loading would raise."""
-    from imagegen.backends import tiny_models
+    from imagegen.backends.local import tiny_models
     from imagegen.errors import BackendUnavailableError
 
     if tiny_models.is_builtin(model_id):
-        print(f"building built-in {model_id} into {Path(settings.model_dir) / tiny_models.BUILTIN_SUBDIR}", file=sys.stderr)
+        print(
+            f"building built-in {model_id} into {Path(settings.model_dir) / tiny_models.BUILTIN_SUBDIR}",
+            file=sys.stderr,
+        )
         return tiny_models.ensure_builtin(Path(settings.model_dir), model_id)
     folder = Path(model_id).expanduser()
     if folder.is_dir():
@@ -300,8 +341,8 @@ def pull_one(model_id: str, settings: Any, patterns: list[str] = PIPELINE_PATTER
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    from imagegen.backends import tiny_models
-    from imagegen.backends.diffusers_support import describe_load_error
+    from imagegen.backends.local import tiny_models
+    from imagegen.backends.local.support import describe_load_error
     from imagegen.config import SettingsError
 
     try:
@@ -323,8 +364,10 @@ def run_pull(args: argparse.Namespace) -> int:
         return _fail(f"could not pull '{model_id}': {describe_load_error(error, model_id)}")
     print(folder)
     if not (folder / "model_index.json").exists():
-        print(f"warning: {model_id} has no model_index.json: it is not a diffusers pipeline the service can load",
-              file=sys.stderr)
+        print(
+            f"warning: {model_id} has no model_index.json: it is not a diffusers pipeline the service can load",
+            file=sys.stderr,
+        )
     if settings.safety_checker and not args.no_safety_checker and not _pipeline_has_own_checker(folder):
         checker = tiny_models.checker_for(settings.safety_checker_id, model_id)  # what the service loads
         print(f"{model_id} has no safety checker of its own: pulling {checker} (SD_SAFETY_CHECKER_ID)", file=sys.stderr)

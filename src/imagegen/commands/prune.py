@@ -19,8 +19,11 @@ def run(args: argparse.Namespace) -> int:
     max_gb = settings.output_max_gb if args.max_gb is None else args.max_gb
     policy = RetentionPolicy(days, int(max_gb * GB))
     if not policy.active:
-        print("imagegen: nothing to prune: no limit set (pass --days / --max-gb, or set SD_OUTPUT_RETENTION_DAYS / "
-              "SD_OUTPUT_MAX_GB)", file=sys.stderr)
+        print(
+            "imagegen: nothing to prune: no limit set (pass --days / --max-gb, or set SD_OUTPUT_RETENTION_DAYS / "
+            "SD_OUTPUT_MAX_GB)",
+            file=sys.stderr,
+        )
         return 0
     root = settings.output_dir
     if not root.is_dir():

@@ -16,9 +16,9 @@ import logging
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from imagegen.backends.base import BackendState, GeneratedImage, GenerationParams, ImageBackend, RunContext
@@ -49,7 +49,9 @@ _encoder_executor: ThreadPoolExecutor | None = None
 def _encoder_pool() -> ThreadPoolExecutor:
     global _encoder_executor
     if _encoder_executor is None:
-        _encoder_executor = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="imagegen-encode")
+        _encoder_executor = ThreadPoolExecutor(
+            max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="imagegen-encode"
+        )
     return _encoder_executor
 
 
@@ -209,14 +211,22 @@ class JobEngine:
         known = set(self.registry.ids())
         for job in self.store.unfinished():
             if job.backend not in known:
-                self._finalize(job, JobStatus.FAILED, error=BackendUnavailableError(
-                    f"backend '{job.backend}' is not configured any more"))
+                self._finalize(
+                    job,
+                    JobStatus.FAILED,
+                    error=BackendUnavailableError(f"backend '{job.backend}' is not configured any more"),
+                )
                 continue
             if job.status is JobStatus.RUNNING:
                 if job.attempts >= self.settings.max_attempts:
-                    self._finalize(job, JobStatus.FAILED, error=GenerationFailedError(
-                        f"the service stopped while this job was running ({job.attempts} attempt(s)); "
-                        "not retried again (SD_MAX_ATTEMPTS)"))
+                    self._finalize(
+                        job,
+                        JobStatus.FAILED,
+                        error=GenerationFailedError(
+                            f"the service stopped while this job was running ({job.attempts} attempt(s)); "
+                            "not retried again (SD_MAX_ATTEMPTS)"
+                        ),
+                    )
                     continue
                 job.status = JobStatus.QUEUED
                 job.started_at = None
@@ -249,13 +259,15 @@ class JobEngine:
                 f"the queue is full ({queued} jobs waiting, SD_MAX_QUEUE={self.settings.max_queue}); retry later",
                 retry_after=self.retry_after(),
             )
-        job = Job(
-            id=new_job_id(), request=request, priority=priority, callback_url=callback_url, request_id=request_id
-        )
+        job = Job(id=new_job_id(), request=request, priority=priority, callback_url=callback_url, request_id=request_id)
         self.store.add(job)
         self._enqueue(job)
         log.info(
-            "job=%s queued backend=%s images=%d request_id=%s", job.id, job.backend, request.num_images, request_id,
+            "job=%s queued backend=%s images=%d request_id=%s",
+            job.id,
+            job.backend,
+            request.num_images,
+            request_id,
             extra={"job_id": job.id, "backend": job.backend, "status": "queued"},
         )
         return job
@@ -412,7 +424,9 @@ class JobEngine:
             self.events.publish(job.id, "running", {"status": "running", "batch_size": len(batch)})
         log.info(
             "batch start backend=%s jobs=%s images=%d",
-            backend.id, ",".join(job.id for job in batch), sum(job.request.num_images for job in batch),
+            backend.id,
+            ",".join(job.id for job in batch),
+            sum(job.request.num_images for job in batch),
             extra={"job_id": ",".join(job.id for job in batch), "backend": backend.id, "status": "running"},
         )
         ctx = RunContext(
@@ -442,7 +456,7 @@ class JobEngine:
             ctx.cancel_all()
             self._requeue_interrupted(batch)
             raise
-        except Exception:  # noqa: BLE001 - a backend bug must fail the job, not the worker
+        except Exception:
             log.exception("backend=%s raised an unexpected error", backend.id)
             error = GenerationFailedError("the backend failed unexpectedly; see the service log")
         finally:
@@ -487,7 +501,11 @@ class JobEngine:
                 images = await asyncio.to_thread(self._store_images, job, results[index])
             except OSError as exc:
                 log.exception("job=%s could not store its images", job.id)
-                message = "no space left in SD_OUTPUT_DIR" if exc.errno == 28 else "could not write the image to SD_OUTPUT_DIR"
+                message = (
+                    "no space left in SD_OUTPUT_DIR"
+                    if exc.errno == 28
+                    else "could not write the image to SD_OUTPUT_DIR"
+                )
                 self._finalize(job, JobStatus.FAILED, error=GenerationFailedError(message))
                 continue
             if job.final:
@@ -565,11 +583,22 @@ class JobEngine:
         queued_ms = round(((job.started_at or job.finished_at) - job.created_at) * 1000, 1)
         run_ms = round((job.finished_at - job.started_at) * 1000, 1) if job.started_at else None
         log.info(
-            "job=%s %s backend=%s queued=%.1fms run=%sms%s", job.id, status.value, job.backend, queued_ms,
-            "-" if run_ms is None else f"{run_ms:.1f}", f" error={job.error['type']}" if job.error else "",
-            extra={"job_id": job.id, "backend": job.backend, "status": status.value, "queued_ms": queued_ms,
-                   "run_ms": run_ms, "error_type": job.error["type"] if job.error else None,
-                   "request_id": job.request_id},
+            "job=%s %s backend=%s queued=%.1fms run=%sms%s",
+            job.id,
+            status.value,
+            job.backend,
+            queued_ms,
+            "-" if run_ms is None else f"{run_ms:.1f}",
+            f" error={job.error['type']}" if job.error else "",
+            extra={
+                "job_id": job.id,
+                "backend": job.backend,
+                "status": status.value,
+                "queued_ms": queued_ms,
+                "run_ms": run_ms,
+                "error_type": job.error["type"] if job.error else None,
+                "request_id": job.request_id,
+            },
         )
         if self._on_final is not None:
             self._on_final(job)

@@ -118,8 +118,22 @@ class SQLiteJobStore(JobStore):
 
     @staticmethod
     def _job(row: tuple[Any, ...]) -> Job:
-        (job_id, status, _backend, priority, created, started, finished, attempts, callback, request_id,
-         request, result, error, webhook) = row
+        (
+            job_id,
+            status,
+            _backend,
+            priority,
+            created,
+            started,
+            finished,
+            attempts,
+            callback,
+            request_id,
+            request,
+            result,
+            error,
+            webhook,
+        ) = row
         return Job(
             id=job_id,
             request=GenerationRequest.model_validate_json(request),

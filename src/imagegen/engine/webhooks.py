@@ -187,8 +187,13 @@ class WebhookSender:
         state["finished_at"] = time.time()
         job.webhook = state
         store.update(job)
-        log.info("job=%s webhook %s attempts=%d%s", job.id, state["status"], state["attempts"],
-                 f" error={state['last_error']}" if state["last_error"] else "")
+        log.info(
+            "job=%s webhook %s attempts=%d%s",
+            job.id,
+            state["status"],
+            state["attempts"],
+            f" error={state['last_error']}" if state["last_error"] else "",
+        )
 
     async def _post_pinned(
         self,

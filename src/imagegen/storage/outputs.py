@@ -63,8 +63,11 @@ class OutputStore:
         else:
             rgb = image.convert("RGB")
             rgb.save(
-                buffer, format=pil_format, quality=92,
-                exif=metadata.exif_bytes(meta), xmp=metadata.xmp_packet(meta),
+                buffer,
+                format=pil_format,
+                quality=92,
+                exif=metadata.exif_bytes(meta),
+                xmp=metadata.xmp_packet(meta),
             )
         return buffer.getvalue()
 

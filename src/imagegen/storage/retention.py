@@ -147,8 +147,13 @@ class RetentionTask:
             log.info(
                 "retention: deleted %d output(s), %.1f MB (%d older than %g day(s), %d beyond SD_OUTPUT_MAX_GB); "
                 "%d kept, %.1f MB",
-                len(report.removed), report.freed_bytes / 1e6, len(report.expired), self.policy.max_age_days,
-                len(report.over_size), report.kept_files, report.kept_bytes / 1e6,
+                len(report.removed),
+                report.freed_bytes / 1e6,
+                len(report.expired),
+                self.policy.max_age_days,
+                len(report.over_size),
+                report.kept_files,
+                report.kept_bytes / 1e6,
             )
         from imagegen import metrics
 
@@ -164,6 +169,6 @@ class RetentionTask:
                 await asyncio.to_thread(self.run_once)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a failed pass (folder gone, I/O error) must not end the task
+            except Exception:
                 log.exception("retention pass failed; trying again in %gs", self.interval)
             await asyncio.sleep(self.interval)

@@ -1,0 +1,229 @@
+"""The AUTOMATIC1111 web UI API (`/sdapi/v1/*`), as Open WebUI, SillyTavern, LibreChat, n8n community
+nodes and the `webuiapi` package speak it, in front of every backend.
+
+Every txt2img is a job of the engine (queue limits, progress, cancel apply). Errors use A1111's shape
+(api/dialects.py). Model choice is limited to the configured models (api/model_catalog.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Body, Request
+
+from imagegen.api import model_catalog
+from imagegen.api.a1111 import translate as a1111_translate
+from imagegen.api.a1111.samplers import SAMPLERS, SCHEDULE_TYPES
+from imagegen.api.a1111.schemas import (
+    A1111_ERRORS,
+    A1111Checkpoint,
+    A1111Progress,
+    A1111Sampler,
+    A1111Scheduler,
+    A1111Txt2ImgRequest,
+    A1111Txt2ImgResponse,
+)
+from imagegen.api.deps import ServicesDep, base_url
+from imagegen.api.sync_jobs import raise_for_job, renamed, run_job
+from imagegen.engine.jobs import JobStatus
+from imagegen.errors import ConflictError, InvalidParameterError, NotFoundError
+
+router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], responses=A1111_ERRORS)
+
+
+@router.post("/txt2img", response_model=A1111Txt2ImgResponse)
+async def txt2img(body: A1111Txt2ImgRequest, request: Request, services: ServicesDep) -> dict[str, Any]:
+    """A1111 txt2img: generate and wait; `images` are bare base64 PNGs, `info` a JSON string."""
+    plan = a1111_translate.plan(body, services.registry, services.settings)  # its errors name A1111 fields
+    job = await run_job(
+        services,
+        request,
+        plan.params,
+        plan.backend_id,
+        on_error=lambda error: renamed(error, a1111_translate.A1111_NAMES),
+    )
+    if job.status is not JobStatus.CANCELLED:  # interrupted: A1111 answers 200, with what it has
+        raise_for_job(job)
+    # Reading and base64-encoding the images happens off the event loop.
+    return await asyncio.to_thread(
+        a1111_translate.response_body, body, job, plan, services.outputs, base_url(request, services.settings)
+    )
+
+
+# -- options: the service's default checkpoint ---------------------------------------------------
+
+
+@router.get("/options")
+async def get_options(services: ServicesDep) -> dict[str, Any]:
+    """The options A1111 clients read; `sd_model_checkpoint` is the default backend and model now."""
+    current = model_catalog.current(services.registry)
+    # Deliberately no `forge_preset`: SillyTavern takes its presence to mean a Forge server.
+    return {
+        "sd_model_checkpoint": current.title,
+        "sd_checkpoint_hash": current.sha256,
+        "sd_vae": "Automatic",
+        "samples_format": "png",
+        "CLIP_stop_at_last_layers": 1,
+    }
+
+
+@router.post("/options")
+async def set_options(services: ServicesDep, body: dict[str, Any] = Body(...)) -> None:  # noqa: B008
+    """Change the default checkpoint (in memory, until restart). Other keys are accepted and ignored."""
+    name = body.get("sd_model_checkpoint")
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise InvalidParameterError("must be a checkpoint title (a string)", param="sd_model_checkpoint")
+    registry = services.registry
+    current = model_catalog.current(registry)
+    if name == current.title:
+        return None  # clients post the whole dict back: an unchanged value is never an error
+    try:
+        pair = a1111_translate.checkpoint_for(registry, name)
+    except InvalidParameterError as error:
+        raise renamed(error, {a1111_translate.CHECKPOINT_PARAM: "sd_model_checkpoint"}) from None
+    if pair != current:
+        backend = registry.get(pair.backend)
+        if not model_catalog.usable(backend):
+            health = backend.health()
+            raise InvalidParameterError(
+                f"checkpoint's backend '{backend.id}' is {health.state.value}: {health.reason}",
+                param="sd_model_checkpoint",
+            )
+        registry.set_default(pair.backend, pair.model)
+    return None
+
+
+# -- what there is to choose from ----------------------------------------------------------------
+
+
+@router.get("/sd-models", response_model=list[A1111Checkpoint])
+async def sd_models(services: ServicesDep) -> list[dict[str, Any]]:
+    """Every configured (backend, model) pair whose backend can take jobs, as A1111 checkpoints."""
+    return [
+        {
+            "title": pair.title,
+            "model_name": pair.model,
+            "hash": pair.short_hash,
+            "sha256": pair.sha256,
+            "filename": pair.model,
+            "config": None,
+            "backend": pair.backend,
+        }
+        for pair in model_catalog.checkpoints(services.registry, usable_only=True)
+    ]
+
+
+@router.get("/samplers", response_model=list[A1111Sampler])
+async def samplers() -> list[dict[str, Any]]:
+    """The A1111 sampler names accepted (each maps onto a diffusers scheduler; docs/compat.md)."""
+    return [
+        {
+            "name": sampler.name,
+            "aliases": [*sampler.aliases, sampler.scheduler],
+            "options": {"scheduler": "karras"} if sampler.karras else {},
+        }
+        for sampler in SAMPLERS
+    ]
+
+
+@router.get("/schedulers", response_model=list[A1111Scheduler])
+async def schedulers() -> list[dict[str, Any]]:
+    """The schedule types honoured: automatic (the sampler's own) and karras."""
+    return [
+        {"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+        for name, label in SCHEDULE_TYPES
+    ]
+
+
+# A1111 features this service does not have, answered as "none installed" so that clients which list
+# them while setting up (SillyTavern: upscalers, VAEs; webuiapi: scripts) work instead of failing.
+@router.get("/upscalers")
+async def upscalers() -> list[dict[str, Any]]:
+    """No upscalers: only A1111's "None"."""
+    return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+
+
+@router.get("/latent-upscale-modes")
+async def latent_upscale_modes() -> list[dict[str, Any]]:
+    """None (no hires fix)."""
+    return []
+
+
+@router.get("/sd-vae")
+async def sd_vae() -> list[dict[str, Any]]:
+    """None: each model uses its own VAE."""
+    return []
+
+
+@router.get("/loras")
+async def loras() -> list[dict[str, Any]]:
+    """None."""
+    return []
+
+
+@router.get("/prompt-styles")
+async def prompt_styles() -> list[dict[str, Any]]:
+    """None."""
+    return []
+
+
+@router.get("/scripts")
+async def scripts() -> dict[str, list[str]]:
+    """No scripts or extensions."""
+    return {"txt2img": [], "img2img": []}
+
+
+# -- the running job: progress and interrupt -----------------------------------------------------
+
+
+@router.get("/progress", response_model=A1111Progress)
+async def progress(services: ServicesDep) -> dict[str, Any]:
+    """The running job's progress (the longest-running one when several run); 0 and job_count 0 when idle."""
+    running = services.engine.running()
+    job_count = len(running) + services.engine.queued_count()
+    state: dict[str, Any] = {
+        "skipped": False,
+        "interrupted": False,
+        "stopping_generation": False,
+        "job": "",
+        "job_count": job_count,
+        "job_timestamp": "0",
+        "job_no": 0,
+        "sampling_step": 0,
+        "sampling_steps": 0,
+    }
+    if not running:
+        return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+    job = min(running, key=lambda item: item.started_at or item.created_at)
+    done = job.progress()
+    elapsed = max(0.0, time.time() - (job.started_at or job.created_at))
+    fraction = float(done["fraction"])
+    state.update(
+        job=job.id,
+        job_timestamp=datetime.fromtimestamp(job.created_at, UTC).strftime("%Y%m%d%H%M%S"),
+        sampling_step=done["step"],
+        sampling_steps=done["total"],
+    )
+    return {
+        "progress": fraction,
+        # A1111's estimate: the time so far scaled by what is left.
+        "eta_relative": round(elapsed / fraction - elapsed, 3) if fraction > 0 else 0.0,
+        "state": state,
+        "current_image": None,
+        "textinfo": f"{job.backend}: step {done['step']} of {done['total']}",
+    }
+
+
+@router.post("/interrupt")
+async def interrupt(services: ServicesDep) -> dict[str, Any]:
+    """Cancel the running job(s), as A1111's Interrupt button does; queued jobs go on. Answers {}."""
+    for job in services.engine.running():
+        with contextlib.suppress(ConflictError, NotFoundError):  # it ended meanwhile
+            await services.engine.cancel(job.id, reason="interrupted (POST /sdapi/v1/interrupt)")
+    return {}

@@ -1,0 +1,135 @@
+"""Request and response models of the AUTOMATIC1111 dialect (`/sdapi/v1/*`).
+
+Unlike the native API, unknown keys are accepted and ignored: A1111 clients send the whole A1111
+request model (hires fix, scripts, ControlNet units, their own extra keys), and an A1111 server
+ignores what it does not use. Types are A1111's (lax: "20" is 20), and null is accepted wherever
+clients are seen to send it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_HARD_MAX_SIDE = 16384
+_HARD_MAX_TEXT = 100_000
+
+
+class A1111Txt2ImgRequest(BaseModel):
+    """The fields of A1111's StableDiffusionTxt2ImgProcessingAPI this service uses or reports."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "a lighthouse at dawn",
+                    "steps": 20,
+                    "sampler_name": "Euler a",
+                    "seed": -1,
+                    "width": 512,
+                    "height": 512,
+                }
+            ]
+        },
+    )
+
+    prompt: str | None = Field("", max_length=_HARD_MAX_TEXT)
+    negative_prompt: str | None = Field("", max_length=_HARD_MAX_TEXT)
+    seed: int | None = Field(-1, ge=-1, description="-1: random. The seeds used are in info.all_seeds.")
+    steps: int | None = Field(None, ge=1, le=1000, description="Absent: the model's default (not A1111's 50).")
+    cfg_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False, description="Absent: the model's default.")
+    width: int | None = Field(None, ge=1, le=_HARD_MAX_SIDE, description="Absent: the model's native size.")
+    height: int | None = Field(None, ge=1, le=_HARD_MAX_SIDE)
+    batch_size: int | None = Field(1, ge=1, le=64)
+    n_iter: int | None = Field(1, ge=1, le=64, description="Batches; batch_size x n_iter images in all.")
+    sampler_name: str | None = Field(
+        None, max_length=64, description="GET /sdapi/v1/samplers; absent: the model's own."
+    )
+    sampler_index: str | None = Field(None, max_length=64, description="Deprecated A1111 name of sampler_name.")
+    scheduler: str | None = Field(None, max_length=64, description="Schedule type: automatic (default) or karras.")
+    override_settings: dict[str, Any] | None = Field(
+        None, description="sd_model_checkpoint picks the checkpoint (backend and model) for this request only."
+    )
+    override_settings_restore_afterwards: bool | None = True
+    send_images: bool | None = Field(True, description="false: `images` is empty (they are stored all the same).")
+    save_images: bool | None = Field(False, description="Ignored: every image is stored (SD_OUTPUT_DIR).")
+    # A1111 features this service does not have: accepted, and reported in info.ignored_parameters
+    # when a request actually asks for them.
+    styles: list[str] | None = None
+    enable_hr: bool | None = False
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    subseed_strength: float | None = None
+    script_name: str | None = None
+    alwayson_scripts: dict[str, Any] | None = None
+
+    def unsupported(self) -> list[str]:
+        """The A1111 features asked for that this service does not have."""
+        asked = {
+            "enable_hr": bool(self.enable_hr),
+            "restore_faces": bool(self.restore_faces),
+            "tiling": bool(self.tiling),
+            "styles": bool(self.styles),
+            "subseed_strength": bool(self.subseed_strength),
+            "script_name": bool(self.script_name),
+            "alwayson_scripts": bool(self.alwayson_scripts),
+        }
+        names = [name for name, wanted in asked.items() if wanted]
+        names += [f"override_settings.{key}" for key in (self.override_settings or {}) if key != "sd_model_checkpoint"]
+        return names
+
+
+class A1111Txt2ImgResponse(BaseModel):
+    images: list[str] = Field(description="Bare base64 PNGs, each with its A1111 `parameters` text chunk.")
+    parameters: dict[str, Any] = Field(description="The request as understood (known fields, defaults filled).")
+    info: str = Field(description="A JSON string: seed, all_seeds, infotexts, width, height, sampler_name, ...")
+
+
+class A1111Progress(BaseModel):
+    progress: float = Field(description="0..1: the running job's denoising progress; 0 when idle.")
+    eta_relative: float = Field(description="Estimated seconds until the running job ends.")
+    state: dict[str, Any]
+    current_image: str | None = Field(None, description="Always null: no previews are decoded.")
+    textinfo: str | None = None
+
+
+class A1111Checkpoint(BaseModel):
+    title: str = Field(description="What sd_model_checkpoint takes: 'model [backend]'.")
+    model_name: str
+    hash: str | None = Field(description="A short stable id of the (backend, model) pair, not a weights hash.")
+    sha256: str | None
+    filename: str = Field(description="The model id (hub id, folder or built-in name).")
+    config: str | None = None
+    backend: str = Field(description="Extension: the backend serving this model.")
+
+
+class A1111Sampler(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, Any]
+
+
+class A1111Scheduler(BaseModel):
+    name: str
+    label: str
+    aliases: list[str] | None = None
+    default_rho: float = -1
+    need_inner_model: bool = False
+
+
+class A1111ErrorResponse(BaseModel):
+    """A1111's error shape (its exception handler's strings), without the request echoed back."""
+
+    error: str
+    detail: str
+    errors: str
+    param: str | None = None
+    request_id: str | None = None
+
+
+#: Documented on every /sdapi/v1 route.
+A1111_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": A1111ErrorResponse} for code in (400, 401, 402, 404, 409, 413, 415, 422, 429, 500, 502, 503, 504)
+}

@@ -1,0 +1,175 @@
+"""Translation between the A1111 dialect and the engine: an A1111 txt2img request becomes one job's
+GenerationParams, and the finished job becomes A1111's `{images, parameters, info}`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from imagegen import __version__
+from imagegen.api import model_catalog, presenters
+from imagegen.api.a1111.samplers import a1111_names, to_scheduler
+from imagegen.api.a1111.schemas import A1111Txt2ImgRequest
+from imagegen.backends.base import GenerationParams
+from imagegen.backends.registry import BackendRegistry
+from imagegen.config import Settings
+from imagegen.engine.jobs import Job, JobStatus
+from imagegen.errors import ContentModeratedError, InvalidParameterError
+from imagegen.storage.metadata import a1111_parameters
+from imagegen.storage.outputs import OutputStore
+
+CHECKPOINT_PARAM = "override_settings.sd_model_checkpoint"
+#: Native parameter names -> A1111's, for error messages and ignored_parameters.
+A1111_NAMES = {
+    "guidance_scale": "cfg_scale",
+    "num_images": "batch_size",
+    "scheduler": "sampler_name",
+    "model": CHECKPOINT_PARAM,
+    "backend": CHECKPOINT_PARAM,
+}
+
+
+@dataclass
+class Plan:
+    """What a txt2img request asks the engine for."""
+
+    params: GenerationParams
+    backend_id: str | None
+    ignored: list[str] = field(default_factory=list)
+
+
+def checkpoint_for(registry: BackendRegistry, name: str) -> model_catalog.Checkpoint:
+    found = model_catalog.find(registry, name)
+    if found is None:
+        titles = [pair.title for pair in model_catalog.checkpoints(registry, usable_only=True)]
+        raise InvalidParameterError(
+            f"unknown checkpoint; available: {', '.join(titles)} (GET /sdapi/v1/sd-models)", param=CHECKPOINT_PARAM
+        )
+    return found
+
+
+def plan(body: A1111Txt2ImgRequest, registry: BackendRegistry, settings: Settings) -> Plan:
+    count = (body.batch_size or 1) * (body.n_iter or 1)
+    if count > settings.max_images:
+        # One job carries all batch_size x n_iter images (consecutive seeds, as A1111 gives them).
+        raise InvalidParameterError(
+            f"batch_size x n_iter must be at most {settings.max_images} (SD_MAX_IMAGES)", param="batch_size"
+        )
+    scheduler, ignored = to_scheduler(body.sampler_name or body.sampler_index, body.scheduler)
+    backend_id = model = None
+    checkpoint = (body.override_settings or {}).get("sd_model_checkpoint")
+    if checkpoint is not None:
+        if not isinstance(checkpoint, str):
+            raise InvalidParameterError("must be a checkpoint title (a string)", param=CHECKPOINT_PARAM)
+        pair = checkpoint_for(registry, checkpoint)
+        backend_id, model = pair.backend, pair.model
+    backend = registry.get(backend_id)
+    offered = backend.capabilities_for(model or backend.default_model or backend.capabilities().models[0]).schedulers
+    if offered and scheduler not in offered:
+        # A1111 clients send a sampler with every request ("Euler a" by default); one this backend
+        # does not offer gives the model's own scheduler, reported, rather than a failed request.
+        scheduler = "default" if "default" in offered else offered[0]
+        ignored.append("sampler_name")
+    params = GenerationParams(
+        prompt=body.prompt or "",
+        negative_prompt=body.negative_prompt or None,
+        width=body.width,
+        height=body.height,
+        steps=body.steps,
+        guidance_scale=body.cfg_scale,
+        seed=-1 if body.seed is None else body.seed,
+        num_images=count,
+        scheduler=scheduler,
+        output_format="png",  # A1111 API answers are PNG
+        model=model,
+    )
+    return Plan(params, backend_id, ignored + body.unsupported())
+
+
+def _infotext(job: Job, seed: int, sampler: tuple[str, str] | None) -> str:
+    request = job.request
+    label = None
+    if sampler is not None:
+        # The pre-1.9 combined form ("DPM++ 2M Karras"), which every infotext parser reads.
+        label = sampler[0] if sampler[1] == "Automatic" else f"{sampler[0]} {sampler[1]}"
+    return a1111_parameters(
+        {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "steps": request.steps,
+            "scheduler": label,
+            "guidance_scale": request.guidance_scale,
+            "seed": seed,
+            "width": request.width,
+            "height": request.height,
+            "model": request.model,
+            "backend": request.backend,
+            "version": __version__,
+        }
+    )
+
+
+def response_body(body: A1111Txt2ImgRequest, job: Job, plan_: Plan, outputs: OutputStore, base: str) -> dict[str, Any]:
+    """A1111's answer. An interrupted (cancelled) job answers 200 with no images, as A1111 answers an
+    interrupted generation; a job whose every image the safety checker flagged is a 422."""
+    request = job.request
+    delivered = []
+    flagged = []
+    if job.status is JobStatus.SUCCEEDED:
+        for image in presenters.images(job, outputs, base, include_b64=True):
+            (flagged if image.get("nsfw") or not image.get("b64") else delivered).append(image)
+        if flagged and not delivered:
+            raise ContentModeratedError("the safety checker flagged every image; no content is returned")
+    sampler = a1111_names(request.scheduler)
+    checkpoint = model_catalog.Checkpoint(request.backend, request.model)
+    seeds = [image["seed"] for image in delivered]
+    negative = request.negative_prompt or ""
+    ignored = list(dict.fromkeys(plan_.ignored + [A1111_NAMES.get(name, name) for name in request.ignored]))
+    info = {
+        "prompt": request.prompt,
+        "all_prompts": [request.prompt] * len(seeds),
+        "negative_prompt": negative,
+        "all_negative_prompts": [negative] * len(seeds),
+        "seed": request.seeds[0],
+        "all_seeds": seeds,
+        "subseed": request.seeds[0],
+        "all_subseeds": seeds,
+        "subseed_strength": 0,
+        "width": request.width,
+        "height": request.height,
+        "sampler_name": sampler[0] if sampler else None,
+        "cfg_scale": request.guidance_scale,
+        "steps": request.steps,
+        "batch_size": body.batch_size or 1,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": request.model,
+        "sd_model_hash": checkpoint.short_hash,
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": 0,
+        "extra_generation_params": {"Schedule type": sampler[1]} if sampler else {},
+        "index_of_first_image": 0,
+        "infotexts": [_infotext(job, seed, sampler) for seed in seeds],
+        "styles": [],
+        "job_timestamp": datetime.fromtimestamp(job.created_at, UTC).strftime("%Y%m%d%H%M%S"),
+        "clip_skip": 1,
+        "is_using_inpainting_conditioning": False,
+        "version": f"imagegen {__version__}",
+        # Extensions (A1111 clients ignore keys they do not know):
+        "sd_model_checkpoint": checkpoint.title,
+        "backend": request.backend,
+        "job_id": job.id,
+        "interrupted": job.status is JobStatus.CANCELLED,
+        "nsfw_filtered_seeds": [image["seed"] for image in flagged],
+        "ignored_parameters": ignored,
+    }
+    return {
+        "images": [image["b64"] for image in delivered] if body.send_images is not False else [],
+        "parameters": body.model_dump(mode="json"),
+        "info": json.dumps(info),
+    }

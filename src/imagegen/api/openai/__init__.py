@@ -1,0 +1,1 @@
+"""The OpenAI Images dialect under /v1 (routes and request/response models)."""

@@ -1,0 +1,123 @@
+"""Request and response models of the OpenAI Images dialect (`/v1/images/generations`, `/v1/models`).
+
+Every field of OpenAI's image generation request is accepted; those without a meaning here (`style`,
+`user`, `moderation`, ...) are ignored, and unknown keys too (LiteLLM and other proxies add their
+own). A few extensions, sent by scripts through `extra_body`, reach the native parameters.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from imagegen.backends.base import SEED_MAX
+from imagegen.errors import InvalidParameterError
+
+_HARD_MAX_TEXT = 100_000
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+
+
+class ImageGenerationRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"prompt": "a lighthouse at dawn", "model": "sd", "size": "512x512", "n": 1}]},
+    )
+
+    prompt: str = Field(min_length=1, max_length=_HARD_MAX_TEXT)
+    model: str | None = Field(
+        None,
+        max_length=256,
+        description="A backend id, a model id or checkpoint title (GET /v1/models); anything else (dall-e-3, "
+        "gpt-image-1) means the default backend.",
+    )
+    n: int | None = Field(1, ge=1, le=64)
+    size: str | None = Field(None, max_length=32, description="WIDTHxHEIGHT, or auto (the model's native size).")
+    quality: Literal["auto", "standard", "hd", "low", "medium", "high", "xhigh", "max"] | None = Field(
+        None, description="low: half the model's default steps; hd/high/xhigh/max: 1.5x; others: the default."
+    )
+    response_format: Literal["b64_json", "url"] | None = Field(None, description="Absent: b64_json.")
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(None, ge=0, le=100, description="Accepted, ignored.")
+    background: Literal["transparent", "opaque", "auto"] | None = Field(
+        None, description="Images are always opaque (the answer says so)."
+    )
+    style: Literal["vivid", "natural"] | None = None
+    moderation: Literal["low", "auto"] | None = Field(None, description="Ignored: SD_SAFETY_CHECKER decides.")
+    user: str | None = Field(None, max_length=256)
+    safety_identifier: str | None = Field(None, max_length=256)
+    stream: bool | None = Field(None, description="Streaming is not offered: true is a 400.")
+    partial_images: int | None = None
+    # Extensions (not OpenAI's): the native parameters scripts most often want.
+    negative_prompt: str | None = Field(None, max_length=_HARD_MAX_TEXT)
+    seed: int | None = Field(None, ge=-1, le=SEED_MAX)
+    steps: int | None = Field(None, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
+
+    def dimensions(self) -> tuple[int | None, int | None]:
+        """(width, height) from `size`; (None, None) for auto or absent (the model's native size)."""
+        if self.size is None or self.size.strip().lower() in ("", "auto"):
+            return None, None
+        match = _SIZE.match(self.size)
+        if match is None:
+            raise InvalidParameterError("size must be 'auto' or WIDTHxHEIGHT, e.g. 512x512", param="size")
+        return int(match.group(1)), int(match.group(2))
+
+    def steps_for(self, default_steps: int | None) -> int | None:
+        """Steps from `quality` (an explicit `steps` wins); None leaves the model's default."""
+        if self.steps is not None or default_steps is None:
+            return self.steps
+        if self.quality == "low":
+            return max(1, round(default_steps / 2))
+        if self.quality in ("hd", "high", "xhigh", "max"):
+            return round(default_steps * 1.5)
+        return None
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    background: Literal["opaque"] = "opaque"
+    output_format: str
+    size: str
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
+
+
+def model_entry(model_id: str, owned_by: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": owned_by}
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    """OpenAI's error envelope, which every /v1/ error uses."""
+
+    error: OpenAIErrorBody
+
+
+#: Documented on every /v1/ route (invalid parameters are 400 in this dialect, as OpenAI answers).
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIErrorResponse} for code in (400, 401, 402, 404, 413, 415, 422, 429, 500, 502, 503, 504)
+}

@@ -1,0 +1,415 @@
+"""What the local diffusers backends (`sd`, `flux-local`) share: background loading with a state
+visible in /health, one pipeline call at a time, generation in a worker thread, OOM handling,
+progress and cancellation between denoising steps, the safety checker, unloading, and the
+DeviceManager that decides which of them stay loaded on the shared device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import importlib.util
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from imagegen import metrics
+from imagegen.backends.base import (
+    BackendHealth,
+    BackendState,
+    GeneratedImage,
+    GenerationRequest,
+    ImageBackend,
+    RunContext,
+)
+from imagegen.config import Settings
+from imagegen.errors import (
+    BackendUnavailableError,
+    GenerationFailedError,
+    OutOfMemoryError,
+    ServiceError,
+)
+
+if TYPE_CHECKING:
+    from imagegen.backends.local.device_manager import DeviceManager
+
+log = logging.getLogger("imagegen.backends")
+
+#: After a failed load, requests fail fast with the reason; a new load is tried after this delay.
+RELOAD_AFTER_FAILURE_SECONDS = 30.0
+
+
+class LoadState(str, enum.Enum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class LoadedPipeline:
+    """A loaded pipeline and what was decided while loading it."""
+
+    def __init__(self, pipe: Any, device: str, dtype: Any, safety: Any, details: dict[str, Any]) -> None:
+        self.pipe = pipe
+        self.device = device
+        self.dtype = dtype
+        self.safety = safety
+        self.details = details
+
+
+_device_executor: ThreadPoolExecutor | None = None
+_device_executor_lock = threading.Lock()
+
+
+def device_executor() -> ThreadPoolExecutor:
+    """The one thread that runs every local pipeline call.
+
+    The local backends share the device and the engine runs one call at a time on it; running
+    them all on the same thread also keeps one OpenMP/intra-op thread team warm, where alternating
+    threads would each spin up (and spin-wait in) a team of their own."""
+    global _device_executor
+    with _device_executor_lock:
+        if _device_executor is None:
+            _device_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagegen-device")
+        return _device_executor
+
+
+class LocalPipelineBackend(ImageBackend):
+    lane = "local"
+    concurrency = 1
+
+    def __init__(self, settings: Settings, model_id: str) -> None:
+        super().__init__(settings)
+        self.model_id = model_id
+        self._lock = threading.RLock()  # held while loading, unloading and for every pipeline call
+        self._state = LoadState.UNLOADED
+        self._loaded: LoadedPipeline | None = None
+        self._failure: str | None = None
+        self._failed_at = 0.0
+        self._load_seconds: float | None = None
+        self._loader: threading.Thread | None = None
+        self._deps_missing = importlib.util.find_spec("diffusers") is None or importlib.util.find_spec("torch") is None
+        self.device_manager: DeviceManager | None = None
+        self._last_used = 0.0  # monotonic time of the last load or pipeline call
+        self._last_unload: tuple[str, float] | None = None  # (reason, monotonic time)
+        self._unloads = 0
+
+    def attach_device_manager(self, manager: DeviceManager) -> None:
+        """Share the device with the other local backends of this app (see device_manager.py)."""
+        self.device_manager = manager
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._loaded is not None
+
+    @property
+    def last_used(self) -> float:
+        return self._last_used
+
+    # -- to implement ----------------------------------------------------------------------------
+    def load_pipeline(self) -> LoadedPipeline:
+        """Load the pipeline onto its device (runs in a background or worker thread)."""
+        raise NotImplementedError
+
+    def run_pipeline(self, loaded: LoadedPipeline, batch: Sequence[GenerationRequest], ctx: RunContext) -> Any:
+        """One pipeline call for the whole batch; returns float images (N, H, W, 3) in [0, 1]."""
+        raise NotImplementedError
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.device_manager is not None:
+            self.device_manager.start()
+        if self.preload and not self._deps_missing:
+            self.begin_load()
+
+    def begin_load(self) -> None:
+        """Start loading in a background thread (no-op if loaded or loading)."""
+        with self._lock:
+            if self._state in (LoadState.READY, LoadState.LOADING):
+                return
+            self._state = LoadState.LOADING
+        self._loader = threading.Thread(target=self._load_in_background, name=f"load-{self.id}", daemon=True)
+        self._loader.start()
+
+    def _load_in_background(self) -> None:
+        try:
+            self.ensure_loaded(force=True)
+        except ServiceError:
+            pass  # recorded in the state; health shows the reason
+
+    def ensure_loaded(self, force: bool = False) -> LoadedPipeline:
+        """The loaded pipeline, loading it now if needed (blocking; call from a worker thread)."""
+        with self._lock:
+            if self._loaded is not None:
+                return self._loaded
+            if self._deps_missing:
+                raise BackendUnavailableError(
+                    "local backends need torch and diffusers: install with `make install` (the 'local' extra)"
+                )
+            if (
+                not force
+                and self._state is LoadState.FAILED
+                and time.monotonic() - self._failed_at < RELOAD_AFTER_FAILURE_SECONDS
+            ):
+                raise BackendUnavailableError(f"backend '{self.id}' failed to load: {self._failure}")
+            self._state = LoadState.LOADING
+            started = time.monotonic()
+            log.info("loading backend=%s model=%s", self.id, self.model_id)
+            manager = self.device_manager
+            try:
+                with manager.loading(self) if manager is not None else contextlib.nullcontext():
+                    loaded = self.load_pipeline()
+            except Exception as error:
+                from imagegen.backends.local.support import describe_load_error, release_memory
+
+                self._failure = describe_load_error(error, self.model_id)
+                self._failed_at = time.monotonic()
+                self._state = LoadState.FAILED
+                log.error(
+                    "backend=%s load failed: %s", self.id, self._failure, exc_info=not isinstance(error, ServiceError)
+                )
+                metrics.record_model_load(self.id, None, ok=False)
+                release_memory()
+                raise BackendUnavailableError(f"backend '{self.id}' failed to load: {self._failure}") from None
+            self._load_seconds = time.monotonic() - started
+            self._loaded = loaded
+            self._last_used = time.monotonic()
+            self._failure = None
+            self._state = LoadState.READY
+            log.info(
+                "loaded backend=%s model=%s device=%s dtype=%s seconds=%.2f",
+                self.id,
+                self.model_id,
+                loaded.device,
+                str(loaded.dtype).replace("torch.", ""),
+                self._load_seconds,
+            )
+            metrics.record_model_load(self.id, self._load_seconds, ok=True)
+            return loaded
+
+    def unload(self, reason: str = "unloaded on request", *, wait_for_call: bool = False) -> bool:
+        """Drop the pipeline and return its memory; the next request loads it again.
+
+        With wait_for_call (the DeviceManager making room), wait for a running call to end by
+        polling rather than blocking: a backend that holds its own lock while it waits to load is
+        not loaded, so the loop ends instead of deadlocking."""
+        if not wait_for_call:
+            with self._lock:
+                return self._unload_locked(reason)
+        while self._loaded is not None:
+            if self._lock.acquire(timeout=0.1):
+                try:
+                    return self._unload_locked(reason)
+                finally:
+                    self._lock.release()
+        return False
+
+    def unload_if_idle(self, idle_seconds: float) -> bool:
+        """Unload if no call is running and none ran for idle_seconds (the idle-unload task)."""
+        if not self._lock.acquire(blocking=False):
+            return False  # busy: it is not idle
+        try:
+            if time.monotonic() - self._last_used < idle_seconds:
+                return False
+            return self._unload_locked(f"unloaded after {idle_seconds:g} s idle (SD_MODEL_IDLE_UNLOAD_SECONDS)")
+        finally:
+            self._lock.release()
+
+    def _unload_locked(self, reason: str) -> bool:
+        if self._loaded is None:
+            return False
+        pipe = self._loaded.pipe
+        self._loaded = None
+        self._state = LoadState.UNLOADED
+        # CPU-offload hooks reference the sub-models; remove them so nothing outlives the pipeline.
+        with contextlib.suppress(Exception):
+            pipe.remove_all_hooks()
+        del pipe
+        from imagegen.backends.local.support import release_memory
+
+        release_memory()
+        # Recorded last: once /health shows last_unload, the memory has been handed back.
+        self._last_unload = (reason, time.monotonic())
+        self._unloads += 1
+        log.info("unloaded backend=%s model=%s: %s", self.id, self.model_id, reason)
+        metrics.record_model_unload(self.id)
+        return True
+
+    def _switch_model_locked(self, model: str) -> None:
+        """Make `model` the one to load: a backend serving several models (sd with SD_MODELS) holds one
+        pipeline at a time, so another model first unloads the current one (the usual unload path:
+        memory handed back, metrics, /health's last_unload).
+
+        The allowlist is checked again here, not only when the request was accepted: a job stored
+        before a restart may name a model the configuration no longer allows."""
+        if model == self.model_id:
+            return
+        if model not in self.capabilities().models:
+            raise BackendUnavailableError(f"model is no longer available on backend '{self.id}' (not in its settings)")
+        self._unload_locked(f"switching to model {model}")
+        log.info("backend=%s switching model %s -> %s", self.id, self.model_id, model)
+        self.model_id = model
+        # A load failure belonged to the previous model; the new one gets its own try.
+        self._state = LoadState.UNLOADED
+        self._failure = None
+
+    async def close(self) -> None:
+        if self.device_manager is not None:
+            await self.device_manager.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self.unload, "the service stopped")
+
+    # -- health ----------------------------------------------------------------------------------
+    def health(self) -> BackendHealth:
+        if self._deps_missing:
+            return BackendHealth(
+                BackendState.UNAVAILABLE,
+                "torch/diffusers are not installed (install the 'local' extra with `make install`)",
+                model=self.model_id,
+            )
+        loaded = self._loaded
+        state = self._state
+        device = loaded.device if loaded else None
+        dtype = None
+        if loaded is not None:
+            from imagegen.backends.local.support import dtype_name
+
+            dtype = dtype_name(loaded.dtype)
+        from imagegen.backends.local.support import memory_in_use
+
+        # Also when unloaded: the process RSS shows that unloading gave the memory back.
+        memory = memory_in_use(device)
+        details: dict[str, Any] = {
+            "load_seconds": round(self._load_seconds, 3) if self._load_seconds else None,
+            "safety_checker_enabled": self.settings.safety_checker,
+        }
+        if loaded is not None:
+            # Everything the load decided, but the scheduler's config (internal, large).
+            details.update((key, value) for key, value in loaded.details.items() if key != "scheduler_config")
+        if self.device_manager is not None:
+            details["residency"] = self.device_manager.describe()
+        if self._last_unload is not None:
+            reason, when = self._last_unload
+            details["last_unload"] = {
+                "reason": reason,
+                "seconds_ago": round(time.monotonic() - when, 1),
+                "count": self._unloads,
+            }
+        if state is LoadState.READY:
+            return BackendHealth(
+                BackendState.READY,
+                f"{self.model_id} loaded on {device} ({dtype})",
+                model=self.model_id,
+                device=device,
+                dtype=dtype,
+                loaded=True,
+                memory=memory,
+                details=details,
+            )
+        if state is LoadState.LOADING:
+            return BackendHealth(BackendState.LOADING, f"loading {self.model_id}", model=self.model_id, details=details)
+        if state is LoadState.FAILED:
+            return BackendHealth(
+                BackendState.ERROR, self._failure or "load failed", model=self.model_id, details=details
+            )
+        reason = "not loaded; loads on the first request"
+        if self._last_unload is not None:
+            reason = f"{self._last_unload[0]}; loads again on the next request"
+        return BackendHealth(
+            BackendState.READY,
+            reason,
+            model=self.model_id,
+            loaded=False,
+            memory=memory,
+            details=details,
+        )
+
+    # -- generation ------------------------------------------------------------------------------
+    async def generate(self, batch: Sequence[GenerationRequest], ctx: RunContext) -> list[list[GeneratedImage]]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(device_executor(), self._generate_blocking, list(batch), ctx)
+
+    def _generate_blocking(self, batch: list[GenerationRequest], ctx: RunContext) -> list[list[GeneratedImage]]:
+        from imagegen.backends.local import support
+
+        with self._lock:
+            self._switch_model_locked(batch[0].model)  # a batch never mixes models (the batch key has it)
+            loaded = self.ensure_loaded()
+            ctx.check()
+            try:
+                images = self.run_pipeline(loaded, batch, ctx)
+                flags = self._check_images(loaded, images)
+            except ServiceError:
+                raise  # cancelled, deadline, and the backend's own typed errors pass through
+            except Exception as error:
+                if support.is_out_of_memory(error):
+                    del error
+                    support.release_memory()
+                    pixels = batch[0].width * batch[0].height
+                    count = sum(r.num_images for r in batch)
+                    raise OutOfMemoryError(
+                        f"out of memory generating {count} image(s) of {pixels} pixels on {loaded.device}: "
+                        "reduce the size or the number of images, or use the flux-api backend"
+                    ) from None
+                if support.is_fatal_device_error(error):
+                    self._failure = f"device error: {type(error).__name__}; the backend will reload"
+                    log.exception("backend=%s fatal device error", self.id)
+                    self._loaded = None
+                    self._state = LoadState.FAILED
+                    self._failed_at = time.monotonic()
+                    support.release_memory()
+                    raise BackendUnavailableError(f"backend '{self.id}' hit a device error and is reloading") from None
+                log.exception("backend=%s generation failed", self.id)
+                raise GenerationFailedError("the pipeline failed to generate an image") from None
+            finally:
+                self._last_used = time.monotonic()  # idle time counts from the end of the last call
+        return self._split(batch, images, flags)
+
+    def _check_images(self, loaded: LoadedPipeline, images: Any) -> list[bool]:
+        import numpy as np
+
+        if not np.isfinite(images).all():
+            raise GenerationFailedError(
+                "the model produced invalid (NaN) pixels; on CUDA this usually means an unsuitable dtype"
+            )
+        if loaded.safety is None:
+            return [False] * len(images)
+        return loaded.safety.check(images)
+
+    def _split(self, batch: list[GenerationRequest], images: Any, flags: list[bool]) -> list[list[GeneratedImage]]:
+        from PIL import Image
+
+        results: list[list[GeneratedImage]] = []
+        index = 0
+        for request in batch:
+            items = []
+            for seed in request.seeds:
+                nsfw = flags[index]
+                pixels = None
+                if not nsfw:
+                    array = (images[index] * 255).round().clip(0, 255).astype("uint8")
+                    if int(array.max()) == 0:
+                        raise GenerationFailedError("the model produced an all-black image")
+                    pixels = Image.fromarray(array)
+                items.append(GeneratedImage(seed=seed, image=pixels, nsfw=nsfw))
+                index += 1
+            results.append(items)
+        return results
+
+    @staticmethod
+    def step_callback(ctx: RunContext, total_steps: int):  # type: ignore[no-untyped-def]
+        """diffusers' callback_on_step_end: report progress, stop between steps when asked.
+
+        Raising stops the pipeline at once and leaves it usable (setting `_interrupt` would still
+        decode and return an image, which a cancelled job must not get)."""
+
+        def callback(pipe, step, timestep, kwargs):  # type: ignore[no-untyped-def]
+            total = getattr(pipe, "_num_timesteps", None) or total_steps
+            ctx.report_step(step + 1, total)
+            ctx.check()
+            return kwargs
+
+        return callback

@@ -1,0 +1,274 @@
+"""Shared helpers of the local diffusers backends: device and dtype, model sources, memory, errors.
+
+Only loading and generation paths import this module's torch-using functions; importing the module
+itself stays cheap (torch is imported inside the functions).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imagegen.backends.local import tiny_models
+from imagegen.config import Settings
+from imagegen.errors import BackendUnavailableError
+
+# Hub repository ids: "owner/name" with the characters the hub allows.
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def quiet_libraries() -> None:
+    """No loading progress bars or advisory chatter in the service log. Call before the first
+    import of diffusers/transformers: some of their notices are printed at import time."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
+def pick_device(choice: str) -> str:
+    """auto picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    if choice == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if choice == "cuda" and not cuda:
+        raise BackendUnavailableError("SD_DEVICE=cuda but PyTorch sees no CUDA device (is this a CPU build of torch?)")
+    if choice == "mps" and not mps:
+        raise BackendUnavailableError("SD_DEVICE=mps but PyTorch's MPS backend is not available on this machine")
+    return choice
+
+
+def pick_dtype(device: str, family: str):  # type: ignore[no-untyped-def]
+    """The dtype for a device and model family.
+
+    CPU: float32 (half precision is many times slower there). MPS: float32 (float16 gives black
+    images on MPS). CUDA: float16 for SD/SDXL; bfloat16 for FLUX (float16 FLUX gives NaN/black
+    images), float32 where the GPU has no bfloat16.
+    """
+    import torch
+
+    if device == "cuda":
+        if family == "flux":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.float16
+    return torch.float32
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where `from_pretrained` loads a model from, and with which keyword arguments."""
+
+    location: str
+    local: bool
+    kwargs: dict[str, Any]
+
+    def model_index(self) -> dict[str, Any] | None:
+        """The model's model_index.json if it is on disk (local folder or already in the cache)."""
+        return self.read_json("model_index.json")
+
+    def read_json(self, filename: str) -> dict[str, Any] | None:
+        """A JSON file of the model (e.g. "transformer/config.json") if it is on disk; never downloads."""
+        path: Path | None = None
+        if self.local:
+            path = Path(self.location) / filename
+        else:
+            try:
+                from huggingface_hub import try_to_load_from_cache
+
+                found = try_to_load_from_cache(self.location, filename, cache_dir=self.kwargs.get("cache_dir"))
+                path = Path(found) if isinstance(found, str) else None
+            except Exception:  # noqa: BLE001 - a cache miss is not an error here
+                path = None
+        if path is None or not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+
+def model_source(model_id: str, settings: Settings) -> ModelSource:
+    """Resolve a model id: a built-in tiny model, a local folder, or a hub repository id.
+
+    A mistyped local path would silently be treated as a hub id by from_pretrained: anything that
+    looks like a path but is not a folder is refused here with a clear message.
+    """
+    common: dict[str, Any] = {"use_safetensors": True}
+    if tiny_models.is_builtin(model_id):
+        folder = tiny_models.ensure_builtin(settings.model_dir, model_id)
+        return ModelSource(str(folder), True, {**common, "local_files_only": True})
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return ModelSource(str(path.resolve()), True, {**common, "local_files_only": True})
+    if not _REPO_ID.match(model_id):
+        raise BackendUnavailableError(
+            f"model folder '{model_id}' does not exist and is not a Hugging Face repository id (owner/name)"
+        )
+    kwargs: dict[str, Any] = {**common, "cache_dir": str(settings.model_dir)}
+    if settings.huggingface_token is not None:
+        kwargs["token"] = settings.huggingface_token.get_secret_value()
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        kwargs["local_files_only"] = True
+    return ModelSource(model_id, False, kwargs)
+
+
+def _error_chain(error: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def describe_load_error(error: BaseException, model_id: str) -> str:
+    """An operator-actionable reason for a failed load: auth, not found, network, or disk.
+
+    Libraries wrap the real cause (diffusers raises "does not appear to have a file named ..."
+    from huggingface_hub's offline or HTTP error): the whole chain is considered."""
+    for cause in _error_chain(error):
+        reason = _describe_one(cause, model_id)
+        if reason is not None:
+            return reason
+    return f"loading '{model_id}' failed: {type(error).__name__}"
+
+
+_AUTH_ERRORS = ("GatedRepoError",)
+_NOT_FOUND_ERRORS = ("RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError")
+_NETWORK_ERRORS = ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "ConnectTimeout", "ReadTimeout")
+
+
+def _describe_one(error: BaseException, model_id: str) -> str | None:
+    name = type(error).__name__
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(error, BackendUnavailableError):
+        return error.message
+    if isinstance(error, OSError) and error.errno == 28:
+        return "no space left on the device holding SD_MODEL_DIR"
+    if isinstance(error, PermissionError):
+        return "SD_MODEL_DIR (or the model folder) is not writable/readable by the service user"
+    if name in _AUTH_ERRORS or status in (401, 403):
+        return (
+            f"access to '{model_id}' was refused by the Hugging Face hub (gated or private): "
+            "accept its licence on the hub and set SD_HUGGINGFACE_TOKEN"
+        )
+    if name in _NOT_FOUND_ERRORS or status == 404:
+        return (
+            f"'{model_id}' was not found on the Hugging Face hub (check the model id; "
+            "private repositories need SD_HUGGINGFACE_TOKEN)"
+        )
+    if name in _NETWORK_ERRORS or isinstance(error, (ConnectionError, TimeoutError)):
+        return (
+            f"'{model_id}' is not in the model cache (SD_MODEL_DIR) and the Hugging Face hub could not be "
+            "reached: check the network (or HF_HUB_OFFLINE), set SD_HUGGINGFACE_TOKEN if rate limited, "
+            "or pre-download the model"
+        )
+    return None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(error, getattr(torch.cuda, "OutOfMemoryError", ())):
+        return True
+    text = str(error).lower()
+    return "out of memory" in text and isinstance(error, RuntimeError)
+
+
+def is_fatal_device_error(error: BaseException) -> bool:
+    """CUDA errors that leave the context unusable (device-side asserts, illegal accesses)."""
+    text = str(error)
+    return (
+        isinstance(error, RuntimeError)
+        and ("CUDA error" in text or "cudaError" in text)
+        and not is_out_of_memory(error)
+    )
+
+
+def _trim_c_heap() -> None:
+    """Hand freed heap pages back to the OS. glibc keeps freed memory inside its heaps whenever a
+    live allocation sits above it, so without this the RSS of a long-running service does not fall
+    after a pipeline is unloaded. No-op where there is no glibc (macOS, musl)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def release_memory() -> None:
+    """Drop what Python still holds and return cached accelerator memory to the driver."""
+    gc.collect()
+    _trim_c_heap()
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.ipc_collect()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        mps.empty_cache()
+
+
+def cpu_generators(seeds: list[int]):  # type: ignore[no-untyped-def]
+    """One CPU generator per image: the same seed gives the same image on any device."""
+    import torch
+
+    return [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
+
+
+def memory_in_use(device: str | None) -> dict[str, Any]:
+    """Process RSS and, where torch is loaded, the accelerator's allocated/reserved memory."""
+    import psutil
+
+    data: dict[str, Any] = {"rss_bytes": psutil.Process().memory_info().rss}
+    torch = sys.modules.get("torch")
+    if torch is not None and device == "cuda" and torch.cuda.is_available():
+        data["cuda_allocated_bytes"] = int(torch.cuda.memory_allocated())
+        data["cuda_reserved_bytes"] = int(torch.cuda.memory_reserved())
+    if torch is not None and device == "mps":
+        mps = getattr(torch, "mps", None)
+        if mps is not None and hasattr(mps, "current_allocated_memory"):
+            data["mps_allocated_bytes"] = int(mps.current_allocated_memory())
+    return data
+
+
+def devices_seen() -> dict[str, Any]:
+    """Devices visible to torch. Only meaningful once torch is imported by a local backend; the
+    API never imports torch just to answer /info."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return {"torch_loaded": False, "note": "torch is imported when a local backend first loads"}
+    data: dict[str, Any] = {"torch_loaded": True, "cpu": {"threads": torch.get_num_threads()}}
+    if torch.cuda.is_available():
+        devices = []
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            free, total = torch.cuda.mem_get_info(index)
+            devices.append({"index": index, "name": props.name, "total_bytes": int(total), "free_bytes": int(free)})
+        data["cuda"] = devices
+    else:
+        data["cuda"] = []
+    mps = getattr(torch.backends, "mps", None)
+    data["mps"] = bool(mps and mps.is_available())
+    return data

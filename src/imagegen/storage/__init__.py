@@ -1,0 +1,1 @@
+"""The output store: server-chosen names, embedded metadata, catalog, retention, disk usage."""

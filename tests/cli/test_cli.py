@@ -1,0 +1,253 @@
+"""The `imagegen` command, run as a subprocess: generate (in-process and against a live server),
+models list / pull, health, prune, and a --help that never imports torch.
+
+Processes that import torch cost seconds each, so only two do (pull of a built-in model, then an
+in-process generate with it); the rest run without torch."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from imagegen.storage.metadata import read_metadata
+from tests.support.cli import cli_env, run_cli
+from tests.support.fake_backend import FakeBackend, seed_of
+from tests.support.outputs import DAY, make_output, output_name
+
+
+def test_help_is_fast_and_imports_nothing_heavy(tmp_path: Path) -> None:
+    started = time.perf_counter()
+    result = run_cli("--help", cwd=tmp_path)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0 and "generate" in result.stdout and "prune" in result.stdout
+    assert elapsed < 1.0, f"imagegen --help took {elapsed:.2f}s"
+    code = (
+        "import sys\n"
+        "from imagegen import cli\n"
+        "for argv in (['--help'], ['generate', '--help'], ['models', 'pull', '--help'], ['models', 'list', '--help'],"
+        " ['health', '--help'], ['prune', '--help'], ['serve', '--help']):\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'diffusers', 'transformers', 'fastapi', 'numpy') if m in sys.modules))\n"
+    )
+    probe = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=cli_env(), timeout=60
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert "HEAVY []" in probe.stdout
+
+
+@pytest.fixture(scope="module")
+def cli_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cli-models")
+
+
+def test_pull_builtin_then_generate_in_process(cli_models: Path, tmp_path: Path) -> None:
+    pulled = run_cli("models", "pull", "tiny-sd", cwd=tmp_path, SD_MODEL_DIR=str(cli_models))
+    assert pulled.returncode == 0, pulled.stderr
+    folder = cli_models / "builtin" / "tiny-sd"
+    assert pulled.stdout.strip().splitlines() == [str(folder)]
+    assert (folder / "model_index.json").exists() and (folder / ".imagegen-complete").exists()
+
+    env = {
+        "SD_MODEL_DIR": str(cli_models),
+        "SD_MODEL_ID": "tiny-sd",
+        "SD_OUTPUT_DIR": str(tmp_path / "outputs"),
+        "SD_DATA_DIR": str(tmp_path / "data"),
+    }
+    result = run_cli(
+        "generate", "a red fox in the snow", "--seed", "7", "--steps", "3", "--out", "fox.png", cwd=tmp_path, **env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "fox.png"
+    assert "step 3/3" in result.stderr  # the progress bar (one line per step off a terminal)
+    with Image.open(tmp_path / "fox.png") as image:
+        assert image.format == "PNG" and image.size == (64, 64)
+    meta = read_metadata(tmp_path / "fox.png")["imagegen"]
+    assert meta["seed"] == 7 and meta["prompt"] == "a red fox in the snow" and meta["model"] == "tiny-sd"
+    assert meta["steps"] == 3 and meta["backend"] == "sd"
+    stored = list((tmp_path / "outputs").iterdir())
+    assert len(stored) == 1 and stored[0].read_bytes() == (tmp_path / "fox.png").read_bytes()
+    # In-process runs use a job store in memory: never the service's queue in SD_DATA_DIR.
+    assert not (tmp_path / "data" / "jobs.sqlite3").exists()
+
+
+def test_generate_against_a_live_server(serve: Callable[..., httpx.Client], tmp_path: Path) -> None:
+    client = serve(
+        factories={"fake": lambda settings: FakeBackend(settings)}, api_key="k-77", headers={"X-API-Key": "k-77"}
+    )
+    url = str(client.base_url)
+    result = run_cli(
+        "generate",
+        "a castle",
+        "--seed",
+        "11",
+        "--steps",
+        "2",
+        "--url",
+        url,
+        "--out",
+        "castle.webp",
+        cwd=tmp_path,
+        SD_API_KEY="k-77",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "castle.webp" and "step 2/2" in result.stderr
+    meta = read_metadata(tmp_path / "castle.webp")["imagegen"]
+    assert meta["seed"] == 11 and meta["prompt"] == "a castle" and meta["backend"] == "sd"
+    stored = client.get("/api/images").json()["images"][0]
+    assert client.get(f"/api/images/{stored['name']}").content == (tmp_path / "castle.webp").read_bytes()
+
+    # Several images from another backend; --api-key on the command line; the fake draws the seed.
+    many = run_cli(
+        "generate",
+        "three foxes",
+        "--backend",
+        "fake",
+        "--seed",
+        "40",
+        "-n",
+        "3",
+        "--url",
+        url,
+        "--api-key",
+        "k-77",
+        "--out",
+        "fox.png",
+        cwd=tmp_path,
+    )
+    assert many.returncode == 0, many.stderr
+    assert many.stdout.split() == ["fox.png", "fox-2.png", "fox-3.png"]
+    for index, name in enumerate(["fox.png", "fox-2.png", "fox-3.png"]):
+        with Image.open(tmp_path / name) as image:
+            assert seed_of(image) == 40 + index
+
+    refused = run_cli("generate", "a castle", "--url", url, cwd=tmp_path)
+    assert refused.returncode == 2 and "HTTP 401 authentication_error" in refused.stderr
+    invalid = run_cli("generate", "a castle", "--steps", "0", "--url", url, cwd=tmp_path, SD_API_KEY="k-77")
+    assert invalid.returncode == 2 and "422 invalid_parameter" in invalid.stderr
+    unreachable = run_cli("generate", "x", "--url", "http://127.0.0.1:9", cwd=tmp_path)
+    assert unreachable.returncode == 2 and "could not reach" in unreachable.stderr
+
+
+JUNK = [
+    "v1-5-pruned.ckpt",
+    "model.safetensors",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.bin",
+    ".git/config",
+]
+
+
+def test_pull_a_local_folder_copies_what_loads(
+    serve: Callable[..., httpx.Client], model_dir: Path, tmp_path: Path
+) -> None:
+    from imagegen.backends.local import tiny_models
+
+    source = tmp_path / "my-model"
+    shutil.copytree(tiny_models.ensure_builtin(model_dir, "tiny-sd"), source)
+    for junk in JUNK:
+        (source / junk).parent.mkdir(parents=True, exist_ok=True)
+        (source / junk).write_bytes(b"junk")
+    target_dir = tmp_path / "models"
+    result = run_cli("models", "pull", str(source), cwd=tmp_path, SD_MODEL_DIR=str(target_dir))
+    assert result.returncode == 0, result.stderr
+    target = target_dir / "local" / "my-model"
+    assert result.stdout.strip() == str(target)
+    for junk in JUNK:
+        assert not (target / junk).exists(), junk
+    for needed in (
+        "model_index.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/tokenizer.json",
+        "scheduler/scheduler_config.json",
+        "safety_checker/model.safetensors",
+        "feature_extractor/preprocessor_config.json",
+    ):
+        assert (target / needed).exists(), needed
+    # The copy loads and generates like the original.
+    client = serve(model_id=str(target), model_dir=target_dir)
+    assert client.post("/api/txt2img", json={"prompt": "x", "steps": 2, "seed": 1}).status_code == 200
+
+    # A hub model cached by an earlier pull (the cache layout from_pretrained reads).
+    snapshot = target_dir / "models--someone--cached" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    listing = run_cli(
+        "models",
+        "list",
+        "--url",
+        str(client.base_url),
+        cwd=tmp_path,
+        SD_MODEL_DIR=str(target_dir),
+        SD_MODEL_ID=str(target),
+    )
+    assert listing.returncode == 0, listing.stderr
+    rows = {line.split()[0]: line.split() for line in listing.stdout.splitlines()[2:]}
+    assert rows[str(target)][1:4] == ["sd", "folder", "yes"] and rows[str(target)][-1] == "yes"
+    assert rows["someone/cached"][1:5] == ["(not", "configured)", "hub", "yes"]
+    assert rows["stable-diffusion-v1-5/stable-diffusion-v1-5"][-3:] == ["no", "-", "-"]
+    as_json = run_cli("models", "list", "--json", cwd=tmp_path, SD_MODEL_DIR=str(target_dir))
+    assert '"cached": "yes"' in as_json.stdout
+
+
+def test_pull_failures_say_what_to_do(tmp_path: Path) -> None:
+    offline = run_cli("models", "pull", "someone/not-there", cwd=tmp_path, SD_MODEL_DIR=str(tmp_path / "m"))
+    assert offline.returncode == 1
+    assert "could not be reached" in offline.stderr and "SD_HUGGINGFACE_TOKEN" in offline.stderr
+    missing = run_cli("models", "pull", "./no/such/folder", cwd=tmp_path, SD_MODEL_DIR=str(tmp_path / "m"))
+    assert missing.returncode == 1 and "not a built-in model, an existing folder" in missing.stderr
+    not_pipeline = tmp_path / "empty"
+    not_pipeline.mkdir()
+    refused = run_cli("models", "pull", str(not_pipeline), cwd=tmp_path, SD_MODEL_DIR=str(tmp_path / "m"))
+    assert refused.returncode == 1 and "no model_index.json" in refused.stderr
+
+
+def test_health_command(serve: Callable[..., httpx.Client], tmp_path: Path) -> None:
+    ready = serve(factories={"fake": lambda settings: FakeBackend(settings)}, default_backend="fake")
+    ok = run_cli("health", "--url", str(ready.base_url), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert ": ok (HTTP 200)" in ok.stdout and "fake" in ok.stdout
+    quiet = run_cli("health", "--url", str(ready.base_url), "--quiet", cwd=tmp_path)
+    assert quiet.returncode == 0 and quiet.stdout == ""
+    broken = serve(model_id=str(tmp_path / "missing-model"), ready=False)
+    deadline = time.monotonic() + 30
+    while broken.get("/health").json()["status"] != "error":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    failing = run_cli("health", "--url", str(broken.base_url), cwd=tmp_path)
+    assert failing.returncode == 1 and "does not exist" in failing.stdout
+    down = run_cli("health", "--url", "http://127.0.0.1:9", cwd=tmp_path)
+    assert down.returncode == 2 and "could not reach" in down.stderr
+
+
+def test_prune_command(tmp_path: Path) -> None:
+    outputs = tmp_path / "outputs"
+    old = make_output(outputs, output_name(1), age=10 * DAY)
+    young = make_output(outputs, output_name(2), age=1 * DAY)
+    in_progress = make_output(outputs, ".tmp-x", age=30 * DAY)
+    env = {"SD_OUTPUT_DIR": str(outputs)}
+    dry = run_cli("prune", "--days", "2", "--dry-run", cwd=tmp_path, **env)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines() == [f"would delete {old.name} (100 bytes, older than the age limit)"]
+    assert old.exists()
+    real = run_cli("prune", "--days", "2", cwd=tmp_path, **env)
+    assert real.returncode == 0 and not old.exists() and young.exists() and in_progress.exists()
+    # The settings are the default limits.
+    by_size = run_cli("prune", cwd=tmp_path, SD_OUTPUT_MAX_GB="0.00000005", **env)
+    assert by_size.returncode == 0 and not young.exists() and in_progress.exists()
+    nothing = run_cli("prune", cwd=tmp_path, **env)
+    assert nothing.returncode == 0 and "nothing to prune" in nothing.stderr
+    assert run_cli("prune", "--days", "0", cwd=tmp_path, **env).returncode == 2
