@@ -21,7 +21,8 @@ BALLAST_ROWS = 1_000_000  # x 32 float32 = 128 MB
 
 
 def _generate(backend: Any, seed: int) -> float:
-    from imagegen.backends.base import GenerationParams, RunContext
+    from imagegen.backends.base import RunContext
+    from imagegen.generation import GenerationParams
 
     request = backend.resolve(GenerationParams(prompt="a red fox in the snow", seed=seed))
     started = time.perf_counter()

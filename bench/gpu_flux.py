@@ -190,8 +190,9 @@ def time_plain(pipe: Any, size: int, steps: int, device: str) -> float:
 
 def time_service(backend: Any, size: int, steps: int, device: str) -> tuple[float, str | None]:
     """One request through FluxLocalBackend.generate (worker thread, lock, checks, PIL)."""
-    from imagegen.backends.base import GenerationParams, RunContext
+    from imagegen.backends.base import RunContext
     from imagegen.errors import ServiceError
+    from imagegen.generation import GenerationParams
 
     request = backend.resolve(
         GenerationParams(prompt="a red fox in the snow", width=size, height=size, steps=steps, seed=0)

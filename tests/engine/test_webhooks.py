@@ -185,7 +185,7 @@ def test_a_host_that_resolves_to_link_local_is_refused_at_delivery(tmp_path, rec
         settings = Settings(_env_file=None, webhook_backoff=0.01)
         sender = WebhookSender(settings, lambda job: {"id": job.id}, resolver=rebinding_resolver)
         store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
-        from imagegen.backends.base import GenerationRequest
+        from imagegen.generation import GenerationRequest
 
         request = GenerationRequest(
             backend="fake",

@@ -22,16 +22,9 @@ from typing import Any
 
 from PIL import Image
 
-from imagegen.backends.base import (
-    BackendHealth,
-    BackendState,
-    Capabilities,
-    GeneratedImage,
-    GenerationRequest,
-    ImageBackend,
-    RunContext,
-)
+from imagegen.backends.base import BackendHealth, BackendState, Capabilities, ImageBackend, RunContext
 from imagegen.errors import BackendUnavailableError, GenerationFailedError, OutOfMemoryError
+from imagegen.generation import GeneratedImage, GenerationRequest
 
 
 def expected_pixels(prompt: str, seed: int, width: int, height: int) -> Image.Image:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from imagegen.backends.base import SEED_MAX, GenerationParams
+from imagegen.generation import SEED_MAX, GenerationParams
 
 _HARD_MAX_SIDE = 16384
 _HARD_MAX_TEXT = 100_000

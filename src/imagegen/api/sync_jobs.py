@@ -9,9 +9,9 @@ from collections.abc import Awaitable, Callable
 from fastapi import Request
 
 from imagegen.api.deps import Services, request_id
-from imagegen.backends.base import GenerationParams
 from imagegen.engine.jobs import Job, JobStatus
 from imagegen.errors import ServiceError
+from imagegen.generation import GenerationParams
 
 
 async def _disconnected(request: Request) -> None:

@@ -85,13 +85,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _in_process(args: argparse.Namespace, body: dict[str, Any], settings: Any) -> int:
-    from imagegen.backends.base import BackendState, GenerationParams
+    from imagegen.backends.base import BackendState
     from imagegen.backends.registry import BackendRegistry
     from imagegen.engine.engine import JobEngine
     from imagegen.engine.events import JobEvents
     from imagegen.engine.jobs import JobStatus
     from imagegen.engine.store import SQLiteJobStore
     from imagegen.errors import ServiceError
+    from imagegen.generation import GenerationParams
     from imagegen.logging_setup import configure_logging
     from imagegen.storage.outputs import OutputStore
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from imagegen.backends.base import BackendState, GeneratedImage, GenerationParams, ImageBackend, RunContext
+from imagegen.backends.base import BackendState, ImageBackend, RunContext
 from imagegen.backends.registry import BackendRegistry
 from imagegen.config import Settings
 from imagegen.engine.events import JobEvents
@@ -38,6 +38,7 @@ from imagegen.errors import (
     ServiceDrainingError,
     ServiceError,
 )
+from imagegen.generation import GeneratedImage, GenerationParams
 from imagegen.storage.outputs import OutputStore
 
 log = logging.getLogger("imagegen.engine")

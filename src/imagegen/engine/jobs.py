@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from imagegen.backends.base import GenerationRequest
+from imagegen.generation import GenerationRequest
 
 
 class JobStatus(str, enum.Enum):

@@ -13,8 +13,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from imagegen.backends.base import GenerationRequest
 from imagegen.engine.jobs import Job, JobStatus
+from imagegen.generation import GenerationRequest
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

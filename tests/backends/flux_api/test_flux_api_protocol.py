@@ -19,12 +19,13 @@ import httpx
 import pytest
 from PIL import Image
 
-from imagegen.backends.base import GenerationParams, RunContext
+from imagegen.backends.base import RunContext
 from imagegen.backends.bfl.backend import FluxApiBackend, decode_image
 from imagegen.backends.bfl.client import is_bfl_api_url, parse_progress, retry_after_seconds
 from imagegen.backends.bfl.models import MODELS
 from imagegen.config import BflModel, Settings, SettingsError, load_settings
 from imagegen.errors import JobCancelledError, ServiceError, UpstreamError
+from imagegen.generation import GenerationParams
 from tests.backends.flux_api.conftest import CANARY_KEY, RunningFake
 from tests.support.fake_bfl import DEFAULT_KEY, MODEL_RULES
 

@@ -12,11 +12,11 @@ from imagegen import __version__
 from imagegen.api import model_catalog, presenters
 from imagegen.api.a1111.samplers import a1111_names, to_scheduler
 from imagegen.api.a1111.schemas import A1111Txt2ImgRequest
-from imagegen.backends.base import GenerationParams
 from imagegen.backends.registry import BackendRegistry
 from imagegen.config import Settings
 from imagegen.engine.jobs import Job, JobStatus
 from imagegen.errors import ContentModeratedError, InvalidParameterError
+from imagegen.generation import GenerationParams
 from imagegen.storage.metadata import a1111_parameters
 from imagegen.storage.outputs import OutputStore
 

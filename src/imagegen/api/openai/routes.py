@@ -24,8 +24,8 @@ from imagegen.api.openai.schemas import (
     model_entry,
 )
 from imagegen.api.sync_jobs import raise_for_job, renamed, run_job
-from imagegen.backends.base import GenerationParams
 from imagegen.errors import ContentModeratedError, InvalidParameterError, NotFoundError, ServiceError
+from imagegen.generation import GenerationParams
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=OPENAI_ERRORS)
 

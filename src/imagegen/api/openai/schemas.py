@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from imagegen.backends.base import SEED_MAX
 from imagegen.errors import InvalidParameterError
+from imagegen.generation import SEED_MAX
 
 _HARD_MAX_TEXT = 100_000
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")

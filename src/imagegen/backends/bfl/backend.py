@@ -24,16 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from imagegen import metrics
-from imagegen.backends.base import (
-    BackendHealth,
-    BackendState,
-    Capabilities,
-    GeneratedImage,
-    GenerationParams,
-    GenerationRequest,
-    ImageBackend,
-    RunContext,
-)
+from imagegen.backends.base import BackendHealth, BackendState, Capabilities, ImageBackend, RunContext
 from imagegen.backends.bfl.client import (
     FINAL_STATUSES,
     KEY_REJECTED,
@@ -56,6 +47,7 @@ from imagegen.errors import (
     ServiceError,
     UpstreamError,
 )
+from imagegen.generation import GeneratedImage, GenerationParams, GenerationRequest
 
 if TYPE_CHECKING:
     from PIL.Image import Image

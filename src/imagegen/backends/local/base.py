@@ -18,14 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from imagegen import metrics
-from imagegen.backends.base import (
-    BackendHealth,
-    BackendState,
-    GeneratedImage,
-    GenerationRequest,
-    ImageBackend,
-    RunContext,
-)
+from imagegen.backends.base import BackendHealth, BackendState, ImageBackend, RunContext
 from imagegen.config import Settings
 from imagegen.errors import (
     BackendUnavailableError,
@@ -33,6 +26,7 @@ from imagegen.errors import (
     OutOfMemoryError,
     ServiceError,
 )
+from imagegen.generation import GeneratedImage, GenerationRequest
 
 if TYPE_CHECKING:
     from imagegen.backends.local.device_manager import DeviceManager

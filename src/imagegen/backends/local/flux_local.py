@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imagegen.backends.base import BackendHealth, Capabilities, GenerationRequest, RunContext
+from imagegen.backends.base import BackendHealth, Capabilities, RunContext
 from imagegen.backends.local import tiny_models
 from imagegen.backends.local.base import LoadedPipeline, LocalPipelineBackend
 from imagegen.config import Backend, Settings
 from imagegen.errors import BackendUnavailableError
+from imagegen.generation import GenerationRequest
 
 KLEIN = "Flux2KleinPipeline"
 FLUX1 = "FluxPipeline"

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from imagegen.backends.base import Capabilities, GenerationRequest, RunContext
+from imagegen.backends.base import Capabilities, RunContext
 from imagegen.backends.local import tiny_models
 from imagegen.backends.local.base import LoadedPipeline, LocalPipelineBackend
 from imagegen.backends.local.schedulers import SCHEDULER_NAMES, make_scheduler
 from imagegen.config import Backend, Settings
+from imagegen.generation import GenerationRequest
 
 
 def _family_of(class_name: str | None, model_id: str) -> str:
