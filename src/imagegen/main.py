@@ -32,6 +32,7 @@ from imagegen.backends.registry import BackendFactory, BackendRegistry
 from imagegen.config import Settings, SettingsError, load_settings
 from imagegen.engine.engine import JobEngine
 from imagegen.engine.events import JobEvents
+from imagegen.engine.job_metrics import observe_final_job
 from imagegen.engine.jobs import Job
 from imagegen.engine.store import JobStore, SQLiteJobStore
 from imagegen.engine.webhooks import WebhookSender
@@ -90,7 +91,7 @@ def create_app(
         return presenters.job_body(job, outputs, base, queue_position=None, include_b64=True)
 
     webhooks = WebhookSender(settings, render_for_webhook)
-    engine = JobEngine(settings, registry, job_store, outputs, events, webhooks, on_final=metrics.observe_final_job)
+    engine = JobEngine(settings, registry, job_store, outputs, events, webhooks, on_final=observe_final_job)
     disk = DiskUsage({"models": settings.model_dir, "outputs": outputs.root})
     services = Services(settings, registry, job_store, outputs, events, engine, disk)
     metrics.init_backends(registry.ids())

@@ -38,7 +38,6 @@ from imagegen import __version__
 
 if TYPE_CHECKING:
     from imagegen.api.deps import Services
-    from imagegen.engine.jobs import Job
 
 log = logging.getLogger("imagegen.metrics")
 
@@ -145,29 +144,26 @@ def init_backends(backend_ids: Iterable[str]) -> None:
             JOBS.labels(backend=backend, status=status)
 
 
-def observe_final_job(job: Job) -> None:
-    """The engine's on_final hook: one final state per job. Never raises: counting must not stand
-    between a job and its final state."""
-    try:
-        _observe_final_job(job)
-    except Exception:
-        log.exception("metrics: could not record job %s", job.id)
-
-
-def _observe_final_job(job: Job) -> None:
-    backend = job.backend
-    JOBS.labels(backend=backend, status=job.status.value).inc()
-    if job.started_at is not None:
-        QUEUE_WAIT.labels(backend=backend).observe(max(0.0, job.started_at - job.created_at))
-    result = job.result or {}
-    generation_ms = (result.get("timings") or {}).get("generation_ms")
-    if job.status.value == "succeeded" and generation_ms is not None:
-        GENERATION.labels(backend=backend).observe(generation_ms / 1000)
-    for image in result.get("images", ()):
-        if image.get("nsfw"):
-            NSFW.labels(backend=backend).inc()
-        elif image.get("filename"):
-            IMAGES.labels(backend=backend).inc()
+def record_final_job(
+    backend: str,
+    status: str,
+    *,
+    queue_wait_s: float | None,
+    generation_s: float | None,
+    delivered: int,
+    flagged: int,
+) -> None:
+    """Count one job that reached its final state: its state, how long it waited (None: it never
+    started), its generation time (succeeded jobs only), and its images stored and flagged."""
+    JOBS.labels(backend=backend, status=status).inc()
+    if queue_wait_s is not None:
+        QUEUE_WAIT.labels(backend=backend).observe(max(0.0, queue_wait_s))
+    if generation_s is not None:
+        GENERATION.labels(backend=backend).observe(generation_s)
+    if flagged:
+        NSFW.labels(backend=backend).inc(flagged)
+    if delivered:
+        IMAGES.labels(backend=backend).inc(delivered)
 
 
 def record_model_load(backend: str, seconds: float | None, ok: bool) -> None:

@@ -75,16 +75,16 @@ async def txt2img(body: Txt2ImgRequest, request: Request, services: ServicesDep)
     job = await run_job(services, request, body.to_params(output_format=raw), body.backend)
     raise_for_job(job)
     if raw is not None:
-        image = (job.result or {})["images"][0]
-        if image.get("nsfw") or not image.get("filename"):
+        image = job.result.images[0] if job.result is not None and job.result.images else None
+        if image is None or image.filename is None:
             raise ContentModeratedError("the safety checker flagged the image; no content is returned")
-        path = services.outputs.resolve(image["filename"])
+        path = services.outputs.resolve(image.filename)
         return Response(
             content=await asyncio.to_thread(path.read_bytes),  # file I/O off the event loop
-            media_type=image["mime_type"],
+            media_type=image.mime_type,
             headers={
-                "Content-Disposition": f'inline; filename="{image["filename"]}"',
-                "X-Seed": str(image["seed"]),
+                "Content-Disposition": f'inline; filename="{image.filename}"',
+                "X-Seed": str(image.seed),
                 "X-Job-Id": job.id,
             },
         )

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from imagegen.engine.jobs import Job
+from imagegen.engine.results import StoredImage
 from imagegen.errors import NotFoundError
 from imagegen.storage.outputs import OutputStore
 
@@ -34,20 +35,34 @@ def parameters(job: Job) -> dict[str, Any]:
     }
 
 
+def image_url(image: StoredImage, base: str) -> str | None:
+    """Where a delivered image is served; None for a flagged one. URLs are this layer's business:
+    the engine's results name files only."""
+    return None if image.filename is None else f"{base}/api/images/{image.filename}"
+
+
+def image_b64(image: StoredImage, outputs: OutputStore) -> str | None:
+    """The file's bytes in base64; None for a flagged image, or a file pruned since (the job record
+    outlives its files)."""
+    if image.filename is None:
+        return None
+    try:
+        return base64.b64encode(outputs.resolve(image.filename).read_bytes()).decode("ascii")
+    except (NotFoundError, OSError):
+        return None
+
+
+def image_body(image: StoredImage, outputs: OutputStore, base: str, *, include_b64: bool) -> dict[str, Any]:
+    body = image.to_dict()
+    body["url"] = image_url(image, base)
+    body["b64"] = image_b64(image, outputs) if include_b64 else None
+    return body
+
+
 def images(job: Job, outputs: OutputStore, base: str, *, include_b64: bool) -> list[dict[str, Any]]:
-    found = []
-    for item in (job.result or {}).get("images", []):
-        image = dict(item)
-        image["b64"] = None
-        if image.get("filename"):
-            image["url"] = f"{base}/api/images/{image['filename']}"
-            if include_b64:
-                try:
-                    image["b64"] = base64.b64encode(outputs.resolve(image["filename"]).read_bytes()).decode("ascii")
-                except (NotFoundError, OSError):
-                    image["b64"] = None  # pruned since: the job record outlives its files
-        found.append(image)
-    return found
+    if job.result is None:
+        return []
+    return [image_body(image, outputs, base, include_b64=include_b64) for image in job.result.images]
 
 
 def job_links(job_id: str, base: str) -> dict[str, str]:
@@ -61,7 +76,7 @@ def job_body(
     if job.result is not None:
         result = {
             "images": images(job, outputs, base, include_b64=include_b64),
-            "timings": job.result.get("timings", {}),
+            "timings": job.result.timings.to_dict(),
         }
     error = None
     if job.error is not None:
@@ -89,7 +104,7 @@ def job_body(
 
 
 def txt2img_body(job: Job, outputs: OutputStore, base: str, request_id: str | None) -> dict[str, Any]:
-    timings = dict((job.result or {}).get("timings", {}))
+    timings: dict[str, float] = {} if job.result is None else job.result.timings.to_dict()
     if job.finished_at is not None:
         timings["total_ms"] = round((job.finished_at - job.created_at) * 1000, 1)
     return {

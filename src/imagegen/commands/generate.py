@@ -15,9 +15,12 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imagegen.commands.progress import ProgressBar
+
+if TYPE_CHECKING:
+    from imagegen.engine.results import JobResult
 
 FORMAT_BY_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 FINAL = ("succeeded", "failed", "cancelled")
@@ -129,7 +132,7 @@ async def _in_process(args: argparse.Namespace, body: dict[str, Any], settings: 
         if job.status is not JobStatus.SUCCEEDED:
             error = job.error or {}
             return _fail(f"{error.get('type', job.status.value)}: {error.get('message', 'the job did not succeed')}")
-        return _write_local(args, job.result or {}, outputs.root)
+        return _write_local(args, job.result, outputs.root)
     except ServiceError as error:
         bar.close()
         return _fail(f"{error.error_type}: {error.message}", 2 if error.status_code < 500 else 1)
@@ -140,24 +143,25 @@ async def _in_process(args: argparse.Namespace, body: dict[str, Any], settings: 
         store.close()
 
 
-def _write_local(args: argparse.Namespace, result: dict[str, Any], root: Path) -> int:
+def _write_local(args: argparse.Namespace, result: JobResult | None, root: Path) -> int:
     written = 0
-    for index, image in enumerate(result.get("images", [])):
-        if image.get("nsfw") or not image.get("filename"):
-            print(
-                f"imagegen: image {index + 1} (seed {image.get('seed')}) was flagged by the safety checker",
-                file=sys.stderr,
-            )
+    for index, image in enumerate(result.images if result is not None else []):
+        if image.filename is None:
+            _warn_flagged(index, image.seed)
             continue
-        stored = root / image["filename"]
+        stored = root / image.filename
         if args.out:
-            target = destination(args.out, index, image["filename"])
+            target = destination(args.out, index, image.filename)
             shutil.copyfile(stored, target)
         else:
             target = stored  # already in SD_OUTPUT_DIR, with its parameters embedded
         print(target)
         written += 1
     return 0 if written else 1
+
+
+def _warn_flagged(index: int, seed: object) -> None:
+    print(f"imagegen: image {index + 1} (seed {seed}) was flagged by the safety checker", file=sys.stderr)
 
 
 # -- against a running service ----------------------------------------------------------------------
@@ -220,10 +224,7 @@ def _remote(args: argparse.Namespace, body: dict[str, Any]) -> int:
         written = 0
         for index, image in enumerate((job.get("result") or {}).get("images", [])):
             if image.get("nsfw") or not image.get("filename"):
-                print(
-                    f"imagegen: image {index + 1} (seed {image.get('seed')}) was flagged by the safety checker",
-                    file=sys.stderr,
-                )
+                _warn_flagged(index, image.get("seed"))
                 continue
             download = client.get(f"/api/images/{image['filename']}")
             if download.status_code != 200:

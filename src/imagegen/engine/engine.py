@@ -26,6 +26,7 @@ from imagegen.backends.registry import BackendRegistry
 from imagegen.config import Settings
 from imagegen.engine.events import JobEvents
 from imagegen.engine.jobs import Job, JobStatus, new_job_id
+from imagegen.engine.results import JobResult, StoredImage, Timings
 from imagegen.engine.store import JobStore
 from imagegen.errors import (
     BackendUnavailableError,
@@ -39,6 +40,7 @@ from imagegen.errors import (
     ServiceError,
 )
 from imagegen.generation import GeneratedImage, GenerationParams
+from imagegen.storage.metadata import file_metadata
 from imagegen.storage.outputs import OutputStore
 
 log = logging.getLogger("imagegen.engine")
@@ -512,54 +514,29 @@ class JobEngine:
             if job.final:
                 continue
             queued_ms = round(((job.started_at or job.created_at) - job.created_at) * 1000, 1)
-            result = {
-                "images": images,
-                "timings": {
-                    "queued_ms": queued_ms,
-                    "generation_ms": round(seconds * 1000, 1),
-                    "batch_size": len(batch),
-                },
-            }
-            self._finalize(job, JobStatus.SUCCEEDED, result=result)
+            timings = Timings(queued_ms=queued_ms, generation_ms=round(seconds * 1000, 1), batch_size=len(batch))
+            self._finalize(job, JobStatus.SUCCEEDED, result=JobResult(images=images, timings=timings))
 
-    def _store_images(self, job: Job, images: list[GeneratedImage]) -> list[dict[str, Any]]:
+    def _store_images(self, job: Job, images: list[GeneratedImage]) -> list[StoredImage]:
         # Encoding (zlib for PNG) releases the GIL: a batch's images are encoded side by side.
         if len(images) > 1:
             return list(_encoder_pool().map(lambda image: self._store_image(job, image), images))
         return [self._store_image(job, image) for image in images]
 
-    def _store_image(self, job: Job, image: GeneratedImage) -> dict[str, Any]:
-        from imagegen import __version__
-
-        request = job.request
-        item: dict[str, Any] = {"seed": image.seed, "nsfw": image.nsfw, **image.info}
+    def _store_image(self, job: Job, image: GeneratedImage) -> StoredImage:
         if image.nsfw or image.image is None:
-            item.update(filename=None, url=None, mime_type=None)
-            return item
-        meta = {
-            "prompt": request.prompt,
-            "negative_prompt": request.negative_prompt,
-            "backend": request.backend,
-            "model": request.model,
-            "width": image.image.width,
-            "height": image.image.height,
-            "steps": request.steps,
-            "guidance_scale": request.guidance_scale,
-            "scheduler": request.scheduler,
-            "seed": image.seed,
-            "job_id": job.id,
-            "version": __version__,
-            **{key: value for key, value in image.info.items() if isinstance(value, (str, int, float))},
-        }
-        saved = self.outputs.save(image.image, request.output_format, meta)
-        item.update(
+            return StoredImage(seed=image.seed, nsfw=image.nsfw, info=dict(image.info))  # flagged: never written
+        width, height = image.image.width, image.image.height
+        meta = file_metadata(job.request, seed=image.seed, width=width, height=height, info=image.info, job_id=job.id)
+        saved = self.outputs.save(image.image, job.request.output_format, meta)
+        return StoredImage(
+            seed=image.seed,
             filename=saved.name,
-            url=f"/api/images/{saved.name}",
             mime_type=saved.mime_type,
-            width=image.image.width,
-            height=image.image.height,
+            width=width,
+            height=height,
+            info=dict(image.info),
         )
-        return item
 
     # -- state changes -------------------------------------------------------------------------
     def _finalize(
@@ -568,7 +545,7 @@ class JobEngine:
         status: JobStatus,
         *,
         error: ServiceError | None = None,
-        result: dict[str, Any] | None = None,
+        result: JobResult | None = None,
     ) -> None:
         job.status = status
         job.finished_at = time.time()

@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from imagegen.engine.results import JobResult
 from imagegen.generation import GenerationRequest
 
 
@@ -42,8 +43,8 @@ class Job:
     attempts: int = 0
     callback_url: str | None = None
     request_id: str | None = None
-    #: {"images": [...], "timings": {...}} once succeeded (no pixels: those live in the output store)
-    result: dict[str, Any] | None = None
+    #: What a succeeded job produced (no pixels: those live in the output store)
+    result: JobResult | None = None
     #: {"type", "message", "param", "status_code"} once failed
     error: dict[str, Any] | None = None
     #: webhook delivery state, when a callback_url was given

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from imagegen.engine.jobs import Job, JobStatus
+from imagegen.engine.results import JobResult
 from imagegen.generation import GenerationRequest
 
 SCHEMA = """
@@ -111,7 +112,7 @@ class SQLiteJobStore(JobStore):
             job.callback_url,
             job.request_id,
             job.request.model_dump_json(),
-            _dump(job.result),
+            _dump(None if job.result is None else job.result.to_dict()),
             _dump(job.error),
             _dump(job.webhook),
         )
@@ -145,7 +146,7 @@ class SQLiteJobStore(JobStore):
             attempts=attempts,
             callback_url=callback,
             request_id=request_id,
-            result=_load(result),
+            result=None if result is None else JobResult.from_dict(json.loads(result)),
             error=_load(error),
             webhook=_load(webhook),
         )

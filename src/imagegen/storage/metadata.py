@@ -10,12 +10,39 @@ from __future__ import annotations
 import html
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from imagegen import __version__
+
+if TYPE_CHECKING:
+    from imagegen.generation import GenerationRequest
 
 EXIF_IFD = 0x8769
 USER_COMMENT = 0x9286
 JSON_KEY = "imagegen"
 XMP_NS = "https://github.com/imagegen/ns/1.0/"
+
+
+def file_metadata(
+    request: GenerationRequest, *, seed: int, width: int, height: int, info: dict[str, Any], job_id: str
+) -> dict[str, Any]:
+    """What a stored image carries about how it was made: the request, this image's seed and size,
+    the job, the service's version, and the backend's scalar info (BFL's task id and seed)."""
+    return {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "backend": request.backend,
+        "model": request.model,
+        "width": width,
+        "height": height,
+        "steps": request.steps,
+        "guidance_scale": request.guidance_scale,
+        "scheduler": request.scheduler,
+        "seed": seed,
+        "job_id": job_id,
+        "version": __version__,
+        **{key: value for key, value in info.items() if isinstance(value, (str, int, float))},
+    }
 
 
 def a1111_parameters(meta: dict[str, Any]) -> str:

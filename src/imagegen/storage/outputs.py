@@ -32,7 +32,9 @@ NAME_PATTERN = re.compile(r"^(\d{8})-(\d{6})-([0-9a-f]{12})\.(png|jpg|webp)$")
 
 
 @dataclass(frozen=True)
-class StoredImage:
+class SavedFile:
+    """A file just written to the output store."""
+
     name: str
     path: Path
     mime_type: str
@@ -71,7 +73,7 @@ class OutputStore:
             )
         return buffer.getvalue()
 
-    def save(self, image: Any, output_format: str, meta: dict[str, Any]) -> StoredImage:
+    def save(self, image: Any, output_format: str, meta: dict[str, Any]) -> SavedFile:
         """Encode and write atomically (temp file + rename), so a half-written file is never served."""
         data = self.encode(image, output_format, meta)
         name = self.new_name(output_format)
@@ -84,7 +86,7 @@ class OutputStore:
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise
-        return StoredImage(name, self.root / name, FORMATS[output_format][1], data)
+        return SavedFile(name, self.root / name, FORMATS[output_format][1], data)
 
     def resolve(self, name: str) -> Path:
         """The file for a served name; 404 for anything that is not a stored output inside the root."""

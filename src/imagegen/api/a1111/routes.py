@@ -27,7 +27,7 @@ from imagegen.api.a1111.schemas import (
     A1111Txt2ImgRequest,
     A1111Txt2ImgResponse,
 )
-from imagegen.api.deps import ServicesDep, base_url
+from imagegen.api.deps import ServicesDep
 from imagegen.api.sync_jobs import raise_for_job, renamed, run_job
 from imagegen.engine.jobs import JobStatus
 from imagegen.errors import ConflictError, InvalidParameterError, NotFoundError
@@ -49,9 +49,7 @@ async def txt2img(body: A1111Txt2ImgRequest, request: Request, services: Service
     if job.status is not JobStatus.CANCELLED:  # interrupted: A1111 answers 200, with what it has
         raise_for_job(job)
     # Reading and base64-encoding the images happens off the event loop.
-    return await asyncio.to_thread(
-        a1111_translate.response_body, body, job, plan, services.outputs, base_url(request, services.settings)
-    )
+    return await asyncio.to_thread(a1111_translate.response_body, body, job, plan, services.outputs)
 
 
 # -- options: the service's default checkpoint ---------------------------------------------------

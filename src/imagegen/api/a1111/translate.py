@@ -15,6 +15,7 @@ from imagegen.api.a1111.schemas import A1111Txt2ImgRequest
 from imagegen.backends.registry import BackendRegistry
 from imagegen.config import Settings
 from imagegen.engine.jobs import Job, JobStatus
+from imagegen.engine.results import StoredImage
 from imagegen.errors import ContentModeratedError, InvalidParameterError
 from imagegen.generation import GenerationParams
 from imagegen.storage.metadata import a1111_parameters
@@ -111,20 +112,24 @@ def _infotext(job: Job, seed: int, sampler: tuple[str, str] | None) -> str:
     )
 
 
-def response_body(body: A1111Txt2ImgRequest, job: Job, plan_: Plan, outputs: OutputStore, base: str) -> dict[str, Any]:
+def response_body(body: A1111Txt2ImgRequest, job: Job, plan_: Plan, outputs: OutputStore) -> dict[str, Any]:
     """A1111's answer. An interrupted (cancelled) job answers 200 with no images, as A1111 answers an
     interrupted generation; a job whose every image the safety checker flagged is a 422."""
     request = job.request
-    delivered = []
-    flagged = []
-    if job.status is JobStatus.SUCCEEDED:
-        for image in presenters.images(job, outputs, base, include_b64=True):
-            (flagged if image.get("nsfw") or not image.get("b64") else delivered).append(image)
+    delivered: list[tuple[StoredImage, str]] = []  # with its base64
+    flagged: list[StoredImage] = []
+    if job.status is JobStatus.SUCCEEDED and job.result is not None:
+        for image in job.result.images:
+            b64 = presenters.image_b64(image, outputs)
+            if b64 is None:
+                flagged.append(image)  # flagged, or its file pruned since: no content either way
+            else:
+                delivered.append((image, b64))
         if flagged and not delivered:
             raise ContentModeratedError("the safety checker flagged every image; no content is returned")
     sampler = a1111_names(request.scheduler)
     checkpoint = model_catalog.Checkpoint(request.backend, request.model)
-    seeds = [image["seed"] for image in delivered]
+    seeds = [image.seed for image, _ in delivered]
     negative = request.negative_prompt or ""
     ignored = list(dict.fromkeys(plan_.ignored + [A1111_NAMES.get(name, name) for name in request.ignored]))
     info = {
@@ -165,11 +170,11 @@ def response_body(body: A1111Txt2ImgRequest, job: Job, plan_: Plan, outputs: Out
         "backend": request.backend,
         "job_id": job.id,
         "interrupted": job.status is JobStatus.CANCELLED,
-        "nsfw_filtered_seeds": [image["seed"] for image in flagged],
+        "nsfw_filtered_seeds": [image.seed for image in flagged],
         "ignored_parameters": ignored,
     }
     return {
-        "images": [image["b64"] for image in delivered] if body.send_images is not False else [],
+        "images": [b64 for _, b64 in delivered] if body.send_images is not False else [],
         "parameters": body.model_dump(mode="json"),
         "info": json.dumps(info),
     }

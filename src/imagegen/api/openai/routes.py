@@ -68,18 +68,22 @@ async def generate_images(body: ImageGenerationRequest, request: Request, servic
     )
     job = await run_job(services, request, params, backend.id, on_error=_renamed)
     raise_for_job(job)
-    as_url = body.response_format == "url"
-    # Reading and base64-encoding the images happens off the event loop.
-    listed = await asyncio.to_thread(
-        presenters.images, job, services.outputs, base_url(request, services.settings), include_b64=not as_url
-    )
-    images = [image for image in listed if not image.get("nsfw") and image.get("filename")]
-    if not images:
-        raise ContentModeratedError("the safety checker flagged every image; no content is returned")
     # Flagged images are left out: `data` may hold fewer than n images (never an unsafe one).
+    delivered = job.result.delivered() if job.result is not None else []
+    if not delivered:
+        raise ContentModeratedError("the safety checker flagged every image; no content is returned")
+    if body.response_format == "url":
+        base = base_url(request, services.settings)
+        data = [{"url": presenters.image_url(image, base)} for image in delivered]
+    else:
+        # Reading and base64-encoding the images happens off the event loop.
+        encoded = await asyncio.to_thread(
+            lambda: [presenters.image_b64(image, services.outputs) for image in delivered]
+        )
+        data = [{"b64_json": b64} for b64 in encoded]
     return {
         "created": int(job.finished_at or time.time()),
-        "data": [{"url": image["url"]} if as_url else {"b64_json": image["b64"]} for image in images],
+        "data": data,
         "background": "opaque",
         "output_format": job.request.output_format,
         "size": f"{job.request.width}x{job.request.height}",
