@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from bench._service import Service
+from tests.support.process import SERVE, ServiceProcess
 
 RUNS = 20
 PARAMS = {"width": 128, "height": 128, "steps": 20}  # the pipeline dominates, as with real models
@@ -51,7 +51,9 @@ def run() -> list[dict]:
     direct = _direct_pipeline(model_dir)
     rows: list[dict] = []
     with (
-        Service(model_dir, SD_MODEL_ID="tiny-sd", SD_MAX_BATCH="8") as service,
+        ServiceProcess(
+            command=SERVE, ready_timeout=600, SD_MODEL_DIR=str(model_dir), SD_MODEL_ID="tiny-sd", SD_MAX_BATCH="8"
+        ) as service,
         httpx.Client(base_url=service.url, timeout=120) as client,
     ):
         # Warm both paths once.

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,7 +23,8 @@ from typing import Any
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.process import FAKE_BFL, SERVE, ServiceProcess
+
 KEY = "bfl_bench-key"
 GENERATION_S = 1.0
 PAIRS = 10
@@ -34,99 +32,24 @@ CONCURRENT = 24
 PROMPT = "a lighthouse at dawn, oil painting"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("SD_")}
-    # The checkout's code wins over any installed copy.
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update(extra)
-    return env
-
-
-def _wait(url: str, headers: dict[str, str] | None, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url, headers=headers, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not come up")
-        time.sleep(0.1)
-
-
 @contextmanager
 def _processes(report_progress: bool) -> Iterator[tuple[str, str]]:
     """(fake BFL URL, service URL), each in its own process."""
-    fake_port, service_port = _free_port(), _free_port()
-    fake_url, service_url = f"http://127.0.0.1:{fake_port}", f"http://127.0.0.1:{service_port}"
     work = Path(tempfile.mkdtemp(prefix="bench-flux-api-"))
-    fake_args = [
-        sys.executable,
-        "-m",
-        "tests.support.fake_bfl",
-        "--port",
-        str(fake_port),
-        "--key",
-        KEY,
-        "--generation-time",
-        str(GENERATION_S),
-        "--max-active",
-        "24",
-    ]
+    options = ["--key", KEY, "--generation-time", str(GENERATION_S), "--max-active", "24"]
     if not report_progress:
-        fake_args.append("--no-progress")
-    service_env = _env(
-        SD_DEFAULT_BACKEND="flux-api",
-        SD_BFL_API_URL=fake_url,
-        SD_BFL_API_KEY=KEY,
-        SD_HOST="127.0.0.1",
-        SD_PORT=str(service_port),
-        SD_OUTPUT_DIR=str(work / "outputs"),
-        SD_DATA_DIR=str(work / "data"),
-        SD_MODEL_DIR=str(work / "models"),
-        SD_LOG_LEVEL="warning",
-    )
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        fake = subprocess.Popen(fake_args, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        started.append(fake)
-        _wait(f"{fake_url}/v1/credits", {"x-key": KEY}, fake)
-        service = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "imagegen.main:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(service_port),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
-            cwd=work,
-            env=service_env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        options.append("--no-progress")
+    fake = ServiceProcess(work / "bfl", command=(*FAKE_BFL, *options), health="/v1/credits", headers={"x-key": KEY})
+    with fake:
+        service = ServiceProcess(
+            work,
+            command=SERVE,
+            SD_DEFAULT_BACKEND="flux-api",
+            SD_BFL_API_URL=fake.url,
+            SD_BFL_API_KEY=KEY,
         )
-        started.append(service)
-        _wait(f"{service_url}/health", None, service)
-        yield fake_url, service_url
-    finally:
-        for process in reversed(started):
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        with service:
+            yield fake.url, service.url
 
 
 async def _direct(client: httpx.AsyncClient, fake_url: str, seed: int) -> float:

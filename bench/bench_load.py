@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 
-from bench._service import ROOT, free_port
+from tests.support.process import ServiceProcess
 
 CLIENTS, REQUESTS = 64, 20
 
@@ -32,39 +29,6 @@ with httpx.Client(base_url=url, timeout=30) as client:
         print(json.dumps([time.perf_counter() - started, status]), flush=True)
         time.sleep(0.02)
 """
-
-
-def _start_service(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SD_")}
-    env.update(
-        SD_DATA_DIR=str(tmp / "data"),
-        SD_OUTPUT_DIR=str(tmp / "outputs"),
-        SD_MODEL_DIR=str(tmp / "models"),
-        SD_LOG_LEVEL="warning",
-        SD_MAX_QUEUE=str(CLIENTS * 2),
-        SD_MAX_BATCH="8",
-        FAKE_STEP_DELAY="0.001",
-        PYTHONPATH=str(ROOT),
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.serve_fake", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=5) as client:
-        for _ in range(600):
-            try:
-                if client.get("/health").status_code == 200:
-                    return process, url
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("the service did not start")
 
 
 async def _load(url: str) -> tuple[int, int, float]:
@@ -87,8 +51,9 @@ async def _load(url: str) -> tuple[int, int, float]:
 
 
 def run() -> list[dict]:
-    tmp = Path(tempfile.mkdtemp(prefix="imagegen-bench-load-"))
-    process, url = _start_service(tmp)
+    service = ServiceProcess(SD_MAX_QUEUE=str(CLIENTS * 2), SD_MAX_BATCH="8", FAKE_STEP_DELAY="0.001")
+    service.start()
+    url = service.url
     try:
         probe = subprocess.Popen([sys.executable, "-c", _PROBE, url, "600"], stdout=subprocess.PIPE)
         time.sleep(0.5)
@@ -96,8 +61,7 @@ def run() -> list[dict]:
         probe.terminate()
         out, _ = probe.communicate(timeout=30)
     finally:
-        process.terminate()
-        process.wait(30)
+        service.stop()
     samples = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
     latencies = sorted(seconds_ for seconds_, _ in samples)
     p99 = latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000 if latencies else float("nan")

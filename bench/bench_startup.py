@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from bench._service import Service
+from tests.support.process import SERVE, ServiceProcess
 
 
 def _help_seconds() -> list[float]:
@@ -56,7 +56,9 @@ def run() -> list[dict]:
     )
     model_dir = Path(tempfile.mkdtemp(prefix="imagegen-bench-models-"))
     for label in ("first start (builds tiny-sd)", "cold start to ready (tiny-sd)"):
-        with Service(model_dir, SD_MODEL_ID="tiny-sd") as service:
+        with ServiceProcess(
+            command=SERVE, ready_timeout=600, SD_MODEL_DIR=str(model_dir), SD_MODEL_ID="tiny-sd"
+        ) as service:
             ready = service.ready_seconds
             idle = service.rss_bytes()
             with httpx.Client(base_url=service.url, timeout=60) as client:

@@ -106,9 +106,8 @@ def service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
 
     yield make
     for proc in made:
-        if proc.process is not None and proc.process.poll() is None:
-            proc.process.kill()
-            proc.process.wait()
+        if proc.running:
+            proc.kill()
 
 
 @pytest.fixture(scope="module")

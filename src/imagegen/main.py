@@ -13,11 +13,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from imagegen import __version__, metrics, preflight
+from imagegen import __version__, preflight
 from imagegen.api import generate, health, images, jobs, presenters, web
 from imagegen.api import metrics as metrics_api
 from imagegen.api.a1111 import routes as a1111
-from imagegen.api.deps import Services
 from imagegen.api.errors import install_error_handlers
 from imagegen.api.middleware import (
     ApiKeyMiddleware,
@@ -28,18 +27,14 @@ from imagegen.api.middleware import (
 from imagegen.api.openai import routes as openai_images
 from imagegen.api.openapi import install_openapi
 from imagegen.api.schemas import NATIVE_ERRORS
-from imagegen.backends.registry import BackendFactory, BackendRegistry
+from imagegen.backends.registry import BackendFactory
 from imagegen.config import Settings, SettingsError, load_settings
 from imagegen.engine.engine import JobEngine
-from imagegen.engine.events import JobEvents
-from imagegen.engine.job_metrics import observe_final_job
 from imagegen.engine.jobs import Job
-from imagegen.engine.store import JobStore, SQLiteJobStore
-from imagegen.engine.webhooks import WebhookSender
+from imagegen.engine.store import JobStore
 from imagegen.logging_setup import configure_logging
-from imagegen.storage.disk_usage import DiskUsage
+from imagegen.services import build_services
 from imagegen.storage.outputs import OutputStore
-from imagegen.storage.retention import RetentionPolicy, RetentionTask
 
 log = logging.getLogger("imagegen")
 
@@ -51,7 +46,7 @@ def _install_drain_on_signal(engine: JobEngine) -> list[tuple[int, Any]]:
     own handler starts the graceful shutdown). Only possible from the main thread."""
     if threading.current_thread() is not threading.main_thread():
         return []
-    restored = []
+    restored: list[tuple[int, Any]] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(signum)
         if not callable(previous):
@@ -81,25 +76,15 @@ def create_app(
             raise SystemExit(f"imagegen: {error}") from None
     configure_logging(settings.log_level, settings.log_format)
 
-    registry = BackendRegistry.from_settings(settings, backend_factories, default_id=default_backend)
-    outputs = OutputStore(settings.output_dir)
-    job_store = store or SQLiteJobStore(settings.data_dir / "jobs.sqlite3")
-    events = JobEvents()
+    def webhook_body(job: Job, outputs: OutputStore) -> dict[str, Any]:
+        return presenters.job_body(job, outputs, settings.public_url or "", queue_position=None, include_b64=True)
 
-    def render_for_webhook(job: Job) -> dict[str, Any]:
-        base = settings.public_url or ""
-        return presenters.job_body(job, outputs, base, queue_position=None, include_b64=True)
-
-    webhooks = WebhookSender(settings, render_for_webhook)
-    engine = JobEngine(settings, registry, job_store, outputs, events, webhooks, on_final=observe_final_job)
-    disk = DiskUsage({"models": settings.model_dir, "outputs": outputs.root})
-    services = Services(settings, registry, job_store, outputs, events, engine, disk)
-    metrics.init_backends(registry.ids())
-    retention = RetentionTask(
-        outputs.root,
-        RetentionPolicy.from_settings(settings),
-        settings.output_prune_interval,
-        after_pass=lambda report: disk.refresh_in_background() if report.removed else None,
+    services = build_services(
+        settings,
+        store=store,
+        backend_factories=backend_factories,
+        default_backend=default_backend,
+        webhook_body=webhook_body,
     )
 
     @contextlib.asynccontextmanager
@@ -116,24 +101,15 @@ def create_app(
             log.error("START-UP: %s", problem)
         for problem in findings.warnings:
             log.warning("START-UP: %s", problem)
-        for backend in registry:
-            await backend.start()
-        await engine.start()
-        retention.start()
-        disk.refresh_in_background()
-        restored = _install_drain_on_signal(engine)
-        log.info("imagegen %s ready to accept requests; default backend=%s", __version__, registry.default_id)
+        await services.start()
+        restored = _install_drain_on_signal(services.engine)
+        log.info("imagegen %s ready to accept requests; default backend=%s", __version__, services.registry.default_id)
         try:
             yield
         finally:
             for signum, previous in restored:
                 signal.signal(signum, previous)
-            await retention.stop()
-            await engine.shutdown(settings.shutdown_grace)
-            await webhooks.close()
-            for backend in registry:
-                await backend.close()
-            job_store.close()
+            await services.stop()
 
     app = FastAPI(
         title="imagegen",
@@ -143,7 +119,7 @@ def create_app(
         responses=NATIVE_ERRORS,
     )
     app.state.services = services
-    app.state.metrics_registry = metrics.app_registry(services)
+    app.state.metrics_registry = metrics_api.app_registry(services)
     install_error_handlers(app)
     # The browser page and its exact files are public (it must load to ask for the key); the API
     # calls it makes are not.

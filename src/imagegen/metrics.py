@@ -1,4 +1,4 @@
-"""Prometheus metrics at /metrics.
+"""Prometheus metrics: the process-wide events, and the exposition text of /metrics.
 
 Two kinds, kept apart on purpose:
 
@@ -9,18 +9,15 @@ Two kinds, kept apart on purpose:
   every backend. Here any module records an event with one import: `metrics.record_bfl_error("credits")`.
   The values are process-wide totals, which is what a scraper of one service process sees.
 - State (queue depth, backend states, disk usage, memory) is read from one app's services at
-  scrape time by `ServiceCollector`, registered in a registry of that app: nothing has to be kept
-  up to date, nothing goes stale, and two apps in one process never mix their queues.
-
-Never imports torch: GPU memory is reported only when a local backend has already imported it.
+  scrape time by the collector next to the route (api/metrics.py), registered in a registry of that
+  app: nothing has to be kept up to date, nothing goes stale, and two apps in one process never mix
+  their queues. This module, the ground floor, knows nothing of services.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -31,13 +28,6 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
-from imagegen import __version__
-
-if TYPE_CHECKING:
-    from imagegen.api.deps import Services
 
 log = logging.getLogger("imagegen.metrics")
 
@@ -180,139 +170,6 @@ def record_outputs_deleted(reason: str, count: int, size: int) -> None:
     if count:
         OUTPUTS_DELETED.labels(reason=reason).inc(count)
         OUTPUTS_DELETED_BYTES.labels(reason=reason).inc(size)
-
-
-# -- state, read at scrape time ------------------------------------------------------------------------
-
-
-def gpu_memory() -> list[tuple[str, str, float]]:
-    """(device, kind, bytes) for accelerators torch already uses; [] when torch is not imported.
-
-    Allocator statistics and device properties create no CUDA context, so a scrape never takes
-    memory on a GPU the service does not use."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return []
-    found: list[tuple[str, str, float]] = []
-    try:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            for index in range(torch.cuda.device_count()):
-                device = f"cuda:{index}"
-                found.append((device, "allocated", float(torch.cuda.memory_allocated(index))))
-                found.append((device, "reserved", float(torch.cuda.memory_reserved(index))))
-                found.append((device, "total", float(torch.cuda.get_device_properties(index).total_memory)))
-        mps = getattr(torch, "mps", None)
-        if mps is not None and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            found.append(("mps", "allocated", float(mps.current_allocated_memory())))
-            found.append(("mps", "driver_allocated", float(mps.driver_allocated_memory())))
-    except Exception:
-        log.debug("could not read accelerator memory", exc_info=True)
-    return found
-
-
-class ServiceCollector(Collector):
-    """Gauges read from one app's services whenever /metrics is scraped."""
-
-    def __init__(self, services: Services) -> None:
-        self.services = services
-
-    def collect(self) -> Iterator[Metric]:
-        for part in (self._engine, self._backends, self._disk, self._memory, self._info):
-            try:
-                yield from part()
-            except Exception:
-                log.warning("metrics: %s failed", part.__name__, exc_info=True)
-
-    def _engine(self) -> Iterator[Metric]:
-        stats = self.services.engine.stats()
-        depth = GaugeMetricFamily("imagegen_queue_depth", "Jobs waiting in the queue, by lane.", labels=["lane"])
-        busy = GaugeMetricFamily("imagegen_jobs_running", "Batches running now, by lane.", labels=["lane"])
-        for lane, values in stats["lanes"].items():
-            depth.add_metric([lane], values["queued"])
-            busy.add_metric([lane], values["busy"])
-        yield depth
-        yield busy
-        yield GaugeMetricFamily(
-            "imagegen_queue_limit", "Jobs allowed to wait (SD_MAX_QUEUE).", value=stats["max_queue"]
-        )
-        yield GaugeMetricFamily(
-            "imagegen_draining", "1 while the service refuses new jobs (shutting down).", value=int(stats["draining"])
-        )
-
-    def _backends(self) -> Iterator[Metric]:
-        from imagegen.backends.base import BackendState
-
-        states = GaugeMetricFamily(
-            "imagegen_backend_state", "1 for the state each backend is in now.", labels=["backend", "state"]
-        )
-        loaded = GaugeMetricFamily(
-            "imagegen_backend_loaded", "1 when the backend's model is in memory.", labels=["backend"]
-        )
-        for backend in self.services.registry:
-            health = backend.health()
-            for state in BackendState:
-                states.add_metric([backend.id, state.value], int(health.state is state))
-            loaded.add_metric([backend.id], int(bool(health.loaded)))
-        yield states
-        yield loaded
-
-    def _disk(self) -> Iterator[Metric]:
-        disk = self.services.disk
-        if disk is None:
-            return
-        snapshot = disk.snapshot()
-        used = GaugeMetricFamily(
-            "imagegen_disk_usage_bytes",
-            "Bytes in the model and output folders (measured in the background).",
-            labels=["folder"],
-        )
-        files = GaugeMetricFamily("imagegen_disk_files", "Files in the model and output folders.", labels=["folder"])
-        free = GaugeMetricFamily(
-            "imagegen_disk_free_bytes", "Free bytes on the filesystem of each folder.", labels=["folder"]
-        )
-        for name, folder in snapshot["folders"].items():
-            if folder["bytes"] is not None:
-                used.add_metric([name], folder["bytes"])
-                files.add_metric([name], folder["files"])
-            if folder["free_bytes"] is not None:
-                free.add_metric([name], folder["free_bytes"])
-        yield used
-        yield files
-        yield free
-
-    def _memory(self) -> Iterator[Metric]:
-        import psutil
-
-        yield GaugeMetricFamily(
-            "imagegen_process_resident_memory_bytes",
-            "Resident memory of the service process (psutil; also on macOS).",
-            value=psutil.Process().memory_info().rss,
-        )
-        found = gpu_memory()
-        if found:
-            gpu = GaugeMetricFamily(
-                "imagegen_gpu_memory_bytes",
-                "Accelerator memory by device and kind (allocated/reserved by torch, total), once a local backend "
-                "has imported torch.",
-                labels=["device", "kind"],
-            )
-            for device, kind, value in found:
-                gpu.add_metric([device, kind], value)
-            yield gpu
-
-    def _info(self) -> Iterator[Metric]:
-        info = GaugeMetricFamily(
-            "imagegen_info", "Version and default backend of this service.", labels=["version", "default_backend"]
-        )
-        info.add_metric([__version__, self.services.registry.default_id], 1)
-        yield info
-
-
-def app_registry(services: Services) -> CollectorRegistry:
-    """A registry holding one app's state gauges."""
-    registry = CollectorRegistry()
-    registry.register(ServiceCollector(services))
-    return registry
 
 
 def render(registry: CollectorRegistry) -> bytes:

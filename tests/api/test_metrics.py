@@ -14,7 +14,8 @@ from typing import Any
 
 import httpx
 
-from imagegen import metrics
+from imagegen import __version__, metrics
+from imagegen.backends.local.support import accelerator_memory
 from tests.support.scrape import delta, scrape, value
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +66,7 @@ def test_requests_jobs_images_and_timings_are_counted(serve: Callable[..., httpx
     assert value(after, "imagegen_queue_depth", lane="fake") == 0
     assert value(after, "imagegen_queue_limit") == 64
     assert value(after, "imagegen_process_resident_memory_bytes") > 10_000_000
-    assert value(after, "imagegen_info", version=metrics.__version__, default_backend="fake") == 1
+    assert value(after, "imagegen_info", version=__version__, default_backend="fake") == 1
     # The BFL error counter exists for the flux-api backend, every kind from 0.
     assert ("imagegen_bfl_errors_total", frozenset({("kind", "credits")})) in after
 
@@ -177,7 +178,7 @@ print("HEAVY", heavy)
 def test_gpu_memory_is_empty_without_an_accelerator() -> None:
     # This machine has no GPU; where torch is loaded and CUDA is available the same function
     # reports allocated/reserved/total per device (checked on a GPU machine; see docs/operations.md).
-    found: list[Any] = metrics.gpu_memory()
+    found: list[Any] = accelerator_memory()
     import torch
 
     if not torch.cuda.is_available():

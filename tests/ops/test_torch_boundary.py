@@ -93,7 +93,11 @@ def test_the_service_runs_with_torch_and_diffusers_unimportable(tmp_path: Path) 
     env["HF_HUB_OFFLINE"] = "1"
     done = subprocess.run(
         [sys.executable, "-c", _SCRIPT, ",".join(HEAVY), str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, done.stderr[-3000:]

@@ -1,5 +1,5 @@
 """Faults: repeated out-of-memory, a hanging backend, a backend that dies, and SIGKILL during a long
-queue. Each test names the peer failure it guards against (reference/security-and-reliability.md)."""
+queue. Each test names the peer failure it guards against (issue threads of peer projects)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """A fake Black Forest Labs API for tests, benchmarks and offline development.
 
-It follows /work/shared/reference/bfl-api.md: `POST /v1/<model>` with `x-key` returns an id and a
+It follows BFL's API (docs/flux-api.md): `POST /v1/<model>` with `x-key` returns an id and a
 `polling_url`; `GET <polling_url>` says Pending (with `progress`) for a configurable time, then Ready
 with a signed `sample` URL that expires; `GET /v1/credits`. It enforces the key, per-model
 parameter rules (FastAPI-style 422 details), the account's active-task limit (429; 6 for

@@ -1,42 +1,26 @@
-"""The services of one app instance and the `Annotated` dependency aliases routes use."""
+"""The `Annotated` dependency aliases routes use to reach the services of their app instance."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from imagegen.backends.registry import BackendRegistry
 from imagegen.config import Settings
-from imagegen.engine.engine import JobEngine
-from imagegen.engine.events import JobEvents
-from imagegen.engine.store import JobStore
-from imagegen.storage.disk_usage import DiskUsage
-from imagegen.storage.outputs import OutputStore
-
-
-@dataclass
-class Services:
-    settings: Settings
-    registry: BackendRegistry
-    store: JobStore
-    outputs: OutputStore
-    events: JobEvents
-    engine: JobEngine
-    #: sizes of the model and output folders, measured in the background (for /info and /metrics)
-    disk: DiskUsage | None = None
+from imagegen.services import Services
 
 
 def get_services(request: Request) -> Services:
-    return request.app.state.services
+    services: Services = request.app.state.services
+    return services
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 def request_id(request: Request) -> str | None:
-    return request.scope.get("state", {}).get("request_id")
+    value: str | None = request.scope.get("state", {}).get("request_id")
+    return value
 
 
 def base_url(request: Request, settings: Settings) -> str:

@@ -11,10 +11,11 @@ from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from imagegen.api import presenters
-from imagegen.api.deps import Services, ServicesDep, base_url, request_id
+from imagegen.api.deps import ServicesDep, base_url, request_id
 from imagegen.api.schemas import ErrorResponse, JobAccepted, JobCreateRequest, JobList, JobOut
 from imagegen.engine.jobs import Job, JobStatus
 from imagegen.errors import NotFoundError
+from imagegen.services import Services
 
 router = APIRouter(tags=["jobs"])
 

@@ -8,10 +8,11 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 
-from imagegen.api.deps import Services, request_id
+from imagegen.api.deps import request_id
 from imagegen.engine.jobs import Job, JobStatus
 from imagegen.errors import ServiceError
 from imagegen.generation import GenerationParams
+from imagegen.services import Services
 
 
 async def _disconnected(request: Request) -> None:

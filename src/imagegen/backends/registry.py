@@ -1,4 +1,5 @@
-"""Maps backend ids to factories and holds the backends of one app instance."""
+"""Maps backend ids to factories and holds the backends of one app instance, with the DeviceManager
+the local ones share; `start()` and `close()` bring them all up and down."""
 
 from __future__ import annotations
 
@@ -40,11 +41,15 @@ DEFAULT_FACTORIES: dict[str, BackendFactory] = {
 class BackendRegistry:
     """The backends of one service instance, by id, with the default one."""
 
-    def __init__(self, backends: dict[str, ImageBackend], default_id: str) -> None:
+    def __init__(
+        self, backends: dict[str, ImageBackend], default_id: str, device_manager: DeviceManager | None = None
+    ) -> None:
         if default_id not in backends:
             raise ValueError(f"default backend '{default_id}' is not registered")
         self._backends = backends
         self.default_id = default_id
+        #: decides which local pipelines stay loaded on the device they share (None: no local backends)
+        self.device_manager = device_manager
         for backend_id, backend in backends.items():
             backend.preload = backend_id == default_id
 
@@ -59,8 +64,24 @@ class BackendRegistry:
         factories = {**DEFAULT_FACTORIES, **(factories or {})}
         backends = {backend_id: factory(settings) for backend_id, factory in factories.items()}
         # The local backends share one device: one manager decides which of them stay loaded.
-        DeviceManager.share(settings, backends.values())
-        return cls(backends, default_id or settings.default_backend.value)
+        manager = DeviceManager.share(settings, backends.values())
+        return cls(backends, default_id or settings.default_backend.value, manager)
+
+    async def start(self) -> None:
+        """Start every backend (the default one may begin loading), then the device manager's
+        idle-unload task: once per app, whatever the number of local backends."""
+        for backend in self:
+            await backend.start()
+        if self.device_manager is not None:
+            self.device_manager.start()
+
+    async def close(self) -> None:
+        """Stop the idle unloading first (nothing unloads behind the backends' backs), then close
+        every backend (local ones hand their memory back)."""
+        if self.device_manager is not None:
+            await self.device_manager.stop()
+        for backend in self:
+            await backend.close()
 
     def get(self, backend_id: str | None) -> ImageBackend:
         """The named backend, or the default one; an unknown id is a 422 listing the known ids."""

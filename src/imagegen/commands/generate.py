@@ -1,7 +1,7 @@
 """`imagegen generate`: one generation from the command line.
 
-Without --url it runs in this process: the same registry, engine and output store the service
-builds, with a job store in memory (a CLI run must never pick up, and run, the jobs a service left
+Without --url it runs in this process on the services the service builds (services.py), with a
+job store in memory (a CLI run must never pick up, and run, the jobs a service left
 queued in SD_DATA_DIR). With --url it asks a running service over HTTP and follows the job's
 Server-Sent Events. Either way a progress bar shows each denoising step.
 """
@@ -89,33 +89,29 @@ def run(args: argparse.Namespace) -> int:
 
 async def _in_process(args: argparse.Namespace, body: dict[str, Any], settings: Any) -> int:
     from imagegen.backends.base import BackendState
-    from imagegen.backends.registry import BackendRegistry
-    from imagegen.engine.engine import JobEngine
-    from imagegen.engine.events import JobEvents
     from imagegen.engine.jobs import JobStatus
     from imagegen.engine.store import SQLiteJobStore
     from imagegen.errors import ServiceError
     from imagegen.generation import GenerationParams
     from imagegen.logging_setup import configure_logging
-    from imagegen.storage.outputs import OutputStore
+    from imagegen.services import build_services
 
     configure_logging("debug" if args.verbose else "warning", settings.log_format)
     try:
-        registry = BackendRegistry.from_settings(settings, default_id=args.backend)
+        # No webhooks (a CLI job takes no callback URL) and none of a service's upkeep (retention,
+        # disk measurement); the job store in memory: never the queue a service left in SD_DATA_DIR.
+        services = build_services(
+            settings, store=SQLiteJobStore(":memory:"), default_backend=args.backend, upkeep=False
+        )
     except ValueError:
         from imagegen.backends.registry import DEFAULT_FACTORIES
 
         return _fail(f"unknown backend; known backends: {', '.join(DEFAULT_FACTORIES)}", 2)
-    store = SQLiteJobStore(":memory:")
-    outputs = OutputStore(settings.output_dir)
-    events = JobEvents()
-    engine = JobEngine(settings, registry, store, outputs, events)
+    engine, events, outputs = services.engine, services.events, services.outputs
     bar = ProgressBar("generate", enabled=not args.quiet)
     try:
-        for backend in registry:
-            await backend.start()
-        await engine.start()
-        backend = registry.get(args.backend)
+        await services.start()
+        backend = services.registry.get(args.backend)
         if backend.health().state is BackendState.LOADING:
             bar.note(f"loading {backend.health().model} (first use: a download may take minutes)")
         params = GenerationParams(**{key: value for key, value in body.items() if key != "backend"})
@@ -137,10 +133,7 @@ async def _in_process(args: argparse.Namespace, body: dict[str, Any], settings: 
         bar.close()
         return _fail(f"{error.error_type}: {error.message}", 2 if error.status_code < 500 else 1)
     finally:
-        await engine.shutdown(0)
-        for backend in registry:
-            await backend.close()
-        store.close()
+        await services.stop(grace=0)
 
 
 def _write_local(args: argparse.Namespace, result: JobResult | None, root: Path) -> int:

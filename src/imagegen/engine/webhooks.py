@@ -15,7 +15,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import random
 import socket
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from imagegen.config import Settings
 from imagegen.engine.jobs import Job
 from imagegen.engine.store import JobStore
 from imagegen.errors import InvalidParameterError
+from imagegen.retry import backoff_delay
 
 log = logging.getLogger("imagegen.webhooks")
 
@@ -38,6 +38,8 @@ METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(address) for address in ("fd00:ec2::254", "100.100.100.200", "192.0.0.192")
 )
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+#: The longest wait between two attempts (the first is SD_WEBHOOK_BACKOFF, doubling after each).
+_MAX_BACKOFF = 60.0
 
 
 class WebhookRefusedError(Exception):
@@ -182,8 +184,7 @@ class WebhookSender:
             if not retry or attempt == max_attempts:
                 state["status"] = "failed"
                 break
-            delay = min(60.0, self.settings.webhook_backoff * (2 ** (attempt - 1)))
-            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            await asyncio.sleep(backoff_delay(attempt - 1, self.settings.webhook_backoff, cap=_MAX_BACKOFF))
         state["finished_at"] = time.time()
         job.webhook = state
         store.update(job)

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -28,8 +24,7 @@ from imagegen.errors import JobCancelledError, ServiceError, UpstreamError
 from imagegen.generation import GenerationParams
 from tests.backends.flux_api.conftest import CANARY_KEY, RunningFake
 from tests.support.fake_bfl import DEFAULT_KEY, MODEL_RULES
-
-REPO = Path(__file__).resolve().parents[3]
+from tests.support.process import FAKE_BFL, ServiceProcess
 
 
 @pytest.mark.parametrize(
@@ -213,27 +208,13 @@ async def test_errors_are_service_errors_with_their_http_meaning(
 # -- the fake as a developer runs it ------------------------------------------------------------------
 
 
-def test_the_fake_runs_as_a_module_on_loopback() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.fake_bfl", "--port", str(port), "--generation-time", "0.1"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+def test_the_fake_runs_as_a_module_on_loopback(tmp_path: Path) -> None:
+    fake = ServiceProcess(
+        tmp_path, command=(*FAKE_BFL, "--generation-time", "0.1"), health="/v1/credits", headers={"x-key": DEFAULT_KEY}
     )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                response = httpx.get(f"http://127.0.0.1:{port}/v1/credits", headers={"x-key": DEFAULT_KEY})
-                break
-            except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline, "the fake did not start"
-                time.sleep(0.1)
+    with fake:
+        port = fake.port
+        response = httpx.get(f"http://127.0.0.1:{port}/v1/credits", headers={"x-key": DEFAULT_KEY})
         assert response.status_code == 200 and response.json()["credits"] > 0
         submitted = httpx.post(
             f"http://127.0.0.1:{port}/v1/flux-2-klein-4b",
@@ -242,9 +223,6 @@ def test_the_fake_runs_as_a_module_on_loopback() -> None:
         )
         assert submitted.status_code == 200 and submitted.json()["polling_url"].startswith(f"http://127.0.0.1:{port}/")
         assert httpx.post(f"http://127.0.0.1:{port}/v1/flux-2-klein-4b", json={"prompt": "x"}).status_code == 401
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 # -- settings -----------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ real FLUX checkpoints, so that loading it in float32 really costs process memory
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import gc
 import time
@@ -19,8 +20,11 @@ import httpx
 import psutil
 
 from imagegen.backends.local import tiny_models
+from imagegen.backends.registry import BackendRegistry
 from imagegen.config import Settings
+from imagegen.services import build_services
 from tests.backends.flux_local.helpers import backend_health, generate, pixels
+from tests.support.fake_backend import FakeBackend
 
 BALLAST_ROWS = 1_000_000  # x 32 floats = 128 MB in float32, 64 MB on disk in bfloat16
 
@@ -158,3 +162,33 @@ def test_unloading_keeps_the_other_settings_visible(serve: Callable[..., Any]) -
     assert flux["loaded"] is False and flux["state"] == "ready" and flux["model"] == "tiny-flux2-klein"
     assert flux["capabilities"]["default_steps"] == 4 and flux["capabilities"]["size_multiple"] == 16
     assert "loads on the first request" in flux["reason"]
+
+
+def _idle_tasks() -> list[asyncio.Task[Any]]:
+    return [task for task in asyncio.all_tasks() if task.get_name() == "idle-unload" and not task.done()]
+
+
+async def test_the_registry_owns_the_device_manager_and_starts_it_once(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """One manager for both local backends; their own start/close leave it alone; the registry
+    (started and stopped with the services, by the app's lifespan or the CLI) runs its idle task once."""
+    settings = make_settings(flux_model_id="tiny-flux", model_idle_unload_seconds=60)
+    registry = BackendRegistry.from_settings(settings, {"fake": FakeBackend}, default_id="fake")
+    manager = registry.device_manager
+    assert manager is not None
+    local = [registry.get("sd"), registry.get("flux-local")]
+    assert all(getattr(backend, "device_manager", None) is manager for backend in local)
+    for backend in local:
+        await backend.start()
+    assert _idle_tasks() == []
+    for backend in local:
+        await backend.close()
+
+    services = build_services(settings, backend_factories={"fake": FakeBackend}, default_backend="fake", upkeep=False)
+    await services.start()
+    try:
+        assert len(_idle_tasks()) == 1
+    finally:
+        await services.stop(grace=0)
+    assert _idle_tasks() == []

@@ -1,6 +1,6 @@
 """Speaking the Black Forest Labs API over HTTP: submit, poll, download, credits.
 
-Follows /work/shared/reference/bfl-api.md. What this module guarantees:
+BFL's API as the service uses it is described in docs/flux-api.md. What this module guarantees:
 - the key (`x-key`) goes to the configured API host only: a `polling_url` on any other host is refused,
   and result images are downloaded by a second client that never carries the key;
 - 429/500/502/503/504 and unreachable hosts are retried a bounded number of times with exponential
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
-import random
 import re
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from imagegen.errors import (
     ServiceError,
     UpstreamError,
 )
+from imagegen.retry import backoff_delay
 
 log = logging.getLogger("imagegen.backends.bfl.backend")
 
@@ -55,7 +55,6 @@ def tagged(error: ServiceError, kind: str) -> ServiceError:
 _BFL_API_HOST = re.compile(r"api[a-z0-9-]*(?:\.[a-z0-9-]+)*\.bfl\.ai")
 _MAX_TEXT = 300
 _MAX_BACKOFF = 30.0
-_MAX_RETRY_AFTER = 120.0
 
 
 @dataclass(frozen=True)
@@ -325,7 +324,7 @@ class BflClient:
                 await response.aclose()
             if attempt >= retries:
                 raise self._exhausted(what, status, problem, attempt + 1)
-            delay = self._delay(attempt, retry_after)
+            delay = backoff_delay(attempt, self._retry_backoff, cap=_MAX_BACKOFF, retry_after=retry_after)
             if delay >= deadline - time.monotonic():
                 raise tagged(
                     BackendUnavailableError(
@@ -336,13 +335,6 @@ class BflClient:
             attempt += 1
             log.warning("BFL %s answered %s; retry %d/%d in %.2f s", what, problem, attempt, retries, delay)
             await asyncio.sleep(delay)
-
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            # BFL said when; a little jitter keeps many waiting tasks from returning in lockstep.
-            return min(retry_after, _MAX_RETRY_AFTER) + random.uniform(0, min(1.0, self._retry_backoff))
-        ceiling = min(_MAX_BACKOFF, self._retry_backoff * (2**attempt))
-        return random.uniform(ceiling / 2, ceiling)  # "equal jitter": spread out, never near zero
 
     @staticmethod
     def _exhausted(what: str, status: int | None, problem: str, attempts: int) -> ServiceError:

@@ -1,10 +1,10 @@
 """The BFL models flux-api can call and each one's parameter rules.
 
-Sources: /work/shared/reference/bfl-api.md and BFL's official client (black-forest-labs/flux,
-src/flux/api.py), which fixes the FLUX.1 rules: sizes 256..1440 in multiples of 32, steps 1..50,
-guidance 1.5..5, and no steps/guidance on flux-pro-1.1. Values marked "BFL docs" were not in the
-reference page; they are BFL's documented defaults as far as known, kept here in one table so that
-a correction is a one-line change.
+Sources: BFL's API reference and its official client (black-forest-labs/flux, src/flux/api.py),
+which fixes the FLUX.1 rules: sizes 256..1440 in multiples of 32, steps 1..50, guidance 1.5..5, and
+no steps/guidance on flux-pro-1.1 (the table "Models and their rules" in docs/flux-api.md). Values
+marked "BFL docs" were not in the API reference; they are BFL's documented defaults as far as known,
+kept here in one table so that a correction is a one-line change.
 
 Pure data and checks: no I/O, no imports beyond the standard library and our errors.
 """

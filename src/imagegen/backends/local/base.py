@@ -1,7 +1,7 @@
 """What the local diffusers backends (`sd`, `flux-local`) share: background loading with a state
 visible in /health, one pipeline call at a time, generation in a worker thread, OOM handling,
-progress and cancellation between denoising steps, the safety checker, unloading, and the
-DeviceManager that decides which of them stay loaded on the shared device.
+progress and cancellation between denoising steps, the safety checker and unloading. The
+DeviceManager (device_manager.py) decides which of them stay loaded on the shared device.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from imagegen import metrics
 from imagegen.backends.base import BackendHealth, BackendState, ImageBackend, RunContext
+from imagegen.backends.local.device_manager import DeviceManager
 from imagegen.config import Settings
 from imagegen.errors import (
     BackendUnavailableError,
@@ -27,9 +28,6 @@ from imagegen.errors import (
     ServiceError,
 )
 from imagegen.generation import GeneratedImage, GenerationRequest
-
-if TYPE_CHECKING:
-    from imagegen.backends.local.device_manager import DeviceManager
 
 log = logging.getLogger("imagegen.backends")
 
@@ -115,8 +113,7 @@ class LocalPipelineBackend(ImageBackend):
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
-        if self.device_manager is not None:
-            self.device_manager.start()
+        # The device manager is started by the registry that owns it, once for all local backends.
         if self.preload and not self._deps_missing:
             self.begin_load()
 
@@ -252,8 +249,6 @@ class LocalPipelineBackend(ImageBackend):
         self._failure = None
 
     async def close(self) -> None:
-        if self.device_manager is not None:
-            await self.device_manager.stop()
         await asyncio.get_running_loop().run_in_executor(None, self.unload, "the service stopped")
 
     # -- health ----------------------------------------------------------------------------------

@@ -1,14 +1,15 @@
 """Which local pipelines stay in memory: the local backends (`sd`, `flux-local`) share one device.
 
 A GPU that holds an SDXL or FLUX.2 [klein] pipeline rarely has room for a second one. Every local
-backend registers with the one DeviceManager of its app; before a backend loads, the manager unloads
+backend registers with the one DeviceManager of its app (the backend registry owns it and the app
+starts and stops it, once); before a backend loads, the manager unloads
 the least recently used other pipelines until the new one fits under SD_MAX_LOADED_PIPELINES, and a
 background task unloads pipelines idle for SD_MODEL_IDLE_UNLOAD_SECONDS. The next request for an
 unloaded backend loads it again.
 
 Unloading another backend's pipeline is safe between its calls: each backend holds its own lock for
 every pipeline call and for unloading, and the engine runs one batch at a time on the "local" lane.
-Nothing here imports torch.
+Nothing here imports torch, nor the backends: the manager knows them only as `ResidentPipeline`s.
 """
 
 from __future__ import annotations
@@ -19,12 +20,9 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, runtime_checkable
 
 from imagegen.config import Settings
-
-if TYPE_CHECKING:
-    from imagegen.backends.local.base import LocalPipelineBackend
 
 log = logging.getLogger("imagegen.backends")
 
@@ -33,10 +31,32 @@ AUTO_LIMIT_ACCELERATOR = 1
 AUTO_LIMIT_CPU = 2
 
 
+@runtime_checkable
+class ResidentPipeline(Protocol):
+    """What the manager needs of a backend whose pipeline occupies the device (LocalPipelineBackend)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def is_loaded(self) -> bool: ...
+
+    @property
+    def last_used(self) -> float:
+        """time.monotonic() of the last load or pipeline call."""
+        ...
+
+    def attach_device_manager(self, manager: DeviceManager) -> None: ...
+
+    def unload(self, reason: str = ..., *, wait_for_call: bool = False) -> bool: ...
+
+    def unload_if_idle(self, idle_seconds: float) -> bool: ...
+
+
 class DeviceManager:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._backends: list[LocalPipelineBackend] = []
+        self._backends: list[ResidentPipeline] = []
         # One load at a time (with the evictions it needs), so two backends loading together cannot
         # both decide there is room.
         self._load_lock = threading.Lock()
@@ -45,11 +65,11 @@ class DeviceManager:
 
     # -- registration --------------------------------------------------------------------------
     @classmethod
-    def share(cls, settings: Settings, backends: Iterable[Any]) -> DeviceManager:
+    def share(cls, settings: Settings, backends: Iterable[object]) -> DeviceManager:
         """One manager for every local backend among `backends` (others are left alone)."""
         manager = cls(settings)
         for backend in backends:
-            if hasattr(backend, "attach_device_manager"):
+            if isinstance(backend, ResidentPipeline):
                 backend.attach_device_manager(manager)
                 manager._backends.append(backend)
         return manager
@@ -79,13 +99,13 @@ class DeviceManager:
         }
 
     @contextlib.contextmanager
-    def loading(self, backend: LocalPipelineBackend) -> Iterator[None]:
+    def loading(self, backend: ResidentPipeline) -> Iterator[None]:
         """Held by a backend while it loads: first make room for it, then let it load alone."""
         with self._load_lock:
             self._make_room(backend)
             yield
 
-    def _make_room(self, loading: LocalPipelineBackend) -> None:
+    def _make_room(self, loading: ResidentPipeline) -> None:
         limit = self.limit()
         others = sorted(
             (backend for backend in self._backends if backend is not loading and backend.is_loaded),
@@ -100,7 +120,8 @@ class DeviceManager:
 
     # -- idle unloading ------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the idle-unload task on the running loop (once; only when the setting asks)."""
+        """Start the idle-unload task on the running loop (once; only when the setting asks). The
+        registry calls it when the app (or the in-process CLI) starts, and `stop` when it stops."""
         if self.settings.model_idle_unload_seconds <= 0 or self._idle_task is not None:
             return
         self._idle_task = asyncio.get_running_loop().create_task(self._unload_idle_forever(), name="idle-unload")

@@ -7,10 +7,8 @@ Parameters a model does not use are reported as ignored, never faked.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from imagegen.backends.base import BackendHealth, Capabilities, RunContext
@@ -97,13 +95,6 @@ _BUILTIN_CONFIGS: dict[str, tuple[dict[str, Any] | None, ...]] = {
 }
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 class FluxLocalBackend(LocalPipelineBackend):
     id = Backend.FLUX_LOCAL.value
 
@@ -131,16 +122,16 @@ class FluxLocalBackend(LocalPipelineBackend):
 
     def _configs_on_disk(self) -> tuple[tuple[dict[str, Any] | None, ...], bool]:
         """(model_index, transformer config, vae config) without importing torch or downloading."""
+        from imagegen.backends.local.support import ModelSource, model_source
+
         names = ("model_index.json", "transformer/config.json", "vae/config.json")
         if tiny_models.is_builtin(self.model_id):
             folder = tiny_models.builtin_path(self.settings.model_dir, self.model_id)
             if not (folder / tiny_models.COMPLETE_MARKER).exists():
                 # Not built yet (it is built on the first load, which imports torch).
                 return _BUILTIN_CONFIGS[self.model_id], False
-            configs = tuple(_read_json(folder / name) for name in names)
-            return configs, True
-        from imagegen.backends.local.support import model_source
-
+            built = ModelSource(str(folder), True, {})
+            return tuple(built.read_json(name) for name in names), True
         try:
             source = model_source(self.model_id, self.settings)
         except BackendUnavailableError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import logging
 import os
 import re
 import sys
@@ -19,6 +20,8 @@ from typing import Any
 from imagegen.backends.local import tiny_models
 from imagegen.config import Settings
 from imagegen.errors import BackendUnavailableError
+
+log = logging.getLogger("imagegen.backends")
 
 # Hub repository ids: "owner/name" with the characters the hub allows.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -237,19 +240,50 @@ def cpu_generators(seeds: list[int]):  # type: ignore[no-untyped-def]
     return [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
 
 
+def accelerator_memory() -> list[tuple[str, str, int]]:
+    """(device, kind, bytes) for the accelerators torch already uses: per CUDA device what torch has
+    allocated and reserved and the device's total, on MPS what is allocated and what the driver holds.
+
+    Never imports torch: [] until a local backend has. Allocator statistics and device properties
+    create no CUDA context, so a /metrics scrape never takes memory on a GPU the service does not use."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return []
+    found: list[tuple[str, str, int]] = []
+    try:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            for index in range(torch.cuda.device_count()):
+                device = f"cuda:{index}"
+                found.append((device, "allocated", int(torch.cuda.memory_allocated(index))))
+                found.append((device, "reserved", int(torch.cuda.memory_reserved(index))))
+                found.append((device, "total", int(torch.cuda.get_device_properties(index).total_memory)))
+        mps = getattr(torch, "mps", None)
+        if mps is not None and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            found.append(("mps", "allocated", int(mps.current_allocated_memory())))
+            found.append(("mps", "driver_allocated", int(mps.driver_allocated_memory())))
+    except Exception:
+        log.debug("could not read accelerator memory", exc_info=True)
+    return found
+
+
+#: What /health shows of the device a pipeline is on: {device kind: (key, ...)}.
+_HEALTH_MEMORY = {"cuda": ("allocated", "reserved"), "mps": ("allocated",)}
+
+
 def memory_in_use(device: str | None) -> dict[str, Any]:
-    """Process RSS and, where torch is loaded, the accelerator's allocated/reserved memory."""
+    """Process RSS and, where torch is loaded, the accelerator's allocated/reserved memory on the
+    device a pipeline is on ("cuda" is torch's current CUDA device)."""
     import psutil
 
     data: dict[str, Any] = {"rss_bytes": psutil.Process().memory_info().rss}
+    kinds = _HEALTH_MEMORY.get(device or "")
     torch = sys.modules.get("torch")
-    if torch is not None and device == "cuda" and torch.cuda.is_available():
-        data["cuda_allocated_bytes"] = int(torch.cuda.memory_allocated())
-        data["cuda_reserved_bytes"] = int(torch.cuda.memory_reserved())
-    if torch is not None and device == "mps":
-        mps = getattr(torch, "mps", None)
-        if mps is not None and hasattr(mps, "current_allocated_memory"):
-            data["mps_allocated_bytes"] = int(mps.current_allocated_memory())
+    if not kinds or torch is None:
+        return data
+    name = f"cuda:{torch.cuda.current_device()}" if device == "cuda" else device
+    for found_device, kind, value in accelerator_memory():
+        if found_device == name and kind in kinds:
+            data[f"{device}_{kind}_bytes"] = value
     return data
 
 

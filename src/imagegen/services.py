@@ -1,0 +1,110 @@
+"""The services of one running instance, built and started one way for every caller.
+
+`build_services(settings)` makes the backend registry, job store, output store, events and engine
+(and, for a long-running service, the webhook sender, output retention and the disk measurement);
+`start()` and `stop()` bring them up and down in the right order. `main.create_app` serves them over
+HTTP; the in-process `imagegen generate` runs one job on them with a job store in memory.
+
+This module sits between the engine and the HTTP edge (docs/architecture.md): routes receive a
+`Services`, and nothing here knows HTTP; the body a webhook carries is the caller's to give.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from imagegen import metrics
+from imagegen.backends.registry import BackendFactory, BackendRegistry
+from imagegen.config import Settings
+from imagegen.engine.engine import JobEngine
+from imagegen.engine.events import JobEvents
+from imagegen.engine.job_metrics import observe_final_job
+from imagegen.engine.jobs import Job
+from imagegen.engine.store import JobStore, SQLiteJobStore
+from imagegen.engine.webhooks import WebhookSender
+from imagegen.storage.disk_usage import DiskUsage
+from imagegen.storage.outputs import OutputStore
+from imagegen.storage.retention import RetentionPolicy, RetentionTask
+
+log = logging.getLogger("imagegen")
+
+#: What a webhook POSTs for a finished job (the API's job body: the HTTP edge knows its shape).
+WebhookBody = Callable[[Job, OutputStore], dict[str, Any]]
+
+
+@dataclass
+class Services:
+    settings: Settings
+    registry: BackendRegistry
+    store: JobStore
+    outputs: OutputStore
+    events: JobEvents
+    engine: JobEngine
+    #: sizes of the model and output folders, measured in the background (for /info and /metrics)
+    disk: DiskUsage | None = None
+    webhooks: WebhookSender | None = None
+    #: deletes old outputs at start-up and every SD_OUTPUT_PRUNE_INTERVAL seconds
+    retention: RetentionTask | None = None
+
+    async def start(self) -> None:
+        """Backends (and the device manager they share) first, then the engine's lanes, then upkeep."""
+        await self.registry.start()
+        await self.engine.start()
+        if self.retention is not None:
+            self.retention.start()
+        if self.disk is not None:
+            self.disk.refresh_in_background()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop admitting, let running jobs finish for `grace` seconds (SD_SHUTDOWN_GRACE unless
+        given), then close what holds connections, memory and files."""
+        if self.retention is not None:
+            await self.retention.stop()
+        await self.engine.shutdown(self.settings.shutdown_grace if grace is None else grace)
+        if self.webhooks is not None:
+            await self.webhooks.close()
+        await self.registry.close()
+        self.store.close()
+
+
+def build_services(
+    settings: Settings,
+    *,
+    store: JobStore | None = None,
+    backend_factories: dict[str, BackendFactory] | None = None,
+    default_backend: str | None = None,
+    webhook_body: WebhookBody | None = None,
+    upkeep: bool = True,
+) -> Services:
+    """The services of one instance.
+
+    store: the job store (default: SQLite in SD_DATA_DIR, which a restart resumes from).
+    backend_factories, default_backend: extra backends beside the standard ones, and which one a
+    request naming none gets (default: SD_DEFAULT_BACKEND); an unknown default is a ValueError.
+    webhook_body: what a job's callback URL receives; without it no webhook is sent (the CLI).
+    upkeep: output retention and the disk measurement, the chores of a long-running service.
+    """
+    registry = BackendRegistry.from_settings(settings, backend_factories, default_id=default_backend)
+    outputs = OutputStore(settings.output_dir)
+    job_store = store if store is not None else SQLiteJobStore(settings.data_dir / "jobs.sqlite3")
+    events = JobEvents()
+    webhooks = None
+    if webhook_body is not None:
+        body = webhook_body
+        webhooks = WebhookSender(settings, lambda job: body(job, outputs))
+    engine = JobEngine(settings, registry, job_store, outputs, events, webhooks, on_final=observe_final_job)
+    metrics.init_backends(registry.ids())
+    services = Services(settings, registry, job_store, outputs, events, engine, webhooks=webhooks)
+    if upkeep:
+        disk = DiskUsage({"models": settings.model_dir, "outputs": outputs.root})
+        services.disk = disk
+        services.retention = RetentionTask(
+            outputs.root,
+            RetentionPolicy.from_settings(settings),
+            settings.output_prune_interval,
+            after_pass=lambda report: disk.refresh_in_background() if report.removed else None,
+        )
+    return services
