@@ -94,7 +94,7 @@ async def test_a_cli_run_never_picks_up_the_queue_a_service_left(make_settings: 
     try:
         mine = await cli.engine.submit(GenerationParams(prompt="the CLI's own job", seed=3), None)
         assert (await _until_final(cli, mine.id)).status is JobStatus.SUCCEEDED
-        assert [job.id for job in cli.engine.list()] == [mine.id]
+        assert [job.id for job in cli.engine.list_jobs()] == [mine.id]
     finally:
         await cli.stop(grace=0)
     left = SQLiteJobStore(settings.data_dir / "jobs.sqlite3")

@@ -77,7 +77,7 @@ def list_jobs(
     before: Annotated[float | None, Query(ge=0, le=1e11, description="Only jobs created before (unix time).")] = None,
 ) -> dict[str, Any]:
     """Recent jobs, newest first, without image data (follow each image's url)."""
-    jobs = services.engine.list(status=status, backend=backend, limit=limit, before=before)
+    jobs = services.engine.list_jobs(status=status, backend=backend, limit=limit, before=before)
     return {
         "jobs": [_body(job, services, request, include_b64=False) for job in jobs],
         "next_before": jobs[-1].created_at if len(jobs) == limit else None,

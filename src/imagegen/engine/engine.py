@@ -330,9 +330,9 @@ class JobEngine:
             return None
         return self._lane_of(job).position(job.id)
 
-    def list(self, **filters: Any) -> list[Job]:
+    def list_jobs(self, **filters: Any) -> list[Job]:
         # The store has every job; active ones are fresher in memory (live progress).
-        return [self._active.get(job.id, job) for job in self.store.list(**filters)]
+        return [self._active.get(job.id, job) for job in self.store.list_jobs(**filters)]
 
     async def wait(self, job_id: str) -> Job:
         """Wait until the job is final; return it."""

@@ -58,7 +58,7 @@ class JobStore(abc.ABC):
     def get(self, job_id: str) -> Job | None: ...
 
     @abc.abstractmethod
-    def list(
+    def list_jobs(
         self,
         *,
         status: JobStatus | None = None,
@@ -169,7 +169,7 @@ class SQLiteJobStore(JobStore):
             row = self._conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
         return None if row is None else self._job(row)
 
-    def list(
+    def list_jobs(
         self,
         *,
         status: JobStatus | None = None,
