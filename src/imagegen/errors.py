@@ -74,8 +74,18 @@ class QueueFullError(ServiceError):
         self.retry_after = retry_after
 
 
+class BackendNotConfiguredError(ServiceError):
+    """The backend cannot take jobs in this installation (no BFL key, torch not installed): only the
+    operator can change that, so it is a 4xx that no retry fixes, not a 503 (clients retry 5xx)."""
+
+    status_code = 422
+    error_type = "backend_not_configured"
+
+
 class BackendUnavailableError(ServiceError):
-    """The backend cannot serve now: not configured, still loading, failed to load, or misconfigured."""
+    """The backend cannot serve this job now: still loading, its load failed (tried again after a
+    delay), it lost its device, or its upstream is busy, unreachable or refused the key. A later retry
+    may work; /health gives the reason."""
 
     status_code = 503
     error_type = "backend_unavailable"
@@ -113,3 +123,20 @@ class GenerationFailedError(ServiceError):
 
     status_code = 500
     error_type = "generation_failed"
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def require_between(param: str, value: float, low: float, high: float, *, context: str = "") -> None:
+    """Raise InvalidParameterError "<param> must be between <low> and <high><context>" unless
+    low <= value <= high: the one shape of every range rule (steps, guidance, counts, tolerances)."""
+    if not low <= value <= high:
+        raise InvalidParameterError(f"{param} must be between {_number(low)} and {_number(high)}{context}", param=param)
+
+
+def require_pixels(width: int, height: int, max_pixels: int, *, context: str = "") -> None:
+    """Raise InvalidParameterError (param width) when width x height exceeds max_pixels."""
+    if width * height > max_pixels:
+        raise InvalidParameterError(f"width x height must be at most {max_pixels} pixels{context}", param="width")

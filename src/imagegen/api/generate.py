@@ -9,8 +9,10 @@ from fastapi.responses import JSONResponse
 
 from imagegen.api import presenters
 from imagegen.api.deps import ServicesDep, base_url, request_id
+from imagegen.api.dialects import Dialect, documented_errors
 from imagegen.api.schemas import ErrorResponse, Txt2ImgRequest, Txt2ImgResponse
 from imagegen.api.sync_jobs import raise_for_job, run_job
+from imagegen.api.translation import defaults_for
 from imagegen.errors import ContentModeratedError, ServiceError
 
 router = APIRouter(tags=["generate"])
@@ -66,13 +68,14 @@ def raw_format(accept: str | None, body: Txt2ImgRequest) -> str | None:
     response_model=Txt2ImgResponse,
     responses={
         200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
-        **{code: {"model": ErrorResponse} for code in (400, 401, 406, 413, 415, 422, 429, 502, 503, 504)},
+        **documented_errors(Dialect.NATIVE, ErrorResponse, (400, 401, 406, 413, 415, 422, 429, 502, 503, 504)),
     },
 )
 async def txt2img(body: Txt2ImgRequest, request: Request, services: ServicesDep) -> Response:
     """Generate images and wait for them. With `Accept: image/png` (jpeg, webp) and one image, the raw bytes."""
     raw = raw_format(request.headers.get("accept"), body)
-    job = await run_job(services, request, body.to_params(output_format=raw), body.backend)
+    defaults = defaults_for(body, services.registry, services.settings)
+    job = await run_job(services, request, body.to_params(defaults, output_format=raw), defaults.backend)
     raise_for_job(job)
     if raw is not None:
         image = job.result.images[0] if job.result is not None and job.result.images else None

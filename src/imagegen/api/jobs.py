@@ -12,7 +12,9 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from imagegen.api import presenters
 from imagegen.api.deps import ServicesDep, base_url, request_id
+from imagegen.api.dialects import Dialect, documented_errors
 from imagegen.api.schemas import ErrorResponse, JobAccepted, JobCreateRequest, JobList, JobOut
+from imagegen.api.translation import defaults_for
 from imagegen.engine.jobs import Job, JobStatus
 from imagegen.errors import NotFoundError
 from imagegen.services import Services
@@ -46,13 +48,14 @@ def _body(job: Job, services: Services, request: Request, *, include_b64: bool) 
     "/api/jobs",
     status_code=202,
     response_model=JobAccepted,
-    responses={code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429, 503)},
+    responses=documented_errors(Dialect.NATIVE, ErrorResponse, (400, 401, 413, 415, 422, 429, 503)),
 )
 async def create_job(body: JobCreateRequest, request: Request, services: ServicesDep) -> JSONResponse:
     """Queue a generation and return at once (202) with links to its status and live events."""
+    defaults = defaults_for(body, services.registry, services.settings)
     job = await services.engine.submit(
-        body.to_params(),
-        body.backend,
+        body.to_params(defaults),
+        defaults.backend,
         priority=body.priority,
         callback_url=body.callback_url,
         request_id=request_id(request),

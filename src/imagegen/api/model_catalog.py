@@ -10,11 +10,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from imagegen.backends.base import BackendState, ImageBackend
+from imagegen.backends.base import ImageBackend
 from imagegen.backends.registry import BackendRegistry
-
-#: Backends in these states cannot take jobs (the engine refuses them): lists leave them out.
-_UNUSABLE = (BackendState.NOT_CONFIGURED, BackendState.UNAVAILABLE)
 
 
 @dataclass(frozen=True)
@@ -39,7 +36,8 @@ class Checkpoint:
 
 
 def usable(backend: ImageBackend) -> bool:
-    return backend.health().state not in _UNUSABLE
+    """Whether the backend takes jobs (the engine refuses the others): lists leave the others out."""
+    return backend.availability().accepts_jobs
 
 
 def checkpoints(registry: BackendRegistry, *, usable_only: bool = False) -> list[Checkpoint]:
@@ -56,7 +54,7 @@ def checkpoints(registry: BackendRegistry, *, usable_only: bool = False) -> list
 def current(registry: BackendRegistry) -> Checkpoint:
     """What a request naming no backend and no model gets now."""
     backend = registry.default
-    return Checkpoint(backend.id, backend.default_model or backend.capabilities().models[0])
+    return Checkpoint(backend.id, backend.default_model_id())
 
 
 def find(registry: BackendRegistry, name: str) -> Checkpoint | None:
@@ -79,5 +77,5 @@ def find(registry: BackendRegistry, name: str) -> Checkpoint | None:
                 return pair
         for backend in registry:
             if same(backend.id):
-                return Checkpoint(backend.id, backend.default_model or backend.capabilities().models[0])
+                return Checkpoint(backend.id, backend.default_model_id())
     return None

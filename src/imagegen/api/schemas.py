@@ -7,11 +7,16 @@ the backend's `resolve`, with messages that name the parameter.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from imagegen.api.dialects import Dialect, documented_errors
+from imagegen.api.translation import RequestDefaults, Target
 from imagegen.generation import SEED_MAX, GenerationParams
+
+if TYPE_CHECKING:
+    from imagegen.backends.registry import BackendRegistry
 
 _HARD_MAX_SIDE = 16384
 _HARD_MAX_TEXT = 100_000
@@ -44,7 +49,12 @@ class Txt2ImgRequest(BaseModel):
         None, ge=0, le=6, description="flux-api only: BFL moderation tolerance, 0 strictest."
     )
 
-    def to_params(self, output_format: str | None = None) -> GenerationParams:
+    def target(self, registry: BackendRegistry) -> Target:
+        return Target(registry.get(self.backend), self.model)
+
+    def to_params(self, defaults: RequestDefaults, *, output_format: str | None = None) -> GenerationParams:
+        """The native parameters as sent (the backend fills what is absent when it resolves them);
+        `output_format` overrides the body's (a raw image answer in the format Accept asks for)."""
         options: dict[str, Any] = {}
         if self.safety_tolerance is not None:
             options["safety_tolerance"] = self.safety_tolerance
@@ -59,7 +69,7 @@ class Txt2ImgRequest(BaseModel):
             num_images=self.num_images,
             scheduler=self.scheduler,
             output_format=output_format or self.output_format,  # type: ignore[arg-type]
-            model=self.model,
+            model=defaults.model,
             backend_options=options,
         )
 
@@ -86,9 +96,7 @@ class ErrorResponse(BaseModel):
 
 
 #: Errors any native route may answer (validation, bodies, overload, failures); routes add their own.
-NATIVE_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 429, 500, 503)
-}
+NATIVE_ERRORS = documented_errors(Dialect.NATIVE, ErrorResponse, (400, 413, 415, 422, 429, 500, 503))
 
 
 class ImageOut(BaseModel):

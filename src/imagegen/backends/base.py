@@ -15,18 +15,17 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from imagegen.config import Settings
 from imagegen.errors import (
     DeadlineExceededError,
     InvalidParameterError,
     JobCancelledError,
+    require_between,
+    require_pixels,
 )
 from imagegen.generation import SEED_MAX, GeneratedImage, GenerationParams, GenerationRequest
-
-if TYPE_CHECKING:
-    pass
 
 
 class BackendState(str, enum.Enum):
@@ -35,6 +34,22 @@ class BackendState(str, enum.Enum):
     UNAVAILABLE = "unavailable"
     ERROR = "error"
     NOT_CONFIGURED = "not_configured"
+
+
+@dataclass(frozen=True)
+class Availability:
+    """A backend's state and its reason, without the rest of the health report (cheap: read before
+    every job is admitted)."""
+
+    state: BackendState
+    reason: str
+
+    @property
+    def accepts_jobs(self) -> bool:
+        """Not configured (no key) and unavailable (torch not installed) are the states only the
+        operator can change: jobs are refused at once. Loading or failed backends take jobs (they
+        wait for the load, or try it again)."""
+        return self.state not in (BackendState.NOT_CONFIGURED, BackendState.UNAVAILABLE)
 
 
 @dataclass(frozen=True)
@@ -180,8 +195,28 @@ class ImageBackend(abc.ABC):
         defaults (sd serving SD 1.x and SDXL) override this; `resolve` validates against it."""
         return self.capabilities()
 
+    def default_model_id(self) -> str:
+        """The model a request naming none gets: the one chosen at runtime, else the first offered."""
+        return self.default_model or self.capabilities().models[0]
+
+    def model_for(self, requested: str | None) -> str:
+        """The model a request gets: the one it names, which must be offered, or the default."""
+        model = requested or self.default_model_id()
+        offered = self.capabilities().models
+        if model not in offered:
+            raise InvalidParameterError(
+                f"model is not available on backend '{self.id}'; available: {', '.join(offered)}", param="model"
+            )
+        return model
+
     @abc.abstractmethod
     def health(self) -> BackendHealth: ...
+
+    def availability(self) -> Availability:
+        """The state and its reason, as `health()` reports them. Backends whose full report costs
+        something (memory probes) override this with a cheap answer."""
+        health = self.health()
+        return Availability(health.state, health.reason)
 
     async def start(self) -> None:
         """Begin loading (in the background) when `preload` is set."""
@@ -202,16 +237,10 @@ class ImageBackend(abc.ABC):
         """Validate loose parameters against this backend and the service limits; fill defaults.
 
         Raises InvalidParameterError naming the parameter. Nothing here touches the model."""
-        caps = self.capabilities()
         settings = self.settings
         ignored: list[str] = []
 
-        model = params.model or self.default_model or caps.models[0]
-        if model not in caps.models:
-            raise InvalidParameterError(
-                f"model is not available on backend '{self.id}'; available: {', '.join(caps.models)}",
-                param="model",
-            )
+        model = self.model_for(params.model)
         caps = self.capabilities_for(model)
 
         prompt = params.prompt
@@ -246,10 +275,7 @@ class ImageBackend(abc.ABC):
                 raise InvalidParameterError(
                     f"{name} must be a multiple of {caps.size_multiple} for backend '{self.id}'", param=name
                 )
-        if width * height > max_pixels:
-            raise InvalidParameterError(
-                f"width x height must be at most {max_pixels} pixels (SD_MAX_PIXELS)", param="width"
-            )
+        require_pixels(width, height, max_pixels, context=" (SD_MAX_PIXELS)")
 
         steps: int | None
         if caps.default_steps is None:
@@ -258,15 +284,13 @@ class ImageBackend(abc.ABC):
                 ignored.append("steps")
         else:
             steps = caps.default_steps if params.steps is None else params.steps
-            upper = min(caps.max_steps, settings.max_steps)
-            if not 1 <= steps <= upper:
-                raise InvalidParameterError(f"steps must be between 1 and {upper}", param="steps")
+            require_between("steps", steps, 1, min(caps.max_steps, settings.max_steps))
 
         guidance: float | None
         if caps.supports_guidance:
             guidance = caps.default_guidance if params.guidance_scale is None else params.guidance_scale
-            if guidance is not None and not 0.0 <= guidance <= 30.0:
-                raise InvalidParameterError("guidance_scale must be between 0 and 30", param="guidance_scale")
+            if guidance is not None:
+                require_between("guidance_scale", guidance, 0.0, 30.0)
         else:
             guidance = None
             if params.guidance_scale is not None:
@@ -282,10 +306,7 @@ class ImageBackend(abc.ABC):
         elif params.scheduler:
             ignored.append("scheduler")
 
-        if not 1 <= params.num_images <= settings.max_images:
-            raise InvalidParameterError(
-                f"num_images must be between 1 and {settings.max_images} (SD_MAX_IMAGES)", param="num_images"
-            )
+        require_between("num_images", params.num_images, 1, settings.max_images, context=" (SD_MAX_IMAGES)")
         if params.output_format not in caps.output_formats:
             raise InvalidParameterError(
                 f"output_format must be one of {', '.join(caps.output_formats)}", param="output_format"

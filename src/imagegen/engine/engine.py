@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from imagegen.backends.base import BackendState, ImageBackend, RunContext
+from imagegen.backends.base import ImageBackend, RunContext
 from imagegen.backends.registry import BackendRegistry
 from imagegen.config import Settings
 from imagegen.engine.events import JobEvents
@@ -29,6 +29,7 @@ from imagegen.engine.jobs import Job, JobStatus, new_job_id
 from imagegen.engine.results import JobResult, StoredImage, Timings
 from imagegen.engine.store import JobStore
 from imagegen.errors import (
+    BackendNotConfiguredError,
     BackendUnavailableError,
     ConflictError,
     DeadlineExceededError,
@@ -250,10 +251,12 @@ class JobEngine:
         if self.draining:
             raise ServiceDrainingError("the service is shutting down and accepts no new jobs")
         backend = self.registry.get(backend_id)
+        available = backend.availability()
+        if not available.accepts_jobs:  # before the parameters: they cannot make it run; a 4xx, no retry helps
+            raise BackendNotConfiguredError(
+                f"backend '{backend.id}' is {available.state.value}: {available.reason}", param="backend"
+            )
         request = backend.resolve(params)
-        health = backend.health()
-        if health.state in (BackendState.NOT_CONFIGURED, BackendState.UNAVAILABLE):
-            raise BackendUnavailableError(f"backend '{backend.id}' is {health.state.value}: {health.reason}")
         if callback_url is not None and self.webhooks is not None:
             self.webhooks.validate(callback_url)
         queued = self.queued_count()

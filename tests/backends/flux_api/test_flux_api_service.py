@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from imagegen.backends.base import Availability, BackendState
 from imagegen.backends.bfl.backend import FluxApiBackend
 from imagegen.config import Settings
 from tests.backends.flux_api.conftest import CANARY_KEY, RunningFake
@@ -124,7 +125,11 @@ def test_without_a_key_flux_api_is_not_configured_and_refuses_jobs(
     state = health.json()["backends"]["flux-api"]
     assert state["state"] == "not_configured" and "SD_BFL_API_KEY" in state["reason"]
     response = txt2img(client)
-    assert response.status_code == 503 and "SD_BFL_API_KEY" in response.json()["error"]["message"]
+    assert response.status_code == 422 and "SD_BFL_API_KEY" in response.json()["error"]["message"]
+    assert response.json()["error"]["type"] == "backend_not_configured"
+    available = backend_of(client).availability()
+    assert available == Availability(BackendState.NOT_CONFIGURED, "SD_BFL_API_KEY is not set")
+    assert not available.accepts_jobs
 
 
 def test_health_is_ready_and_the_key_check_is_cached(flux_service: Service, bfl: RunningFake) -> None:
@@ -152,6 +157,10 @@ def test_a_rejected_key_shows_in_health(flux_service: Service, bfl: RunningFake)
     health = client.get("/health")
     assert health.status_code == 503
     assert health.json()["backends"]["flux-api"]["reason"] == "BFL key rejected: check SD_BFL_API_KEY"
+    # Jobs are still taken (each answers the rejection, 503): the key may be accepted again (a restored
+    # account, trouble on BFL's side), unlike a key that is not set at all.
+    available = backend_of(client).availability()
+    assert available.state is BackendState.ERROR and available.accepts_jobs
 
 
 def test_an_endpoint_without_credits_route_stays_ready(flux_service: Service, bfl: RunningFake) -> None:

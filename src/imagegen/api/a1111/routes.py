@@ -20,17 +20,19 @@ from imagegen.api.a1111 import translate as a1111_translate
 from imagegen.api.a1111.samplers import SAMPLERS, SCHEDULE_TYPES
 from imagegen.api.a1111.schemas import (
     A1111_ERRORS,
+    CHECKPOINT_PARAM,
     A1111Checkpoint,
     A1111Progress,
     A1111Sampler,
     A1111Scheduler,
     A1111Txt2ImgRequest,
     A1111Txt2ImgResponse,
+    checkpoint_for,
 )
 from imagegen.api.deps import ServicesDep
 from imagegen.api.sync_jobs import raise_for_job, renamed, run_job
 from imagegen.engine.jobs import JobStatus
-from imagegen.errors import ConflictError, InvalidParameterError, NotFoundError
+from imagegen.errors import BackendNotConfiguredError, ConflictError, InvalidParameterError, NotFoundError
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], responses=A1111_ERRORS)
 
@@ -82,15 +84,14 @@ async def set_options(services: ServicesDep, body: dict[str, Any] = Body(...)) -
     if name == current.title:
         return None  # clients post the whole dict back: an unchanged value is never an error
     try:
-        pair = a1111_translate.checkpoint_for(registry, name)
+        pair = checkpoint_for(registry, name)
     except InvalidParameterError as error:
-        raise renamed(error, {a1111_translate.CHECKPOINT_PARAM: "sd_model_checkpoint"}) from None
+        raise renamed(error, {CHECKPOINT_PARAM: "sd_model_checkpoint"}) from None
     if pair != current:
-        backend = registry.get(pair.backend)
-        if not model_catalog.usable(backend):
-            health = backend.health()
-            raise InvalidParameterError(
-                f"checkpoint's backend '{backend.id}' is {health.state.value}: {health.reason}",
+        available = registry.get(pair.backend).availability()
+        if not available.accepts_jobs:
+            raise BackendNotConfiguredError(
+                f"checkpoint's backend '{pair.backend}' is {available.state.value}: {available.reason}",
                 param="sd_model_checkpoint",
             )
         registry.set_default(pair.backend, pair.model)

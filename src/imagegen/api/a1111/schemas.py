@@ -8,12 +8,35 @@ clients are seen to send it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from imagegen.api import model_catalog
+from imagegen.api.a1111.samplers import to_scheduler
+from imagegen.api.dialects import Dialect, documented_errors
+from imagegen.api.translation import RequestDefaults, Target
+from imagegen.errors import InvalidParameterError
+from imagegen.generation import GenerationParams
+
+if TYPE_CHECKING:
+    from imagegen.backends.registry import BackendRegistry
+
 _HARD_MAX_SIDE = 16384
 _HARD_MAX_TEXT = 100_000
+#: Where an A1111 request names its checkpoint (for this request only).
+CHECKPOINT_PARAM = "override_settings.sd_model_checkpoint"
+
+
+def checkpoint_for(registry: BackendRegistry, name: str) -> model_catalog.Checkpoint:
+    """The (backend, model) pair a checkpoint name means; unknown: a 422 listing the usable ones."""
+    found = model_catalog.find(registry, name)
+    if found is None:
+        titles = [pair.title for pair in model_catalog.checkpoints(registry, usable_only=True)]
+        raise InvalidParameterError(
+            f"unknown checkpoint; available: {', '.join(titles)} (GET /sdapi/v1/sd-models)", param=CHECKPOINT_PARAM
+        )
+    return found
 
 
 class A1111Txt2ImgRequest(BaseModel):
@@ -80,6 +103,53 @@ class A1111Txt2ImgRequest(BaseModel):
         names += [f"override_settings.{key}" for key in (self.override_settings or {}) if key != "sd_model_checkpoint"]
         return names
 
+    # -- translation (api/translation.py) ---------------------------------------------------------
+    def target(self, registry: BackendRegistry) -> Target:
+        """The checkpoint `override_settings` names (for this request only), else the service's default."""
+        checkpoint = (self.override_settings or {}).get("sd_model_checkpoint")
+        if checkpoint is None:
+            return Target(registry.get(None))
+        if not isinstance(checkpoint, str):
+            raise InvalidParameterError("must be a checkpoint title (a string)", param=CHECKPOINT_PARAM)
+        pair = checkpoint_for(registry, checkpoint)
+        return Target(registry.get(pair.backend), pair.model)
+
+    def to_params(self, defaults: RequestDefaults) -> GenerationParams:
+        count = (self.batch_size or 1) * (self.n_iter or 1)
+        if count > defaults.max_images:
+            # One job carries all batch_size x n_iter images (consecutive seeds, as A1111 gives them).
+            raise InvalidParameterError(
+                f"batch_size x n_iter must be at most {defaults.max_images} (SD_MAX_IMAGES)", param="batch_size"
+            )
+        return GenerationParams(
+            prompt=self.prompt or "",
+            negative_prompt=self.negative_prompt or None,
+            width=self.width,
+            height=self.height,
+            steps=self.steps,
+            guidance_scale=self.cfg_scale,
+            seed=-1 if self.seed is None else self.seed,
+            num_images=count,
+            scheduler=self._scheduler(defaults)[0],
+            output_format="png",  # A1111 API answers are PNG
+            model=defaults.model,
+        )
+
+    def ignored(self, defaults: RequestDefaults) -> list[str]:
+        """The A1111 fields sent but not used, in A1111's names (the backend reports its own on top)."""
+        return self._scheduler(defaults)[1] + self.unsupported()
+
+    def _scheduler(self, defaults: RequestDefaults) -> tuple[str, list[str]]:
+        """Our scheduler for the sampler and schedule type asked for, and the A1111 fields ignored."""
+        scheduler, ignored = to_scheduler(self.sampler_name or self.sampler_index, self.scheduler)
+        offered = defaults.schedulers
+        if offered and scheduler not in offered:
+            # A1111 clients send a sampler with every request ("Euler a" by default); one this backend
+            # does not offer gives the model's own scheduler, reported, rather than a failed request.
+            scheduler = "default" if "default" in offered else offered[0]
+            ignored.append("sampler_name")
+        return scheduler, ignored
+
 
 class A1111Txt2ImgResponse(BaseModel):
     images: list[str] = Field(description="Bare base64 PNGs, each with its A1111 `parameters` text chunk.")
@@ -130,6 +200,6 @@ class A1111ErrorResponse(BaseModel):
 
 
 #: Documented on every /sdapi/v1 route.
-A1111_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": A1111ErrorResponse} for code in (400, 401, 402, 404, 409, 413, 415, 422, 429, 500, 502, 503, 504)
-}
+A1111_ERRORS = documented_errors(
+    Dialect.A1111, A1111ErrorResponse, (400, 401, 402, 404, 409, 413, 415, 422, 429, 500, 502, 503, 504)
+)

@@ -1,5 +1,6 @@
 """Translation between the A1111 dialect and the engine: an A1111 txt2img request becomes one job's
-GenerationParams, and the finished job becomes A1111's `{images, parameters, info}`."""
+GenerationParams (the request model's `target` and `to_params`, api/translation.py), and the finished
+job becomes A1111's `{images, parameters, info}`."""
 
 from __future__ import annotations
 
@@ -10,18 +11,18 @@ from typing import Any
 
 from imagegen import __version__
 from imagegen.api import model_catalog, presenters
-from imagegen.api.a1111.samplers import a1111_names, to_scheduler
-from imagegen.api.a1111.schemas import A1111Txt2ImgRequest
+from imagegen.api.a1111.samplers import a1111_names
+from imagegen.api.a1111.schemas import CHECKPOINT_PARAM, A1111Txt2ImgRequest
+from imagegen.api.translation import defaults_for
 from imagegen.backends.registry import BackendRegistry
 from imagegen.config import Settings
 from imagegen.engine.jobs import Job, JobStatus
 from imagegen.engine.results import StoredImage
-from imagegen.errors import ContentModeratedError, InvalidParameterError
+from imagegen.errors import ContentModeratedError
 from imagegen.generation import GenerationParams
 from imagegen.storage.metadata import a1111_parameters
 from imagegen.storage.outputs import OutputStore
 
-CHECKPOINT_PARAM = "override_settings.sd_model_checkpoint"
 #: Native parameter names -> A1111's, for error messages and ignored_parameters.
 A1111_NAMES = {
     "guidance_scale": "cfg_scale",
@@ -41,52 +42,10 @@ class Plan:
     ignored: list[str] = field(default_factory=list)
 
 
-def checkpoint_for(registry: BackendRegistry, name: str) -> model_catalog.Checkpoint:
-    found = model_catalog.find(registry, name)
-    if found is None:
-        titles = [pair.title for pair in model_catalog.checkpoints(registry, usable_only=True)]
-        raise InvalidParameterError(
-            f"unknown checkpoint; available: {', '.join(titles)} (GET /sdapi/v1/sd-models)", param=CHECKPOINT_PARAM
-        )
-    return found
-
-
 def plan(body: A1111Txt2ImgRequest, registry: BackendRegistry, settings: Settings) -> Plan:
-    count = (body.batch_size or 1) * (body.n_iter or 1)
-    if count > settings.max_images:
-        # One job carries all batch_size x n_iter images (consecutive seeds, as A1111 gives them).
-        raise InvalidParameterError(
-            f"batch_size x n_iter must be at most {settings.max_images} (SD_MAX_IMAGES)", param="batch_size"
-        )
-    scheduler, ignored = to_scheduler(body.sampler_name or body.sampler_index, body.scheduler)
-    backend_id = model = None
-    checkpoint = (body.override_settings or {}).get("sd_model_checkpoint")
-    if checkpoint is not None:
-        if not isinstance(checkpoint, str):
-            raise InvalidParameterError("must be a checkpoint title (a string)", param=CHECKPOINT_PARAM)
-        pair = checkpoint_for(registry, checkpoint)
-        backend_id, model = pair.backend, pair.model
-    backend = registry.get(backend_id)
-    offered = backend.capabilities_for(model or backend.default_model or backend.capabilities().models[0]).schedulers
-    if offered and scheduler not in offered:
-        # A1111 clients send a sampler with every request ("Euler a" by default); one this backend
-        # does not offer gives the model's own scheduler, reported, rather than a failed request.
-        scheduler = "default" if "default" in offered else offered[0]
-        ignored.append("sampler_name")
-    params = GenerationParams(
-        prompt=body.prompt or "",
-        negative_prompt=body.negative_prompt or None,
-        width=body.width,
-        height=body.height,
-        steps=body.steps,
-        guidance_scale=body.cfg_scale,
-        seed=-1 if body.seed is None else body.seed,
-        num_images=count,
-        scheduler=scheduler,
-        output_format="png",  # A1111 API answers are PNG
-        model=model,
-    )
-    return Plan(params, backend_id, ignored + body.unsupported())
+    """The request side in one call: the body's translation and the A1111 fields it reports as ignored."""
+    defaults = defaults_for(body, registry, settings)
+    return Plan(body.to_params(defaults), defaults.backend, body.ignored(defaults))
 
 
 def _infotext(job: Job, seed: int, sampler: tuple[str, str] | None) -> str:

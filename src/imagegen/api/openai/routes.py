@@ -24,8 +24,8 @@ from imagegen.api.openai.schemas import (
     model_entry,
 )
 from imagegen.api.sync_jobs import raise_for_job, renamed, run_job
-from imagegen.errors import ContentModeratedError, InvalidParameterError, NotFoundError, ServiceError
-from imagegen.generation import GenerationParams
+from imagegen.api.translation import defaults_for
+from imagegen.errors import ContentModeratedError, NotFoundError, ServiceError
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=OPENAI_ERRORS)
 
@@ -44,29 +44,8 @@ def _renamed(error: ServiceError) -> ServiceError:
 @router.post("/images/generations", response_model=ImagesResponse, response_model_exclude_none=True)
 async def generate_images(body: ImageGenerationRequest, request: Request, services: ServicesDep) -> dict[str, Any]:
     """OpenAI image generation: b64_json (default) or url (the service's own image route, key required)."""
-    if body.stream:
-        raise InvalidParameterError("streaming is not supported: omit stream or set it to false", param="stream")
-    pair = model_catalog.find(services.registry, body.model) if body.model else None
-    backend = services.registry.get(pair.backend if pair else None)
-    model = pair.model if pair else None
-    width, height = body.dimensions()
-    caps = backend.capabilities_for(model or backend.default_model or backend.capabilities().models[0])
-    steps = body.steps_for(caps.default_steps)
-    if steps is not None and body.steps is None:
-        steps = min(steps, caps.max_steps, services.settings.max_steps)  # quality never exceeds the limits
-    params = GenerationParams(
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        width=width,
-        height=height,
-        steps=steps,
-        guidance_scale=body.guidance_scale,
-        seed=body.seed,
-        num_images=body.n or 1,
-        output_format=body.output_format or "png",
-        model=model,
-    )
-    job = await run_job(services, request, params, backend.id, on_error=_renamed)
+    defaults = defaults_for(body, services.registry, services.settings)
+    job = await run_job(services, request, body.to_params(defaults), defaults.backend, on_error=_renamed)
     raise_for_job(job)
     # Flagged images are left out: `data` may hold fewer than n images (never an unsafe one).
     delivered = job.result.delivered() if job.result is not None else []

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from imagegen import metrics
-from imagegen.backends.base import BackendHealth, BackendState, Capabilities, ImageBackend, RunContext
+from imagegen.backends.base import Availability, BackendHealth, BackendState, Capabilities, ImageBackend, RunContext
 from imagegen.backends.bfl.client import (
     FINAL_STATUSES,
     KEY_REJECTED,
@@ -38,7 +38,7 @@ from imagegen.backends.bfl.health import KeyMonitor
 from imagegen.backends.bfl.models import FOUR_MP, MODELS, BflModelRules, aspect_ratio, check_request
 from imagegen.config import Backend, Settings
 from imagegen.errors import (
-    BackendUnavailableError,
+    BackendNotConfiguredError,
     ContentModeratedError,
     DeadlineExceededError,
     InvalidParameterError,
@@ -227,10 +227,19 @@ class FluxApiBackend(ImageBackend):
         return urlsplit(self.settings.bfl_api_url).netloc
 
     # -- health: never network I/O here; the key check runs in the background (bfl/health.py) -------
+    def availability(self) -> Availability:
+        if self._key is None:
+            return Availability(BackendState.NOT_CONFIGURED, "SD_BFL_API_KEY is not set")
+        if self._key.current().state == "rejected":
+            # A misconfiguration only the operator can fix: not ready, like a model that failed to load.
+            return Availability(BackendState.ERROR, KEY_REJECTED)
+        return Availability(BackendState.READY, f"BFL API at {self._api_host()}")
+
     def health(self) -> BackendHealth:
         model = self.settings.bfl_model
+        available = self.availability()
         if self._key is None:
-            return BackendHealth(BackendState.NOT_CONFIGURED, "SD_BFL_API_KEY is not set", model=model, device="cloud")
+            return BackendHealth(available.state, available.reason, model=model, device="cloud")
         check = self._key.current()
         details: dict[str, Any] = {
             "api_host": self._api_host(),
@@ -242,9 +251,8 @@ class FluxApiBackend(ImageBackend):
         if check.checked_at is not None:
             details["key_checked_seconds_ago"] = round(time.monotonic() - check.checked_at, 1)
         host = details["api_host"]
-        if check.state == "rejected":
-            # A misconfiguration only the operator can fix: not ready, like a model that failed to load.
-            return BackendHealth(BackendState.ERROR, KEY_REJECTED, model=model, device="cloud", details=details)
+        if available.state is not BackendState.READY:  # the key was rejected
+            return BackendHealth(available.state, available.reason, model=model, device="cloud", details=details)
         # Everything else stays ready: an empty account or a flaky credits call is no reason to restart
         # the service; requests then answer 402 or their own error.
         reason = {
@@ -319,7 +327,9 @@ class FluxApiBackend(ImageBackend):
     # -- generation ------------------------------------------------------------------------------
     async def generate(self, batch: Sequence[GenerationRequest], ctx: RunContext) -> list[list[GeneratedImage]]:
         if self._client is None:
-            raise BackendUnavailableError("backend 'flux-api' is not configured: SD_BFL_API_KEY is not set")
+            raise BackendNotConfiguredError(
+                "backend 'flux-api' is not configured: SD_BFL_API_KEY is not set", param="backend"
+            )
         fractions: list[float] = []
         reported = [-1]
 

@@ -6,7 +6,8 @@ no steps/guidance on flux-pro-1.1 (the table "Models and their rules" in docs/fl
 marked "BFL docs" were not in the API reference; they are BFL's documented defaults as far as known,
 kept here in one table so that a correction is a one-line change.
 
-Pure data and checks: no I/O, no imports beyond the standard library and our errors.
+Pure data and checks: no I/O, no imports beyond the standard library and our errors (whose range checks
+`ImageBackend.resolve` shares).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from imagegen.errors import InvalidParameterError
+from imagegen.errors import InvalidParameterError, require_between, require_pixels
 
 FOUR_MP = 2048 * 2048
 
@@ -158,18 +159,16 @@ def check_request(
     """Apply one model's rules to already service-checked values; raise InvalidParameterError naming the
     parameter (a request BFL would refuse is refused here, before any credit is spent)."""
     ignored: list[str] = []
+    context = f" for BFL model '{rules.name}'"
     if rules.size_mode == "size":
         for name, value in (("width", width), ("height", height)):
             if not rules.min_size <= value <= rules.max_size or value % rules.size_multiple:
                 raise InvalidParameterError(
                     f"{name} must be a multiple of {rules.size_multiple} between {rules.min_size} and "
-                    f"{rules.max_size} for BFL model '{rules.name}'",
+                    f"{rules.max_size}{context}",
                     param=name,
                 )
-        if width * height > rules.max_pixels:
-            raise InvalidParameterError(
-                f"width x height must be at most {rules.max_pixels} pixels for BFL model '{rules.name}'", param="width"
-            )
+        require_pixels(width, height, rules.max_pixels, context=context)
     elif rules.ratio_range is not None:
         low, high = rules.ratio_range
         if not low - 1e-9 <= width / height <= high + 1e-9:
@@ -187,10 +186,7 @@ def check_request(
         low_steps, high_steps, default_steps = rules.steps
         high_steps = min(high_steps, max_steps)  # SD_MAX_STEPS may be lower than BFL's own bound
         resolved_steps = min(default_steps, high_steps) if steps is None else steps
-        if not low_steps <= resolved_steps <= high_steps:
-            raise InvalidParameterError(
-                f"steps must be between {low_steps} and {high_steps} for BFL model '{rules.name}'", param="steps"
-            )
+        require_between("steps", resolved_steps, low_steps, high_steps, context=context)
 
     resolved_guidance: float | None = None
     if rules.guidance is None:
@@ -199,11 +195,7 @@ def check_request(
     else:
         low_guidance, high_guidance, default_guidance = rules.guidance
         resolved_guidance = default_guidance if guidance is None else float(guidance)
-        if not low_guidance <= resolved_guidance <= high_guidance:
-            raise InvalidParameterError(
-                f"guidance_scale must be between {low_guidance:g} and {high_guidance:g} for BFL model '{rules.name}'",
-                param="guidance_scale",
-            )
+        require_between("guidance_scale", resolved_guidance, low_guidance, high_guidance, context=context)
 
     if safety_tolerance is None:
         # A service-wide default above this model's ceiling is lowered to it rather than failing requests.
@@ -212,9 +204,5 @@ def check_request(
         if isinstance(safety_tolerance, bool) or not isinstance(safety_tolerance, int):
             raise InvalidParameterError("safety_tolerance must be an integer", param="safety_tolerance")
         tolerance = safety_tolerance
-        if not 0 <= tolerance <= rules.max_safety_tolerance:
-            raise InvalidParameterError(
-                f"safety_tolerance must be between 0 and {rules.max_safety_tolerance} for BFL model '{rules.name}'",
-                param="safety_tolerance",
-            )
+        require_between("safety_tolerance", tolerance, 0, rules.max_safety_tolerance, context=context)
     return ModelParameters(resolved_steps, resolved_guidance, tolerance, tuple(ignored))

@@ -18,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from imagegen import metrics
-from imagegen.backends.base import BackendHealth, BackendState, ImageBackend, RunContext
+from imagegen.backends.base import Availability, BackendHealth, BackendState, ImageBackend, RunContext
 from imagegen.backends.local.device_manager import DeviceManager
 from imagegen.config import Settings
 from imagegen.errors import (
+    BackendNotConfiguredError,
     BackendUnavailableError,
     GenerationFailedError,
     OutOfMemoryError,
@@ -40,6 +41,9 @@ class LoadState(str, enum.Enum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
+
+
+DEPS_MISSING = "torch/diffusers are not installed (install the 'local' extra with `make install`)"
 
 
 class LoadedPipeline:
@@ -138,8 +142,9 @@ class LocalPipelineBackend(ImageBackend):
             if self._loaded is not None:
                 return self._loaded
             if self._deps_missing:
-                raise BackendUnavailableError(
-                    "local backends need torch and diffusers: install with `make install` (the 'local' extra)"
+                raise BackendNotConfiguredError(
+                    "local backends need torch and diffusers: install with `make install` (the 'local' extra)",
+                    param="backend",
                 )
             if (
                 not force
@@ -252,13 +257,24 @@ class LocalPipelineBackend(ImageBackend):
         await asyncio.get_running_loop().run_in_executor(None, self.unload, "the service stopped")
 
     # -- health ----------------------------------------------------------------------------------
-    def health(self) -> BackendHealth:
+    def availability(self) -> Availability:
+        """The state without the report (no memory probe): what admission reads for every job."""
         if self._deps_missing:
-            return BackendHealth(
-                BackendState.UNAVAILABLE,
-                "torch/diffusers are not installed (install the 'local' extra with `make install`)",
-                model=self.model_id,
-            )
+            return Availability(BackendState.UNAVAILABLE, DEPS_MISSING)
+        state = self._state
+        if state is LoadState.LOADING:
+            return Availability(BackendState.LOADING, f"loading {self.model_id}")
+        if state is LoadState.FAILED:
+            return Availability(BackendState.ERROR, self._failure or "load failed")
+        # Unloaded is ready too: the model loads on the first request.
+        return Availability(
+            BackendState.READY, f"{self.model_id} {'loaded' if state is LoadState.READY else 'not loaded'}"
+        )
+
+    def health(self) -> BackendHealth:
+        available = self.availability()
+        if available.state is BackendState.UNAVAILABLE:
+            return BackendHealth(available.state, available.reason, model=self.model_id)
         loaded = self._loaded
         state = self._state
         device = loaded.device if loaded else None
@@ -298,12 +314,8 @@ class LocalPipelineBackend(ImageBackend):
                 memory=memory,
                 details=details,
             )
-        if state is LoadState.LOADING:
-            return BackendHealth(BackendState.LOADING, f"loading {self.model_id}", model=self.model_id, details=details)
-        if state is LoadState.FAILED:
-            return BackendHealth(
-                BackendState.ERROR, self._failure or "load failed", model=self.model_id, details=details
-            )
+        if available.state is not BackendState.READY:  # loading, or the load failed: the reason says which
+            return BackendHealth(available.state, available.reason, model=self.model_id, details=details)
         reason = "not loaded; loads on the first request"
         if self._last_unload is not None:
             reason = f"{self._last_unload[0]}; loads again on the next request"

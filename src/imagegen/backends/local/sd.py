@@ -29,9 +29,14 @@ class StableDiffusionBackend(LocalPipelineBackend):
         self.model_ids: tuple[str, ...] = tuple(dict.fromkeys((settings.model_id, *settings.models)))
 
     # -- capabilities: known before loading, exact once the model is loaded -----------------------
+    def default_model_id(self) -> str:
+        # The rule of the base class, read from the allowlist: capabilities() are the default model's,
+        # so they cannot be asked first.
+        return self.default_model or self.model_ids[0]
+
     def capabilities(self) -> Capabilities:
         """The capabilities of the default model (what a request naming no model gets)."""
-        return self.capabilities_for(self.default_model or self.model_ids[0])
+        return self.capabilities_for(self.default_model_id())
 
     def capabilities_for(self, model: str) -> Capabilities:
         loaded = self._loaded  # read once: the device manager may unload it from another thread
