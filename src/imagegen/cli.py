@@ -7,6 +7,7 @@ import argparse
 import errno
 import socket
 import sys
+from collections.abc import Callable
 
 from imagegen import __version__
 
@@ -64,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lazy(module: str):  # type: ignore[no-untyped-def]
+def _lazy(module: str) -> Callable[[argparse.Namespace], int]:
     """A command whose module is imported only when it runs (keeps --help fast: no torch, no FastAPI)."""
 
     def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,9 @@ class ServiceError(Exception):
 
     status_code = 500
     error_type = "internal_error"
+    #: What the raise site knew about the cause, for a metric's label (e.g. the BFL error kinds of
+    #: `imagegen_bfl_errors_total`); never shown to callers.
+    cause_kind: str | None = None
 
     def __init__(
         self,

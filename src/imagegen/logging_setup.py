@@ -9,6 +9,7 @@ import contextvars
 import json
 import logging
 import time
+from typing import TextIO
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -57,8 +58,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, ensure_ascii=False)
 
 
+class ServiceLogHandler(logging.StreamHandler[TextIO]):
+    """The handler configure_logging installs (a class of its own, so a later call can find it)."""
+
+
 def configure_logging(level: str = "info", fmt: str = "text") -> None:
-    handler = logging.StreamHandler()
+    handler = ServiceLogHandler()
     handler.addFilter(_RequestIdFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -66,11 +71,10 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s", "%Y-%m-%dT%H:%M:%S")
         )
-    handler._imagegen = True  # type: ignore[attr-defined]
     root = logging.getLogger("imagegen")
     # Replace only what an earlier call installed (create_app may run several times in one process);
     # handlers others attached (pytest's caplog, an embedding application) stay.
-    root.handlers[:] = [h for h in root.handlers if not getattr(h, "_imagegen", False)] + [handler]
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, ServiceLogHandler)] + [handler]
     root.setLevel(level.upper())
     root.propagate = False
     # Libraries' own chatter (download bars, config notices) stays out of the service log.

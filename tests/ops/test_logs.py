@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import httpx
 
+from imagegen.logging_setup import ServiceLogHandler
+
 PROMPT_CANARY = "prompt-canary-4471 my password is hunter2"
 KEY_CANARY = "key-canary-9913"
 
@@ -18,9 +20,9 @@ KEY_CANARY = "key-canary-9913"
 def capture_service_log(client: httpx.Client) -> io.StringIO:
     """Point the handler create_app installed (format, request-id filter and all) at a buffer."""
     buffer = io.StringIO()
-    handlers = [h for h in logging.getLogger("imagegen").handlers if getattr(h, "_imagegen", False)]
+    handlers = [h for h in logging.getLogger("imagegen").handlers if isinstance(h, ServiceLogHandler)]
     assert len(handlers) == 1
-    handlers[0].setStream(buffer)  # type: ignore[attr-defined]
+    handlers[0].setStream(buffer)
     return buffer
 
 

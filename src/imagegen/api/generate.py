@@ -13,11 +13,17 @@ from imagegen.api.dialects import Dialect, documented_errors
 from imagegen.api.schemas import ErrorResponse, Txt2ImgRequest, Txt2ImgResponse
 from imagegen.api.sync_jobs import raise_for_job, run_job
 from imagegen.api.translation import defaults_for
+from imagegen.config import OutputFormat
 from imagegen.errors import ContentModeratedError, ServiceError
 
 router = APIRouter(tags=["generate"])
 
-_IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg", "image/webp": "webp", "image/*": "*"}
+_IMAGE_TYPES: dict[str, OutputFormat] = {
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "image/jpg": "jpeg",
+    "image/webp": "webp",
+}
 
 
 class NotAcceptableError(ServiceError):
@@ -25,7 +31,7 @@ class NotAcceptableError(ServiceError):
     error_type = "not_acceptable"
 
 
-def raw_format(accept: str | None, body: Txt2ImgRequest) -> str | None:
+def raw_format(accept: str | None, body: Txt2ImgRequest) -> OutputFormat | None:
     """The image format to answer with as raw bytes, or None for JSON.
 
     The highest-ranked media range of Accept decides (n8n's "File" response format sends image/*)."""
@@ -46,11 +52,11 @@ def raw_format(accept: str | None, body: Txt2ImgRequest) -> str | None:
     for _, _, media in sorted(ranked):
         if media in ("application/json", "*/*", "application/*"):
             return None
+        if media == "image/*":
+            return body.output_format
         wanted = _IMAGE_TYPES.get(media)
         if wanted is None:
             continue
-        if wanted == "*":
-            return body.output_format
         if "output_format" in body.model_fields_set and body.output_format != wanted:
             raise NotAcceptableError(
                 f"Accept asks for {media} but output_format is {body.output_format}", param="output_format"

@@ -8,6 +8,7 @@ SD_BFL_MODEL + SD_BFL_MODELS), so a client can only ever choose among what the o
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from imagegen.backends.base import ImageBackend
@@ -57,6 +58,13 @@ def current(registry: BackendRegistry) -> Checkpoint:
     return Checkpoint(backend.id, backend.default_model_id())
 
 
+def _matcher(wanted: str, fold: bool) -> Callable[[str], bool]:
+    if fold:
+        folded = wanted.casefold()
+        return lambda value: value.casefold() == folded
+    return lambda value: value == wanted
+
+
 def find(registry: BackendRegistry, name: str) -> Checkpoint | None:
     """The pair a name means: a title ("tiny-sd [sd]"), a model id, a backend id (its default model),
     or a hash from sd-models; exact first, then ignoring case. None when nothing matches."""
@@ -65,10 +73,7 @@ def find(registry: BackendRegistry, name: str) -> Checkpoint | None:
         return None
     pairs = checkpoints(registry)
     for fold in (False, True):
-
-        def same(value: str) -> bool:
-            return value.casefold() == wanted.casefold() if fold else value == wanted  # noqa: B023
-
+        same = _matcher(wanted, fold)
         for pair in pairs:
             if same(pair.title) or same(pair.short_hash) or same(pair.sha256):
                 return pair

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen.api.dialects import Dialect, documented_errors
 from imagegen.api.translation import RequestDefaults, Target
+from imagegen.config import OutputFormat
 from imagegen.generation import SEED_MAX, GenerationParams
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class Txt2ImgRequest(BaseModel):
     def target(self, registry: BackendRegistry) -> Target:
         return Target(registry.get(self.backend), self.model)
 
-    def to_params(self, defaults: RequestDefaults, *, output_format: str | None = None) -> GenerationParams:
+    def to_params(self, defaults: RequestDefaults, *, output_format: OutputFormat | None = None) -> GenerationParams:
         """The native parameters as sent (the backend fills what is absent when it resolves them);
         `output_format` overrides the body's (a raw image answer in the format Accept asks for)."""
         options: dict[str, Any] = {}
@@ -68,7 +69,7 @@ class Txt2ImgRequest(BaseModel):
             seed=self.seed,
             num_images=self.num_images,
             scheduler=self.scheduler,
-            output_format=output_format or self.output_format,  # type: ignore[arg-type]
+            output_format=output_format or self.output_format,
             model=defaults.model,
             backend_options=options,
         )

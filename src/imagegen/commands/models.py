@@ -168,10 +168,11 @@ def other_models(model_dir: Path, known: set[str]) -> list[tuple[str, str, int]]
 def _size(value: int | None) -> str:
     if value is None:
         return "-"
+    amount = float(value)
     for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value = value / 1000  # type: ignore[assignment]
+        if amount < 1000 or unit == "GB":
+            return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
+        amount /= 1000
     return "-"
 
 
@@ -201,7 +202,7 @@ def run_list(args: argparse.Namespace) -> int:
             loaded = _loaded_states(args.url, api_key(args))
         except Exception as error:  # noqa: BLE001 - say why, whatever it was
             return _fail(f"could not ask {args.url} what is loaded: {error}", 2)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for model in configured_models(settings):
         kind = source_kind(model.model_id, model.used_by)
         cached, size = cache_state(settings.model_dir, model.model_id, kind)

@@ -388,10 +388,13 @@ class JobEngine:
         return job
 
     # -- workers -------------------------------------------------------------------------------
+    def _stop_requested(self) -> bool:
+        return self._stopping or self.draining
+
     async def _worker(self, lane: Lane) -> None:
-        while not (self._stopping or self.draining):
+        while not self._stop_requested():
             await lane.wait()
-            if self._stopping or self.draining:
+            if self._stop_requested():  # shutdown woke the lane
                 return
             batch = lane.pop_batch(self._max_batch_images)
             if not batch:
@@ -514,7 +517,7 @@ class JobEngine:
                 )
                 self._finalize(job, JobStatus.FAILED, error=GenerationFailedError(message))
                 continue
-            if job.final:
+            if job.status.final:  # cancelled while its images were being stored
                 continue
             queued_ms = round(((job.started_at or job.created_at) - job.created_at) * 1000, 1)
             timings = Timings(queued_ms=queued_ms, generation_ms=round(seconds * 1000, 1), batch_size=len(batch))

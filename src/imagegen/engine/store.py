@@ -177,7 +177,8 @@ class SQLiteJobStore(JobStore):
         limit: int = 50,
         before: float | None = None,
     ) -> list[Job]:
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[str | float] = []
         if status is not None:
             clauses.append("status=?")
             params.append(status.value)

@@ -12,6 +12,8 @@ import json
 import re
 from typing import TYPE_CHECKING, Any
 
+from PIL.PngImagePlugin import PngInfo
+
 from imagegen import __version__
 
 if TYPE_CHECKING:
@@ -69,8 +71,7 @@ def _clean(value: Any) -> str:
     return str(value).replace("\n", " ").replace(",", " ")
 
 
-def png_info(meta: dict[str, Any]):  # type: ignore[no-untyped-def]
-    from PIL.PngImagePlugin import PngInfo
+def png_info(meta: dict[str, Any]) -> PngInfo:
 
     info = PngInfo()
     info.add_text("parameters", a1111_parameters(meta))

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -119,7 +120,13 @@ def prune(root: Path, policy: RetentionPolicy, *, dry_run: bool = False, now: fl
 class RetentionTask:
     """Runs `prune` in a worker thread at start-up and every SD_OUTPUT_PRUNE_INTERVAL seconds."""
 
-    def __init__(self, root: Path, policy: RetentionPolicy, interval: float, after_pass=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self,
+        root: Path,
+        policy: RetentionPolicy,
+        interval: float,
+        after_pass: Callable[[PruneReport], object] | None = None,
+    ) -> None:
         self.root = root
         self.policy = policy
         self.interval = interval

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
 
@@ -72,7 +72,7 @@ async def get_options(services: ServicesDep) -> dict[str, Any]:
 
 
 @router.post("/options")
-async def set_options(services: ServicesDep, body: dict[str, Any] = Body(...)) -> None:  # noqa: B008
+async def set_options(services: ServicesDep, body: Annotated[dict[str, Any], Body()]) -> None:
     """Change the default checkpoint (in memory, until restart). Other keys are accepted and ignored."""
     name = body.get("sd_model_checkpoint")
     if name is None:

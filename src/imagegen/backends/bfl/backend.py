@@ -119,9 +119,8 @@ def decode_image(data: bytes) -> Image:
 
 def bfl_error_kind(error: ServiceError) -> str:
     """The metric kind of an error of this backend: the raise site's tag, else the error's class."""
-    tag = getattr(error, "bfl_kind", None)
-    if tag:
-        return str(tag)
+    if error.cause_kind:
+        return error.cause_kind
     by_class: tuple[tuple[type[ServiceError], str], ...] = (
         (PaymentRequiredError, "credits"),
         (ContentModeratedError, "moderated"),

@@ -47,7 +47,7 @@ OUT_OF_CREDITS = "BFL account out of credits"
 
 def tagged(error: ServiceError, kind: str) -> ServiceError:
     """Mark an error with its kind for the `imagegen_bfl_errors_total` metric (see metrics.py)."""
-    error.bfl_kind = kind  # type: ignore[attr-defined]
+    error.cause_kind = kind
     return error
 
 
@@ -101,8 +101,6 @@ def retry_after_seconds(value: str | None) -> float | None:
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
-        return None
-    if when is None:
         return None
     return max(0.0, when.timestamp() - time.time())
 
@@ -184,7 +182,8 @@ class BflClient:
         # Older BFL answers carried no polling_url: the task is then polled on the configured host.
         polling_url = body.get("polling_url") or f"{self.api_url}/v1/get_result?id={task_id}"
         if not isinstance(polling_url, str) or not is_bfl_api_url(polling_url, self.api_url):
-            host = _origin(polling_url)[1] if isinstance(polling_url, str) and _origin(polling_url) else "?"
+            origin = _origin(polling_url) if isinstance(polling_url, str) else None
+            host = origin[1] if origin else "?"
             raise UpstreamError(
                 f"BFL returned a polling_url on a host that is not a BFL API host ({_short(host)}); "
                 "refused to send the key there"

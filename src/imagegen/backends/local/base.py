@@ -13,7 +13,7 @@ import importlib.util
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,6 +31,9 @@ from imagegen.errors import (
 from imagegen.generation import GeneratedImage, GenerationRequest
 
 log = logging.getLogger("imagegen.backends")
+
+#: diffusers' `callback_on_step_end(pipe, step, timestep, callback_kwargs) -> callback_kwargs`.
+StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
 
 #: After a failed load, requests fail fast with the reason; a new load is tried after this delay.
 RELOAD_AFTER_FAILURE_SECONDS = 30.0
@@ -378,7 +381,7 @@ class LocalPipelineBackend(ImageBackend):
             )
         if loaded.safety is None:
             return [False] * len(images)
-        return loaded.safety.check(images)
+        return [bool(flag) for flag in loaded.safety.check(images)]
 
     def _split(self, batch: list[GenerationRequest], images: Any, flags: list[bool]) -> list[list[GeneratedImage]]:
         from PIL import Image
@@ -401,13 +404,13 @@ class LocalPipelineBackend(ImageBackend):
         return results
 
     @staticmethod
-    def step_callback(ctx: RunContext, total_steps: int):  # type: ignore[no-untyped-def]
+    def step_callback(ctx: RunContext, total_steps: int) -> StepCallback:
         """diffusers' callback_on_step_end: report progress, stop between steps when asked.
 
         Raising stops the pipeline at once and leaves it usable (setting `_interrupt` would still
         decode and return an image, which a cancelled job must not get)."""
 
-        def callback(pipe, step, timestep, kwargs):  # type: ignore[no-untyped-def]
+        def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             total = getattr(pipe, "_num_timesteps", None) or total_steps
             ctx.report_step(step + 1, total)
             ctx.check()

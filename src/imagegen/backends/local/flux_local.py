@@ -106,7 +106,8 @@ class FluxLocalBackend(LocalPipelineBackend):
     def profile(self) -> FluxProfile:
         loaded = self._loaded  # read once: the device manager may unload it from another thread
         if loaded is not None:
-            return loaded.details["profile"]
+            profile: FluxProfile = loaded.details["profile"]
+            return profile
         if self._peeked is not None:
             return self._peeked
         configs, on_disk = self._configs_on_disk()
@@ -179,7 +180,7 @@ class FluxLocalBackend(LocalPipelineBackend):
         return health
 
     # -- loading ---------------------------------------------------------------------------------
-    def pick_dtype(self, device: str):  # type: ignore[no-untyped-def]
+    def pick_dtype(self, device: str) -> Any:  # a torch.dtype
         """SD_FLUX_DTYPE, or the FLUX rule (bf16 on CUDA, fp32 elsewhere). Never float16: FLUX
         overflows in fp16 and gives NaN/black images (diffusers #9096)."""
         import torch
@@ -260,6 +261,7 @@ class FluxLocalBackend(LocalPipelineBackend):
         prompts = [request.prompt for request in batch for _ in request.seeds]
         # A fresh scheduler per call: schedulers carry per-call state (timesteps, step index).
         pipe.scheduler = type(pipe.scheduler).from_config(loaded.details["scheduler_config"])
+        guidance: float | None
         if profile.guidance == "none":
             # The value the model card uses; klein warns about anything > 1 and then ignores it.
             guidance = 1.0 if profile.pipeline_class == KLEIN else 0.0

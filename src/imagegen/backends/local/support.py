@@ -56,7 +56,7 @@ def pick_device(choice: str) -> str:
     return choice
 
 
-def pick_dtype(device: str, family: str):  # type: ignore[no-untyped-def]
+def pick_dtype(device: str, family: str) -> Any:  # a torch.dtype
     """The dtype for a device and model family.
 
     CPU: float32 (half precision is many times slower there). MPS: float32 (float16 gives black
@@ -104,9 +104,10 @@ class ModelSource:
         if path is None or not path.is_file():
             return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
+        return data if isinstance(data, dict) else None
 
 
 def model_source(model_id: str, settings: Settings) -> ModelSource:
@@ -233,7 +234,7 @@ def release_memory() -> None:
         mps.empty_cache()
 
 
-def cpu_generators(seeds: list[int]):  # type: ignore[no-untyped-def]
+def cpu_generators(seeds: list[int]) -> list[Any]:  # torch.Generator
     """One CPU generator per image: the same seed gives the same image on any device."""
     import torch
 
