@@ -279,6 +279,23 @@ def _poison(module: Any) -> None:
             parameter.fill_(float("nan"))
 
 
+#: The tiny FLUX VAEs (klein's and FLUX.1's): two blocks, a scale factor of 2 (the real one has 8);
+#: sample_size is the VAE's tile size.
+_FLUX_VAE: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "block_out_channels": (4, 8),
+    "layers_per_block": 1,
+    "latent_channels": 1,
+    "norm_num_groups": 1,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+
+
 def build_tiny_flux2_klein(target: Path, *, distilled: bool = True, nan_vae: bool = False) -> None:
     """A FLUX.2 [klein]-style pipeline: Qwen3 text encoder, Flux2 transformer and VAE.
 
@@ -321,20 +338,7 @@ def build_tiny_flux2_klein(target: Path, *, distilled: bool = True, nan_vae: boo
         axes_dims_rope=[4, 4, 4, 4],
         guidance_embeds=False,
     )
-    # Two blocks: a scale factor of 2 (the real one has 8); sample_size is the VAE's tile size.
-    vae: Any = AutoencoderKLFlux2(
-        sample_size=64,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        latent_channels=1,
-        norm_num_groups=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae: Any = AutoencoderKLFlux2(**_FLUX_VAE)
     if nan_vae:
         _poison(vae.decoder)
     pipe: Any = Flux2KleinPipeline(
@@ -398,17 +402,7 @@ def build_tiny_flux(
         guidance_embeds=guidance_embeds,
     )
     vae: Any = AutoencoderKL(
-        sample_size=64,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        latent_channels=1,
-        norm_num_groups=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
+        **_FLUX_VAE,
         shift_factor=0.0609,
         scaling_factor=1.5035,
     )
