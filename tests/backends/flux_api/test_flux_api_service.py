@@ -53,8 +53,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
 def test_30_concurrent_requests_never_exceed_24_active_tasks(
     flux_service: Service, start_fake: Callable[..., RunningFake]
 ) -> None:
-    # Long enough that all 30 arrive while the first 24 still run; the fake answers 429 past 24, like BFL.
-    bfl = start_fake(generation_time=0.8)
+    # Long enough that all 30 arrive while the first 24 still run, even on a loaded 2-core machine; the
+    # fake answers 429 past 24, like BFL.
+    bfl = start_fake(generation_time=2.0)
     client = flux_service(bfl)
     assert backend_of(client).concurrency == 24
     responses = concurrently(client, [{"seed": 1000 + index, "width": 256, "height": 256} for index in range(30)])
