@@ -341,6 +341,10 @@ def pull_one(model_id: str, settings: Any, patterns: list[str] = PIPELINE_PATTER
 
 
 def run_pull(args: argparse.Namespace) -> int:
+    if getattr(args, "lora", None):
+        from imagegen.commands import lora_pull
+
+        return lora_pull.run(args)
     from imagegen.backends.local import tiny_models
     from imagegen.backends.local.support import describe_load_error
     from imagegen.config import SettingsError
