@@ -39,6 +39,7 @@ def test_pick_loras_with_weights_and_switch_backends(
     page.click("#generate")
     card = page.locator(".job").first
     expect(card).to_have_attribute("data-status", "succeeded", timeout=60_000)
+    expect(card.locator(".params")).to_contain_text("sd-style 0.8")
     job = client.get(f"/api/jobs/{card.get_attribute('data-job-id')}").json()
     assert job["parameters"]["loras"] == [{"name": "sd-style", "weight": 0.8}]
     assert job["result"]["images"][0]["loras"][0]["name"] == "sd-style"

@@ -40,12 +40,12 @@ def _hub_file(repo_id: str, filename: str | None, settings: Any) -> Path:
 
 def pull_lora(source: str, settings: Any, *, filename: str | None = None, name: str | None = None) -> Path:
     """Copy one LoRA into SD_LORA_DIR; its path there."""
-    from imagegen.commands.models import _is_repo_id
+    from imagegen.backends.local.support import _REPO_ID
 
     local = Path(source).expanduser()
     if local.is_file():
         origin = local
-    elif _is_repo_id(source):
+    elif _REPO_ID.match(source):
         origin = _hub_file(source, filename, settings)
     else:
         raise PullError(f"'{source}' is neither a file nor a Hugging Face repository id (owner/name)")
