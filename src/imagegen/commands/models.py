@@ -201,7 +201,7 @@ def run_list(args: argparse.Namespace) -> int:
             loaded = _loaded_states(args.url, api_key(args))
         except Exception as error:  # noqa: BLE001 - say why, whatever it was
             return _fail(f"could not ask {args.url} what is loaded: {error}", 2)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for model in configured_models(settings):
         kind = source_kind(model.model_id, model.used_by)
         cached, size = cache_state(settings.model_dir, model.model_id, kind)
@@ -235,7 +235,7 @@ def run_list(args: argparse.Namespace) -> int:
         return 0
     print(f"SD_MODEL_DIR: {Path(settings.model_dir).absolute()}")
     headers = ["MODEL", "USED BY", "SOURCE", "CACHED", "SIZE"] + (["LOADED"] if loaded is not None else [])
-    table = [
+    table: list[list[str]] = [
         [row["model"], row["used_by"], row["source"], row["cached"], _size(row["bytes"])]
         + ([row["loaded"]] if loaded is not None else [])
         for row in rows
