@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--scheduler", help="scheduler name (see GET /api/backends)")
     generate.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (default 1)")
     generate.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME[:WEIGHT]",
+        help="apply a LoRA from SD_LORA_DIR (weight 1 unless given); repeat for several",
+    )
+    generate.add_argument(
         "--out",
         help="file to write (.png/.jpg/.webp; more images: NAME-2.png...). Default: "
         "in-process, the stored file in SD_OUTPUT_DIR; remote, the server's name in this folder",
@@ -149,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("model_id", nargs="?", metavar="ID", help="hub id (owner/name), built-in id, or folder")
     pull.add_argument("--backend", choices=["sd", "flux-local"], help="pull this backend's configured model")
     pull.add_argument("--no-safety-checker", action="store_true", help="do not also pull the standalone checker")
+    pull.add_argument(
+        "--lora",
+        metavar="SOURCE",
+        help="pull a LoRA instead: a hub id (owner/name) or a local .safetensors file, into SD_LORA_DIR",
+    )
+    pull.add_argument("--file", help="with --lora from the hub: which .safetensors file of the repository")
+    pull.add_argument("--name", help="with --lora: its name in requests (default: the file's stem)")
     pull.set_defaults(func=_lazy("imagegen.commands.models:run_pull"))
 
     health = commands.add_parser("health", help="ask a running service whether it is ready (exit 0) or not")

@@ -113,6 +113,21 @@ class Settings(BaseSettings):
         "or a checker folder), for models that ship none.",
     )
 
+    # --- LoRA adapters (sd, flux-local) ----------------------------------------------------------
+    lora_dir: Path | None = Field(
+        None,
+        description="Folder of LoRA adapters (.safetensors only; a LoRA's name is its file stem). "
+        "Unset: SD_MODEL_DIR/loras. Requests can name only the files in it.",
+    )
+    max_loras: int = Field(4, ge=1, le=16, description="Most LoRAs one request may apply.")
+    max_loaded_loras: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Most LoRA adapters kept loaded per pipeline (least recently used dropped first); "
+        "switching between loaded ones costs no load. At least SD_MAX_LORAS.",
+    )
+
     # --- flux-local ----------------------------------------------------------------------------
     flux_model_id: str = Field(
         DEFAULT_FLUX_MODEL,
@@ -302,9 +317,10 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown BFL model(s) {', '.join(unknown)}; known: {', '.join(known)}")
         return value
 
-    @field_validator("api_key", "huggingface_token", "webhook_secret", "bfl_api_key", mode="before")
+    @field_validator("api_key", "huggingface_token", "webhook_secret", "bfl_api_key", "lora_dir", mode="before")
     @classmethod
-    def _empty_secret_is_none(cls, value: object) -> object:
+    def _empty_is_none(cls, value: object) -> object:
+        # An empty line in .env (SD_API_KEY=, SD_LORA_DIR=) means "not set".
         if isinstance(value, str) and not value.strip():
             return None
         return value
@@ -315,9 +331,16 @@ class Settings(BaseSettings):
             raise ValueError("SD_MAX_PIXELS must allow at least 64x64")
         if self.bfl_models and self.bfl_model not in self.bfl_models:
             raise ValueError("SD_BFL_MODEL must be one of SD_BFL_MODELS")
+        if self.max_loaded_loras < self.max_loras:
+            raise ValueError("SD_MAX_LOADED_LORAS must be at least SD_MAX_LORAS (one request's LoRAs stay loaded)")
         return self
 
     # --- derived helpers (no I/O) ---------------------------------------------------------------
+    @property
+    def lora_folder(self) -> Path:
+        """Where LoRA files are read from: SD_LORA_DIR, else SD_MODEL_DIR/loras."""
+        return self.lora_dir if self.lora_dir is not None else self.model_dir / "loras"
+
     @property
     def binds_publicly(self) -> bool:
         """True when the bind address is reachable from other machines."""

@@ -18,6 +18,16 @@ if TYPE_CHECKING:
 SEED_MAX = 2**32 - 1
 
 
+class LoraWeight(BaseModel):
+    """One LoRA adapter asked for: the file's name in SD_LORA_DIR (its stem) and its weight.
+    Names and weights travel, never paths or tensors: whoever runs the pipeline loads the file."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    weight: float = 1.0
+
+
 class GenerationParams(BaseModel):
     """Loose parameters as the API received them; any may be absent (backend defaults apply)."""
 
@@ -34,6 +44,7 @@ class GenerationParams(BaseModel):
     scheduler: str | None = None
     output_format: OutputFormat = "png"
     model: str | None = None
+    loras: tuple[LoraWeight, ...] = ()
     backend_options: dict[str, Any] = {}
 
 
@@ -55,6 +66,8 @@ class GenerationRequest(BaseModel):
     seeds: tuple[int, ...]
     output_format: OutputFormat
     ignored: tuple[str, ...] = ()
+    #: The LoRA adapters to apply, in the order asked (empty: the base model alone).
+    loras: tuple[LoraWeight, ...] = ()
     backend_options: dict[str, Any] = {}
 
     @property
@@ -73,6 +86,9 @@ class GenerationRequest(BaseModel):
             self.guidance_scale,
             self.negative_prompt is not None,
             tuple(sorted(self.backend_options.items())),
+            # One pipeline call runs with one set of adapters: only requests asking for the same
+            # LoRAs with the same weights share it (order does not change the sum).
+            tuple(sorted((lora.name, lora.weight) for lora in self.loras)),
         )
 
 

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from imagegen import __version__, preflight
-from imagegen.api import generate, health, images, jobs, presenters, web
+from imagegen.api import generate, health, images, jobs, loras, presenters, web
 from imagegen.api import metrics as metrics_api
 from imagegen.api.a1111 import routes as a1111
 from imagegen.api.errors import install_error_handlers
@@ -129,6 +129,7 @@ def create_app(
         generate.router,
         jobs.router,
         images.router,
+        loras.router,
         metrics_api.router,
         # Drop-in compatibility: the A1111 (/sdapi/v1) and OpenAI Images (/v1) dialects.
         a1111.router,

@@ -90,6 +90,7 @@ def info(services: ServicesDep) -> dict[str, Any]:
             "max_pixels": settings.max_pixels,
             "max_steps": settings.max_steps,
             "max_images": settings.max_images,
+            "max_loras": settings.max_loras,
             "max_prompt_chars": settings.max_prompt_chars,
             "max_body_bytes": settings.max_body_bytes,
             "max_queue": settings.max_queue,

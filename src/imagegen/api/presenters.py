@@ -32,6 +32,7 @@ def parameters(job: Job) -> dict[str, Any]:
         "seeds": list(request.seeds),
         "num_images": request.num_images,
         "output_format": request.output_format,
+        "loras": [{"name": lora.name, "weight": lora.weight} for lora in request.loras],
     }
 
 

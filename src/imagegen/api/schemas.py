@@ -14,13 +14,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from imagegen.api.dialects import Dialect, documented_errors
 from imagegen.api.translation import RequestDefaults, Target
 from imagegen.config import OutputFormat
-from imagegen.generation import SEED_MAX, GenerationParams
+from imagegen.generation import SEED_MAX, GenerationParams, LoraWeight
 
 if TYPE_CHECKING:
     from imagegen.backends.registry import BackendRegistry
 
 _HARD_MAX_SIDE = 16384
 _HARD_MAX_TEXT = 100_000
+
+
+class LoraIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=200, description="A LoRA's name: its file in SD_LORA_DIR, no suffix.")
+    weight: float = Field(1.0, ge=-10, le=10, allow_inf_nan=False, description="0: no effect; 1: as trained.")
 
 
 class Txt2ImgRequest(BaseModel):
@@ -49,6 +56,11 @@ class Txt2ImgRequest(BaseModel):
     safety_tolerance: int | None = Field(
         None, ge=0, le=6, description="flux-api only: BFL moderation tolerance, 0 strictest."
     )
+    loras: list[LoraIn] | None = Field(
+        None,
+        max_length=64,
+        description="sd and flux-local: LoRA adapters from SD_LORA_DIR (GET /api/loras), at most SD_MAX_LORAS.",
+    )
 
     def target(self, registry: BackendRegistry) -> Target:
         return Target(registry.get(self.backend), self.model)
@@ -71,6 +83,7 @@ class Txt2ImgRequest(BaseModel):
             scheduler=self.scheduler,
             output_format=output_format or self.output_format,
             model=defaults.model,
+            loras=tuple(LoraWeight(name=lora.name, weight=lora.weight) for lora in self.loras or ()),
             backend_options=options,
         )
 
@@ -113,6 +126,11 @@ class ImageOut(BaseModel):
     height: int | None = None
 
 
+class LoraOut(BaseModel):
+    name: str
+    weight: float
+
+
 class ParametersOut(BaseModel):
     prompt: str
     negative_prompt: str | None
@@ -125,6 +143,7 @@ class ParametersOut(BaseModel):
     seeds: list[int]
     num_images: int
     output_format: str
+    loras: list[LoraOut] = Field(default_factory=list, description="The LoRAs applied, in order.")
 
 
 class Txt2ImgResponse(BaseModel):
@@ -228,3 +247,24 @@ class StoredImageOut(BaseModel):
 class StoredImageList(BaseModel):
     images: list[StoredImageOut]
     next_before: str | None = Field(description="Pass as `before` to get the next (older) page.")
+
+
+class LoraFit(BaseModel):
+    backend: str
+    model: str
+
+
+class LoraEntry(BaseModel):
+    name: str = Field(description="What requests name (`loras[].name`, A1111's <lora:name:weight>).")
+    filename: str
+    size_bytes: int
+    sha256: str
+    family: str = Field(description="sd | sdxl | flux1 | flux2 | flux | unknown, read from the file's tensor names.")
+    label: str
+    cross_attention_dim: int | None = Field(description="SD families: the UNet width it was trained for.")
+    layers: int = Field(description="Layers it adapts.")
+    fits: list[LoraFit] = Field(description="Configured (backend, model) pairs it fits (or may: loading checks).")
+
+
+class LoraList(BaseModel):
+    loras: list[LoraEntry]

@@ -25,7 +25,9 @@ from imagegen.errors import (
     require_between,
     require_pixels,
 )
-from imagegen.generation import SEED_MAX, GeneratedImage, GenerationParams, GenerationRequest
+from imagegen.generation import SEED_MAX, GeneratedImage, GenerationParams, GenerationRequest, LoraWeight
+from imagegen.storage.lora_format import LoraFamily
+from imagegen.storage.loras import LoraCatalog
 
 
 class BackendState(str, enum.Enum):
@@ -73,6 +75,8 @@ class Capabilities:
     schedulers: tuple[str, ...] = ()
     default_scheduler: str | None = None
     supports_seed: bool = True
+    #: LoRA adapters from SD_LORA_DIR (`loras` in requests); see docs/loras.md.
+    supports_loras: bool = False
     output_formats: tuple[str, ...] = ("png", "jpeg", "webp")
     notes: tuple[str, ...] = ()
 
@@ -94,6 +98,7 @@ class Capabilities:
             "schedulers": list(self.schedulers),
             "default_scheduler": self.default_scheduler,
             "supports_seed": self.supports_seed,
+            "supports_loras": self.supports_loras,
             "output_formats": list(self.output_formats),
             "notes": list(self.notes),
         }
@@ -183,6 +188,8 @@ class ImageBackend(abc.ABC):
     #: The model a request that names none gets; None: the first of `capabilities().models`.
     #: Changed at runtime when a client picks the service's default model (A1111 options).
     default_model: str | None = None
+    #: The LoRA folder, shared by the backends of one registry (set by the registry).
+    lora_catalog: LoraCatalog | None = None
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -231,6 +238,41 @@ class ImageBackend(abc.ABC):
     def info(self) -> dict[str, Any]:
         """Extra, secret-free facts for /api/backends."""
         return {}
+
+    def lora_family(self, model: str) -> LoraFamily:
+        """The LoRA family `model` takes (backends with supports_loras say; unknown: loading decides)."""
+        return LoraFamily("unknown")
+
+    def resolve_loras(self, loras: Sequence[LoraWeight], model: str) -> tuple[LoraWeight, ...]:
+        """Check the LoRAs asked for against the service limits, the folder and the model's family.
+
+        Each is a 422 naming `loras`: a backend without LoRA support, more than SD_MAX_LORAS, a name
+        twice, a name that is not a .safetensors file in SD_LORA_DIR, or a LoRA of another family
+        than the model's (naming both). Nothing is loaded here."""
+        if not loras:
+            return ()
+        if not self.capabilities_for(model).supports_loras:
+            raise InvalidParameterError(f"backend '{self.id}' does not take LoRAs", param="loras")
+        limit = self.settings.max_loras
+        if len(loras) > limit:
+            raise InvalidParameterError(f"at most {limit} LoRAs per request (SD_MAX_LORAS)", param="loras")
+        catalog = self.lora_catalog or LoraCatalog(self.settings.lora_folder)
+        target = self.lora_family(model)
+        seen: set[str] = set()
+        for lora in loras:
+            if not -10.0 <= lora.weight <= 10.0:  # also refuses NaN
+                raise InvalidParameterError("each LoRA weight must be between -10 and 10", param="loras")
+            entry = catalog.get(lora.name)  # unknown, escaping or not safetensors: 422
+            if lora.name in seen:
+                raise InvalidParameterError(f"LoRA '{lora.name}' is listed twice", param="loras")
+            seen.add(lora.name)
+            if entry.header.family.fits(target) is False:
+                raise InvalidParameterError(
+                    f"LoRA '{lora.name}' is for {entry.header.family.label}, but model '{model}' on backend "
+                    f"'{self.id}' is {target.label}",
+                    param="loras",
+                )
+        return tuple(loras)
 
     # -- validation ----------------------------------------------------------------------------
     def resolve(self, params: GenerationParams) -> GenerationRequest:
@@ -332,5 +374,6 @@ class ImageBackend(abc.ABC):
             seeds=seeds,
             output_format=params.output_format,
             ignored=tuple(ignored),
+            loras=self.resolve_loras(params.loras, model),
             backend_options=dict(params.backend_options),
         )

@@ -9,6 +9,7 @@ from imagegen.backends.base import ImageBackend
 from imagegen.backends.local.device_manager import DeviceManager
 from imagegen.config import Backend, Settings
 from imagegen.errors import InvalidParameterError
+from imagegen.storage.loras import LoraCatalog
 
 BackendFactory = Callable[[Settings], ImageBackend]
 
@@ -42,7 +43,11 @@ class BackendRegistry:
     """The backends of one service instance, by id, with the default one."""
 
     def __init__(
-        self, backends: dict[str, ImageBackend], default_id: str, device_manager: DeviceManager | None = None
+        self,
+        backends: dict[str, ImageBackend],
+        default_id: str,
+        device_manager: DeviceManager | None = None,
+        loras: LoraCatalog | None = None,
     ) -> None:
         if default_id not in backends:
             raise ValueError(f"default backend '{default_id}' is not registered")
@@ -50,8 +55,12 @@ class BackendRegistry:
         self.default_id = default_id
         #: decides which local pipelines stay loaded on the device they share (None: no local backends)
         self.device_manager = device_manager
+        #: the LoRA folder (SD_LORA_DIR) the backends read, one cache of headers and hashes for all
+        self.loras = loras
         for backend_id, backend in backends.items():
             backend.preload = backend_id == default_id
+            if loras is not None:
+                backend.lora_catalog = loras
 
     @classmethod
     def from_settings(
@@ -65,7 +74,7 @@ class BackendRegistry:
         backends = {backend_id: factory(settings) for backend_id, factory in factories.items()}
         # The local backends share one device: one manager decides which of them stay loaded.
         manager = DeviceManager.share(settings, backends.values())
-        return cls(backends, default_id or settings.default_backend.value, manager)
+        return cls(backends, default_id or settings.default_backend.value, manager, LoraCatalog(settings.lora_folder))
 
     async def start(self) -> None:
         """Start every backend (the default one may begin loading), then the device manager's

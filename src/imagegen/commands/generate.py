@@ -55,7 +55,20 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
         "scheduler": args.scheduler,
     }
     body.update({key: value for key, value in optional.items() if value is not None})
+    if getattr(args, "lora", None):
+        body["loras"] = [parse_lora(text) for text in args.lora]
     return body
+
+
+def parse_lora(text: str) -> dict[str, Any]:
+    """`--lora name[:weight]` as the API's {"name", "weight"} (names never hold a colon)."""
+    name, _, weight = text.partition(":")
+    if not name:
+        raise ValueError("--lora takes NAME or NAME:WEIGHT")
+    try:
+        return {"name": name, "weight": float(weight) if weight else 1.0}
+    except ValueError:
+        raise ValueError(f"--lora {name}: the weight must be a number") from None
 
 
 def destination(out: str | None, index: int, server_name: str) -> Path:

@@ -236,7 +236,7 @@ def run_list(args: argparse.Namespace) -> int:
         return 0
     print(f"SD_MODEL_DIR: {Path(settings.model_dir).absolute()}")
     headers = ["MODEL", "USED BY", "SOURCE", "CACHED", "SIZE"] + (["LOADED"] if loaded is not None else [])
-    table = [
+    table: list[list[str]] = [
         [row["model"], row["used_by"], row["source"], row["cached"], _size(row["bytes"])]
         + ([row["loaded"]] if loaded is not None else [])
         for row in rows
@@ -342,6 +342,10 @@ def pull_one(model_id: str, settings: Any, patterns: list[str] = PIPELINE_PATTER
 
 
 def run_pull(args: argparse.Namespace) -> int:
+    if getattr(args, "lora", None):
+        from imagegen.commands import lora_pull
+
+        return lora_pull.run(args)
     from imagegen.backends.local import tiny_models
     from imagegen.backends.local.support import describe_load_error
     from imagegen.config import SettingsError

@@ -29,8 +29,9 @@ def file_metadata(
     request: GenerationRequest, *, seed: int, width: int, height: int, info: dict[str, Any], job_id: str
 ) -> dict[str, Any]:
     """What a stored image carries about how it was made: the request, this image's seed and size,
-    the job, the service's version, and the backend's scalar info (BFL's task id and seed)."""
-    return {
+    the job, the service's version, the backend's scalar info (BFL's task id and seed), and the
+    LoRAs applied (name, weight, the file's sha256, as the backend reports them)."""
+    meta: dict[str, Any] = {
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt,
         "backend": request.backend,
@@ -45,11 +46,27 @@ def file_metadata(
         "version": __version__,
         **{key: value for key, value in info.items() if isinstance(value, (str, int, float))},
     }
+    loras = info.get("loras")
+    if isinstance(loras, list) and loras:
+        meta["loras"] = loras
+    elif request.loras:
+        meta["loras"] = [{"name": lora.name, "weight": lora.weight} for lora in request.loras]
+    return meta
+
+
+def lora_tags(loras: list[dict[str, Any]]) -> str:
+    """A1111's prompt tags for the LoRAs used (`<lora:name:weight>`): what its infotext parsers read
+    to apply them again."""
+    return " ".join(f"<lora:{lora.get('name')}:{lora.get('weight'):g}>" for lora in loras)
 
 
 def a1111_parameters(meta: dict[str, Any]) -> str:
-    """The A1111 "parameters" text: prompt, optional negative prompt line, then key: value pairs."""
-    lines = [str(meta.get("prompt", ""))]
+    """The A1111 "parameters" text: prompt (with its LoRA tags, as A1111 writes them), optional
+    negative prompt line, then key: value pairs."""
+    found = meta.get("loras")
+    loras: list[dict[str, Any]] = found if isinstance(found, list) else []
+    prompt = str(meta.get("prompt", ""))
+    lines = [f"{prompt} {lora_tags(loras)}" if loras else prompt]
     if meta.get("negative_prompt"):
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
     fields: list[tuple[str, Any]] = [
@@ -60,10 +77,19 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         ("Size", f"{meta.get('width')}x{meta.get('height')}"),
         ("Model", meta.get("model")),
         ("Backend", meta.get("backend")),
+        ("Lora hashes", _lora_hashes(loras)),
         ("Version", f"imagegen {meta.get('version')}" if meta.get("version") else None),
     ]
-    lines.append(", ".join(f"{key}: {_clean(value)}" for key, value in fields if value is not None))
+    # Lora hashes is quoted (its commas stay, as A1111 writes it); LoRA names hold no quote or newline.
+    cleaned = [(key, value if key == "Lora hashes" else _clean(value)) for key, value in fields if value is not None]
+    lines.append(", ".join(f"{key}: {value}" for key, value in cleaned))
     return "\n".join(lines)
+
+
+def _lora_hashes(loras: list[dict[str, Any]]) -> str | None:
+    """A1111's `Lora hashes: "name: 12 hex, ..."` (quoted: it holds commas)."""
+    pairs = [f"{lora.get('name')}: {str(lora['sha256'])[:12]}" for lora in loras if lora.get("sha256")]
+    return '"' + ", ".join(pairs) + '"' if pairs else None
 
 
 def _clean(value: Any) -> str:

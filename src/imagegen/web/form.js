@@ -44,8 +44,9 @@ export function withServiceLimits(caps, limits) {
 }
 
 export class GenerateForm {
-  constructor(form, { onSubmit }) {
+  constructor(form, { onSubmit, loras = null }) {
     this.form = form;
+    this.loras = loras;  // the LoRA picker (loras.js), told the backend and model chosen
     this.backends = new Map();
     this.selected = null;
     this.lastSeed = null;
@@ -67,12 +68,14 @@ export class GenerateForm {
     }
     $("#backend-list", form).addEventListener("change", () => this.applyBackend());
     $("#size", form).addEventListener("change", () => this.applySize());
+    $("#model", form).addEventListener("change", () => this.applyLoras());
     $("#seed-random", form).addEventListener("click", () => { $("#seed", form).value = ""; $("#seed", form).focus(); });
     $("#seed-reuse", form).addEventListener("click", () => this.useSeed(this.lastSeed));
   }
 
   setLimits(limits) {
     this.limits = limits;
+    this.loras?.setLimit(limits.max_loras);
     this.maxImages = limits.max_images;
     $("#num-images", this.form).max = String(limits.max_images);
     for (const box of this.form.querySelectorAll("textarea")) box.maxLength = limits.max_prompt_chars;
@@ -163,6 +166,13 @@ export class GenerateForm {
     if (caps.output_formats.includes(current)) formats.value = current;
 
     $("#num-images", this.form).max = String(Math.min(this.maxImages, 64));
+    this.applyLoras();
+  }
+
+  applyLoras() {
+    if (!this.loras || !this.caps) return;
+    const model = this.caps.models.length > 1 ? $("#model", this.form).value : this.caps.models[0];
+    this.loras.setTarget(this.selected, model, Boolean(this.caps.supports_loras));
   }
 
   applySize() {
@@ -220,6 +230,8 @@ export class GenerateForm {
     if (caps.supports_guidance && value("#guidance")) body.guidance_scale = Number(value("#guidance"));
     if (caps.schedulers.length) body.scheduler = value("#scheduler");
     if (caps.supports_seed && value("#seed")) body.seed = Math.min(Number(value("#seed")), SEED_MAX);
+    const loras = caps.supports_loras && this.loras ? this.loras.value() : [];
+    if (loras.length) body.loras = loras;
     return body;
   }
 

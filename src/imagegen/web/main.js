@@ -6,6 +6,7 @@ import { $, announce } from "./dom.js";
 import { GenerateForm } from "./form.js";
 import { Gallery } from "./gallery.js";
 import { JobList } from "./jobs.js";
+import { LoraPicker } from "./loras.js";
 import { QueueView } from "./queue.js";
 import { BlobUrls } from "./results.js";
 
@@ -13,7 +14,8 @@ const BACKENDS_POLL_MS = 10_000;
 let backendsTimer = null;
 let started = false;
 
-const form = new GenerateForm($("#generate-form"), { onSubmit: submit });
+const loras = new LoraPicker($("#lora-field"));
+const form = new GenerateForm($("#generate-form"), { onSubmit: submit, loras });
 const reuseSeed = (seed) => { form.useSeed(seed); announce(`Seed ${seed} will be used for the next generation`); };
 const gallery = new Gallery($("#gallery"), { onReuseSeed: reuseSeed });
 const queue = new QueueView($("#queue"), { onChange: showQueueCounts });
@@ -76,6 +78,7 @@ async function start() {
   try {
     const info = await api("info");
     form.setLimits(info.limits);
+    await loras.load();
     await loadBackends();
   } catch (error) {
     if (error.status !== 401) {

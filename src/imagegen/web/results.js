@@ -13,6 +13,7 @@ function parameterList(job, image) {
     ["Guidance", p.guidance_scale ?? "—"],
     ["Scheduler", p.scheduler ?? "—"],
     ["Backend", `${job.backend} · ${job.model}`],
+    ...(p.loras?.length ? [["LoRAs", p.loras.map((lora) => `${lora.name} ${lora.weight}`).join(", ")]] : []),
     ["Format", p.output_format],
   ];
   return h("dl", { class: "params" }, rows.map(([name, value]) => [h("dt", {}, name), h("dd", {}, String(value))]));

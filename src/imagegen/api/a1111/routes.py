@@ -33,6 +33,7 @@ from imagegen.api.deps import ServicesDep
 from imagegen.api.sync_jobs import raise_for_job, renamed, run_job
 from imagegen.engine.jobs import JobStatus
 from imagegen.errors import BackendNotConfiguredError, ConflictError, InvalidParameterError, NotFoundError
+from imagegen.storage.loras import SUFFIX
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], responses=A1111_ERRORS)
 
@@ -161,9 +162,24 @@ async def sd_vae() -> list[dict[str, Any]]:
 
 
 @router.get("/loras")
-async def loras() -> list[dict[str, Any]]:
-    """None."""
-    return []
+async def loras(services: ServicesDep) -> list[dict[str, Any]]:
+    """The LoRAs in SD_LORA_DIR as A1111 lists them: `name` is what `<lora:name:weight>` takes; `path`
+    is the file's name (never a server path); `metadata` the file's own (training) metadata."""
+    catalog = services.registry.loras
+    if catalog is None:
+        return []
+    entries = await asyncio.to_thread(catalog.list)
+    return [
+        {"name": entry.name, "alias": entry.name, "path": entry.name + SUFFIX, "metadata": entry.header.metadata}
+        for entry in entries
+    ]
+
+
+@router.post("/refresh-loras")
+async def refresh_loras(services: ServicesDep) -> None:
+    """Look at SD_LORA_DIR again (new, changed and removed files). Answers null, as A1111 does."""
+    if services.registry.loras is not None:
+        services.registry.loras.refresh()
 
 
 @router.get("/prompt-styles")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen.api import model_catalog
+from imagegen.api.a1111 import extra_networks
 from imagegen.api.a1111.samplers import to_scheduler
 from imagegen.api.dialects import Dialect, documented_errors
 from imagegen.api.translation import RequestDefaults, Target
@@ -101,6 +102,7 @@ class A1111Txt2ImgRequest(BaseModel):
         }
         names = [name for name, wanted in asked.items() if wanted]
         names += [f"override_settings.{key}" for key in (self.override_settings or {}) if key != "sd_model_checkpoint"]
+        names += [f"extra_networks.{kind}" for kind in extra_networks.parse(self.prompt or "").ignored_types]
         return names
 
     # -- translation (api/translation.py) ---------------------------------------------------------
@@ -121,8 +123,11 @@ class A1111Txt2ImgRequest(BaseModel):
             raise InvalidParameterError(
                 f"batch_size x n_iter must be at most {defaults.max_images} (SD_MAX_IMAGES)", param="batch_size"
             )
+        # <lora:name:weight> tags become the request's LoRAs and leave the text the model sees.
+        prompt = extra_networks.parse(self.prompt or "")
         return GenerationParams(
-            prompt=self.prompt or "",
+            prompt=prompt.text,
+            loras=prompt.loras,
             negative_prompt=self.negative_prompt or None,
             width=self.width,
             height=self.height,

@@ -48,8 +48,9 @@ def plan(body: A1111Txt2ImgRequest, registry: BackendRegistry, settings: Setting
     return Plan(body.to_params(defaults), defaults.backend, body.ignored(defaults))
 
 
-def _infotext(job: Job, seed: int, sampler: tuple[str, str] | None) -> str:
+def _infotext(job: Job, image: StoredImage, sampler: tuple[str, str] | None) -> str:
     request = job.request
+    seed = image.seed
     label = None
     if sampler is not None:
         # The pre-1.9 combined form ("DPM++ 2M Karras"), which every infotext parser reads.
@@ -67,8 +68,23 @@ def _infotext(job: Job, seed: int, sampler: tuple[str, str] | None) -> str:
             "model": request.model,
             "backend": request.backend,
             "version": __version__,
+            "loras": _loras_of(image),
         }
     )
+
+
+def _loras_of(image: StoredImage) -> list[dict[str, Any]]:
+    """The LoRAs the backend applied to this image (name, weight, sha256)."""
+    loras = image.info.get("loras")
+    return loras if isinstance(loras, list) else []
+
+
+def _extra_params(sampler: tuple[str, str] | None, image: StoredImage | None) -> dict[str, Any]:
+    extra: dict[str, Any] = {"Schedule type": sampler[1]} if sampler else {}
+    loras = _loras_of(image) if image is not None else []
+    if loras:
+        extra["Lora hashes"] = ", ".join(f"{lora['name']}: {str(lora.get('sha256', ''))[:12]}" for lora in loras)
+    return extra
 
 
 def response_body(body: A1111Txt2ImgRequest, job: Job, plan_: Plan, outputs: OutputStore) -> dict[str, Any]:
@@ -116,9 +132,9 @@ def response_body(body: A1111Txt2ImgRequest, job: Job, plan_: Plan, outputs: Out
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": 0,
-        "extra_generation_params": {"Schedule type": sampler[1]} if sampler else {},
+        "extra_generation_params": _extra_params(sampler, delivered[0][0] if delivered else None),
         "index_of_first_image": 0,
-        "infotexts": [_infotext(job, seed, sampler) for seed in seeds],
+        "infotexts": [_infotext(job, image, sampler) for image, _ in delivered],
         "styles": [],
         "job_timestamp": datetime.fromtimestamp(job.created_at, UTC).strftime("%Y%m%d%H%M%S"),
         "clip_skip": 1,

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imagegen import metrics
 from imagegen.backends.base import Availability, BackendHealth, BackendState, ImageBackend, RunContext
@@ -28,7 +28,11 @@ from imagegen.errors import (
     OutOfMemoryError,
     ServiceError,
 )
-from imagegen.generation import GeneratedImage, GenerationRequest
+from imagegen.generation import GeneratedImage, GenerationRequest, LoraWeight
+from imagegen.storage.loras import LoraCatalog
+
+if TYPE_CHECKING:
+    from imagegen.backends.local.loras import AdapterSet
 
 log = logging.getLogger("imagegen.backends")
 
@@ -58,6 +62,9 @@ class LoadedPipeline:
         self.dtype = dtype
         self.safety = safety
         self.details = details
+        #: The LoRA adapters loaded into this pipeline (backends/local/loras.py), made on first use;
+        #: they go when the pipeline goes.
+        self.adapters: AdapterSet | None = None
 
 
 _device_executor: ThreadPoolExecutor | None = None
@@ -297,6 +304,8 @@ class LocalPipelineBackend(ImageBackend):
         if loaded is not None:
             # Everything the load decided, but the scheduler's config (internal, large).
             details.update((key, value) for key, value in loaded.details.items() if key != "scheduler_config")
+            if loaded.adapters is not None:
+                details["loras"] = loaded.adapters.describe()
         if self.device_manager is not None:
             details["residency"] = self.device_manager.describe()
         if self._last_unload is not None:
@@ -344,6 +353,8 @@ class LocalPipelineBackend(ImageBackend):
             loaded = self.ensure_loaded()
             ctx.check()
             try:
+                # A batch shares one set of LoRAs (the batch key has it): every image gets them.
+                applied = self._activate_loras(loaded, batch[0].loras)
                 images = self.run_pipeline(loaded, batch, ctx)
                 flags = self._check_images(loaded, images)
             except ServiceError:
@@ -370,7 +381,22 @@ class LocalPipelineBackend(ImageBackend):
                 raise GenerationFailedError("the pipeline failed to generate an image") from None
             finally:
                 self._last_used = time.monotonic()  # idle time counts from the end of the last call
-        return self._split(batch, images, flags)
+        return self._split(batch, images, flags, {"loras": applied} if applied else {})
+
+    def _activate_loras(self, loaded: LoadedPipeline, loras: Sequence[LoraWeight]) -> list[dict[str, Any]]:
+        """Put exactly these LoRAs on the pipeline (none: the base model); what was applied."""
+        if loaded.adapters is None:
+            if not loras:
+                return []  # never had an adapter: nothing to switch off
+            from imagegen.backends.local.loras import AdapterSet
+
+            loaded.adapters = AdapterSet(
+                loaded.pipe,
+                self.lora_catalog or LoraCatalog(self.settings.lora_folder),
+                self.settings.max_loaded_loras,
+                f"model '{self.model_id}' on backend '{self.id}'",
+            )
+        return loaded.adapters.activate(loras)
 
     def _check_images(self, loaded: LoadedPipeline, images: Any) -> list[bool]:
         import numpy as np
@@ -383,7 +409,9 @@ class LocalPipelineBackend(ImageBackend):
             return [False] * len(images)
         return [bool(flag) for flag in loaded.safety.check(images)]
 
-    def _split(self, batch: list[GenerationRequest], images: Any, flags: list[bool]) -> list[list[GeneratedImage]]:
+    def _split(
+        self, batch: list[GenerationRequest], images: Any, flags: list[bool], info: dict[str, Any]
+    ) -> list[list[GeneratedImage]]:
         from PIL import Image
 
         results: list[list[GeneratedImage]] = []
@@ -398,7 +426,7 @@ class LocalPipelineBackend(ImageBackend):
                     if int(array.max()) == 0:
                         raise GenerationFailedError("the model produced an all-black image")
                     pixels = Image.fromarray(array)
-                items.append(GeneratedImage(seed=seed, image=pixels, nsfw=nsfw))
+                items.append(GeneratedImage(seed=seed, image=pixels, nsfw=nsfw, info=dict(info)))
                 index += 1
             results.append(items)
         return results

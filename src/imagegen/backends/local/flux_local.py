@@ -17,6 +17,7 @@ from imagegen.backends.local.base import LoadedPipeline, LocalPipelineBackend
 from imagegen.config import Backend, Settings
 from imagegen.errors import BackendUnavailableError
 from imagegen.generation import GenerationRequest
+from imagegen.storage.lora_format import LoraFamily
 
 KLEIN = "Flux2KleinPipeline"
 FLUX1 = "FluxPipeline"
@@ -165,8 +166,13 @@ class FluxLocalBackend(LocalPipelineBackend):
             default_guidance=profile.default_guidance,
             schedulers=(),
             default_scheduler=None,
+            supports_loras=True,
             notes=tuple(notes),
         )
+
+    def lora_family(self, model: str) -> LoraFamily:
+        """flux2 (klein) or flux1, from the model's pipeline class."""
+        return LoraFamily("flux2" if self.profile().pipeline_class == KLEIN else "flux1")
 
     def info(self) -> dict[str, Any]:
         profile = self.profile()

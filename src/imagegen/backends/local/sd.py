@@ -11,6 +11,10 @@ from imagegen.backends.local.base import LoadedPipeline, LocalPipelineBackend
 from imagegen.backends.local.schedulers import SCHEDULER_NAMES, make_scheduler
 from imagegen.config import Backend, Settings
 from imagegen.generation import GenerationRequest
+from imagegen.storage.lora_format import LoraFamily
+
+#: The UNet cross-attention width of the built-in models (what their LoRAs must have been trained on).
+_BUILTIN_CROSS_ATTENTION = {tiny_models.TINY_SD: 32, tiny_models.TINY_SDXL: 64}
 
 
 def _family_of(class_name: str | None, model_id: str) -> str:
@@ -76,7 +80,36 @@ class StableDiffusionBackend(LocalPipelineBackend):
             default_guidance=7.5 if family == "sd" else 5.0,
             schedulers=SCHEDULER_NAMES,
             default_scheduler="default",
+            supports_loras=True,
         )
+
+    def lora_family(self, model: str) -> LoraFamily:
+        """sd or sdxl, with the UNet's cross-attention width (768 SD 1.x, 1024 SD 2.x, 2048 SDXL)
+        from the loaded model or its config on disk; never loads or downloads anything."""
+        loaded = self._loaded
+        if loaded is not None and self.model_id == model:
+            details = loaded.details
+        else:
+            details = self._peek_config(model)
+            if not tiny_models.is_builtin(model):
+                details = {**details, **self._unet_config(model)}
+        width = details.get("cross_attention_dim", _BUILTIN_CROSS_ATTENTION.get(model))
+        return LoraFamily(_family_of(details.get("pipeline_class"), model), width if isinstance(width, int) else None)
+
+    def _unet_config(self, model: str) -> dict[str, Any]:
+        from imagegen.backends.local.support import model_source
+        from imagegen.errors import BackendUnavailableError
+
+        try:
+            source = model_source(model, self.settings)
+        except BackendUnavailableError:
+            return {}
+        index = source.model_index() or {}
+        unet = source.read_json("unet/config.json") or {}
+        found: dict[str, Any] = {"cross_attention_dim": unet.get("cross_attention_dim")}
+        if index.get("_class_name"):
+            found["pipeline_class"] = index["_class_name"]
+        return found
 
     def info(self) -> dict[str, Any]:
         loaded = self._loaded
@@ -123,6 +156,7 @@ class StableDiffusionBackend(LocalPipelineBackend):
             "safety_checker": safety.source if safety is not None else None,
             "scheduler_config": dict(pipe.scheduler.config),
             "scheduler_class": type(pipe.scheduler).__name__,
+            "cross_attention_dim": pipe.unet.config.cross_attention_dim,
         }
         return LoadedPipeline(pipe, device, dtype, safety, details)
 
