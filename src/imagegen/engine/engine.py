@@ -425,7 +425,7 @@ class JobEngine:
             job.started_at = started
             job.attempts += 1
             job.step = 0
-            job.total_steps = job.request.steps or 0
+            job.total_steps = job.request.denoising_steps or 0
             self.store.update(job)
             self.events.publish(job.id, "running", {"status": "running", "batch_size": len(batch)})
         log.info(

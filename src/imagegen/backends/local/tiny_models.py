@@ -134,10 +134,14 @@ def _tiny_vae():  # type: ignore[no-untyped-def]
     )
 
 
-def build_tiny_sd(target: Path, *, with_safety_checker: bool = True, flag_all: bool = False) -> None:
-    """An SD 1.x-style pipeline (StableDiffusionPipeline with its own safety checker)."""
+def build_tiny_sd(
+    target: Path, *, with_safety_checker: bool = True, flag_all: bool = False, inpainting: bool = False
+) -> None:
+    """An SD 1.x-style pipeline (StableDiffusionPipeline with its own safety checker). `inpainting`:
+    an inpainting checkpoint instead (a 9-channel UNet: latents, masked-image latents and the mask,
+    saved as a StableDiffusionInpaintPipeline, as such checkpoints are)."""
     import torch
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(0)
@@ -147,7 +151,7 @@ def build_tiny_sd(target: Path, *, with_safety_checker: bool = True, flag_all: b
         block_out_channels=(4, 8),
         layers_per_block=1,
         sample_size=32,
-        in_channels=4,
+        in_channels=9 if inpainting else 4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -155,7 +159,8 @@ def build_tiny_sd(target: Path, *, with_safety_checker: bool = True, flag_all: b
         norm_num_groups=2,
     )
     checker, processor = _safety_checker(flag_all) if with_safety_checker else (None, None)
-    pipe = StableDiffusionPipeline(
+    pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    pipe = pipeline_class(
         vae=_tiny_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
