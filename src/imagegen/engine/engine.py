@@ -328,6 +328,15 @@ class JobEngine:
             raise NotFoundError("no such job")
         return stored
 
+    def inputs_in_use(self) -> set[str]:
+        """The content hashes of the input images unfinished jobs refer to (input retention keeps them)."""
+        found: set[str] = set()
+        for job in self._active.values():
+            found.update(image.sha256 for image in job.request.images)
+            if job.request.mask is not None:
+                found.add(job.request.mask.sha256)
+        return found
+
     def queue_position(self, job: Job) -> int | None:
         if job.status is not JobStatus.QUEUED or job.id not in self._active:
             return None

@@ -15,7 +15,6 @@ Pure Pillow: no torch, no I/O beyond the bytes given.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import io
@@ -59,8 +58,9 @@ def decode_base64(text: str, *, param: str) -> bytes:
         raise InvalidParameterError(f"{param} is empty", param=param)
     compact = "".join(value.split())
     try:
-        # Padding is optional in what some clients send; validate=True refuses other characters.
-        return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+        # Padding is optional in what some clients send; strict mode refuses other characters and
+        # data after the padding (two images pasted together are not one image).
+        return binascii.a2b_base64(compact + "=" * (-len(compact) % 4), strict_mode=True)
     except (binascii.Error, ValueError):
         raise InvalidParameterError(f"{param} is not valid base64", param=param) from None
 
