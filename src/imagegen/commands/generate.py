@@ -33,7 +33,7 @@ def _fail(message: str, code: int = 1) -> int:
 
 def output_format(args: argparse.Namespace) -> str:
     if args.format:
-        return args.format
+        return str(args.format)
     if args.out:
         suffix = Path(args.out).suffix.lower()
         if suffix not in FORMAT_BY_SUFFIX:
@@ -42,9 +42,27 @@ def output_format(args: argparse.Namespace) -> str:
     return "png"
 
 
+def input_files(args: argparse.Namespace) -> tuple[list[tuple[str, bytes]], tuple[str, bytes] | None]:
+    """(field, bytes) of every --image, and of --mask; a file that cannot be read is a ValueError."""
+
+    def read(path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as error:
+            raise ValueError(f"cannot read {path}: {error.strerror}") from None
+
+    images = [(f"images[{index}]", read(path)) for index, path in enumerate(getattr(args, "image", None) or [])]
+    mask = getattr(args, "mask", None)
+    if mask and not images:
+        raise ValueError("--mask needs the --image it applies to")
+    return images, (("mask", read(mask)) if mask else None)
+
+
 def request_body(args: argparse.Namespace) -> dict[str, Any]:
     """The native API's request body (the in-process path builds the same GenerationParams from it)."""
     body: dict[str, Any] = {"prompt": args.prompt, "output_format": output_format(args), "num_images": args.num_images}
+    if getattr(args, "strength", None) is not None:
+        body["strength"] = args.strength
     optional = {
         "negative_prompt": args.negative_prompt,
         "seed": args.seed,
@@ -69,9 +87,16 @@ def destination(out: str | None, index: int, server_name: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     try:
         body = request_body(args)
+        images, mask = input_files(args)
     except ValueError as error:
         return _fail(str(error), 2)
     if args.url:
+        import base64
+
+        if images:
+            body["images"] = [base64.b64encode(data).decode("ascii") for _, data in images]
+        if mask is not None:
+            body["mask"] = base64.b64encode(mask[1]).decode("ascii")
         return _remote(args, body)
     import asyncio
 
@@ -81,13 +106,21 @@ def run(args: argparse.Namespace) -> int:
         settings = load_settings()
     except SettingsError as error:
         return _fail(str(error), 2)
-    return asyncio.run(_in_process(args, body, settings))
+    return asyncio.run(_in_process(args, body, settings, images, mask))
 
 
 # -- in this process --------------------------------------------------------------------------------
 
 
-async def _in_process(args: argparse.Namespace, body: dict[str, Any], settings: Any) -> int:
+async def _in_process(
+    args: argparse.Namespace,
+    body: dict[str, Any],
+    settings: Any,
+    images: list[tuple[str, bytes]],
+    mask: tuple[str, bytes] | None,
+) -> int:
+    import asyncio
+
     from imagegen.backends.base import BackendState
     from imagegen.engine.jobs import JobStatus
     from imagegen.engine.store import SQLiteJobStore
@@ -115,6 +148,18 @@ async def _in_process(args: argparse.Namespace, body: dict[str, Any], settings: 
         if backend.health().state is BackendState.LOADING:
             bar.note(f"loading {backend.health().model} (first use: a download may take minutes)")
         params = GenerationParams(**{key: value for key, value in body.items() if key != "backend"})
+        if images:
+            # Decoded and stored as the service does it (api/uploads.py): the same checks, the same store.
+            from imagegen.api import uploads
+
+            stored = await asyncio.to_thread(
+                uploads.prepare,
+                services.inputs,
+                settings,
+                [uploads.Upload(name, data) for name, data in images],
+                None if mask is None else uploads.Upload(*mask),
+            )
+            params = params.model_copy(update={"images": stored.images, "mask": stored.mask})
         job = await engine.submit(params, backend.id)
         queue = events.subscribe(job.id)  # before the first await: no event of this job is missed
         while True:
@@ -212,8 +257,8 @@ def _remote(args: argparse.Namespace, body: dict[str, Any]) -> int:
             return _fail(f"lost the connection to {base} while job {job_id} ran: {type(error).__name__}", 1)
         bar.close()
         if job.get("status") != "succeeded":
-            error = job.get("error") or {}
-            return _fail(f"job {job_id} {job.get('status')}: {error.get('type')}: {error.get('message')}")
+            failure = job.get("error") or {}
+            return _fail(f"job {job_id} {job.get('status')}: {failure.get('type')}: {failure.get('message')}")
         written = 0
         for index, image in enumerate((job.get("result") or {}).get("images", [])):
             if image.get("nsfw") or not image.get("filename"):
@@ -241,7 +286,7 @@ def _follow(client: Any, job_id: str, bar: ProgressBar) -> dict[str, Any]:
                 elif line.startswith("data:"):
                     data.append(line[5:].lstrip())
                 elif line == "" and data:
-                    payload = json.loads("\n".join(data))
+                    payload: dict[str, Any] = json.loads("\n".join(data))
                     if event in FINAL:
                         return payload
                     if event == "progress":
@@ -253,7 +298,7 @@ def _follow(client: Any, job_id: str, bar: ProgressBar) -> dict[str, Any]:
     while True:
         response = client.get(f"/api/jobs/{job_id}", params={"include_images": "false"})
         response.raise_for_status()
-        job = response.json()
+        job: dict[str, Any] = response.json()
         if job["status"] in FINAL:
             return job
         progress = job.get("progress") or {}
