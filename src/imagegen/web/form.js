@@ -44,8 +44,9 @@ export function withServiceLimits(caps, limits) {
 }
 
 export class GenerateForm {
-  constructor(form, { onSubmit }) {
+  constructor(form, { onSubmit, editor = null }) {
     this.form = form;
+    this.editor = editor;  // the edit mode (edit.js): images, mask, strength
     this.backends = new Map();
     this.selected = null;
     this.lastSeed = null;
@@ -163,6 +164,7 @@ export class GenerateForm {
     if (caps.output_formats.includes(current)) formats.value = current;
 
     $("#num-images", this.form).max = String(Math.min(this.maxImages, 64));
+    this.editor?.applyCaps(caps);
   }
 
   applySize() {
@@ -220,15 +222,21 @@ export class GenerateForm {
     if (caps.supports_guidance && value("#guidance")) body.guidance_scale = Number(value("#guidance"));
     if (caps.schedulers.length) body.scheduler = value("#scheduler");
     if (caps.supports_seed && value("#seed")) body.seed = Math.min(Number(value("#seed")), SEED_MAX);
+    if (this.editor?.hasImages) {
+      // The result takes the first image's size unless a custom size was chosen.
+      if ($("#size", this.form).value !== "custom") { delete body.width; delete body.height; }
+      Object.assign(body, this.editor.bodyFields());
+    }
     return body;
   }
 
   // A 422 names the parameter: point at its field.
   markInvalid(param) {
     const ids = { width: "#width", height: "#height", steps: "#steps", guidance_scale: "#guidance", seed: "#seed",
-      num_images: "#num-images", prompt: "#prompt", negative_prompt: "#negative-prompt", scheduler: "#scheduler" };
+      num_images: "#num-images", prompt: "#prompt", negative_prompt: "#negative-prompt", scheduler: "#scheduler",
+      strength: "#strength", images: "#drop-zone", mask: "#mask-canvas" };
     for (const field of this.form.querySelectorAll("[aria-invalid]")) field.removeAttribute("aria-invalid");
-    const id = ids[param];
+    const id = ids[param] || (param && param.startsWith("images[") ? "#drop-zone" : undefined);
     if (!id) return;
     if (id === "#width" || id === "#height") {
       $("#size", this.form).value = "custom";

@@ -3,6 +3,7 @@
 
 import { api, apiKey, onUnauthorized, pageConfig } from "./api.js";
 import { $, announce } from "./dom.js";
+import { EditPanel } from "./edit.js";
 import { GenerateForm } from "./form.js";
 import { Gallery } from "./gallery.js";
 import { JobList } from "./jobs.js";
@@ -13,13 +14,15 @@ const BACKENDS_POLL_MS = 10_000;
 let backendsTimer = null;
 let started = false;
 
-const form = new GenerateForm($("#generate-form"), { onSubmit: submit });
+const editor = new EditPanel($("#edit"));
+const form = new GenerateForm($("#generate-form"), { onSubmit: submit, editor });
 const reuseSeed = (seed) => { form.useSeed(seed); announce(`Seed ${seed} will be used for the next generation`); };
 const gallery = new Gallery($("#gallery"), { onReuseSeed: reuseSeed });
 const queue = new QueueView($("#queue"), { onChange: showQueueCounts });
 const jobs = new JobList($("#jobs"), {
   blobs: new BlobUrls(),
   onReuseSeed: reuseSeed,
+  onUseAsInput: (filename) => editor.useResult(filename).catch((error) => announce(`Could not use it: ${error.message}`)),
   onFinished(job) {
     $("#results-empty").hidden = true;
     const seeds = job.parameters?.seeds;
