@@ -15,8 +15,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from tests.storage.test_image_decoding import png_bomb
-from tests.support.editing import b64, data_url, gradient, half_mask, png_bytes
+from tests.support.editing import b64, data_url, gradient, half_mask, png_bomb, png_bytes
 
 
 def decoded(item: dict[str, Any]) -> Image.Image:

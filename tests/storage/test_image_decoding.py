@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
 import tracemalloc
-import zlib
 
 import pytest
 from PIL import Image
@@ -25,6 +23,7 @@ from imagegen.storage.image_decoding import (
     sniff,
     transparency_mask,
 )
+from tests.support.editing import png_bomb
 
 LIMIT = 4096 * 4096
 
@@ -33,19 +32,6 @@ def encode(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
-
-
-def png_bomb(width: int, height: int) -> bytes:
-    """A valid PNG header claiming width x height, with one tiny compressed row of data: the classic
-    decompression bomb shape (a few hundred bytes that would decode to gigabytes)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
 
 
 def test_formats_are_sniffed_from_the_bytes_not_the_name() -> None:

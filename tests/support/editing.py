@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,3 +82,16 @@ def resolve(backend: ImageBackend, **params: Any) -> GenerationRequest:
     params.setdefault("prompt", "a red fox")
     params.setdefault("seed", 7)
     return backend.resolve(GenerationParams(**params))
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height, with one tiny compressed row of data: the classic
+    decompression bomb shape (a few hundred bytes that would decode to gigabytes)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )

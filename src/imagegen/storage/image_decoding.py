@@ -130,10 +130,9 @@ def decode_image(data: bytes, *, param: str, max_pixels: int) -> DecodedImage:
         try:
             image.seek(0)  # an animated image: its first frame
             image.load()  # decodes every pixel; truncated or corrupt data raises here
-            upright = ImageOps.exif_transpose(image)
-            result = _normalized(upright if upright is not None else image)
-            if result is image:
-                result = image.copy()  # detached from the file object closed below
+            # In place: no second copy of the pixels (a 4096x4096 upload is 48 MiB already).
+            ImageOps.exif_transpose(image, in_place=True)
+            result = _normalized(image)
         # Pillow's decoders raise a wide range of errors on hostile data (zlib.error, struct.error,
         # IndexError, MemoryError...): every one of them means "not a valid image", never a 500.
         except Exception:  # noqa: BLE001 - see the comment above
