@@ -397,10 +397,14 @@ class JobEngine:
         return job
 
     # -- workers -------------------------------------------------------------------------------
+    def _halted(self) -> bool:
+        """Stopping or draining: no new batch starts (a method, read afresh after every await)."""
+        return self._stopping or self.draining
+
     async def _worker(self, lane: Lane) -> None:
-        while not (self._stopping or self.draining):
+        while not self._halted():
             await lane.wait()
-            if self._stopping or self.draining:
+            if self._halted():
                 return
             batch = lane.pop_batch(self._max_batch_images)
             if not batch:
@@ -523,7 +527,7 @@ class JobEngine:
                 )
                 self._finalize(job, JobStatus.FAILED, error=GenerationFailedError(message))
                 continue
-            if job.final:
+            if job.status.final:  # cancelled while its images were being written
                 continue
             queued_ms = round(((job.started_at or job.created_at) - job.created_at) * 1000, 1)
             timings = Timings(queued_ms=queued_ms, generation_ms=round(seconds * 1000, 1), batch_size=len(batch))

@@ -123,7 +123,8 @@ class FluxLocalBackend(LocalPipelineBackend):
     def profile(self) -> FluxProfile:
         loaded = self._loaded  # read once: the device manager may unload it from another thread
         if loaded is not None:
-            return loaded.details["profile"]
+            loaded_profile: FluxProfile = loaded.details["profile"]
+            return loaded_profile
         if self._peeked is not None:
             return self._peeked
         configs, on_disk = self._configs_on_disk()
