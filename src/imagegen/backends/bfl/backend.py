@@ -414,7 +414,7 @@ class FluxApiBackend(ImageBackend):
         for request in batch:
             shape.append(len(request.seeds))
             # Read, fit and encoded once per request, in a worker thread: every task sends the same.
-            encoded = await asyncio.to_thread(self.encode_inputs, request)
+            encoded = {} if request.mode == "txt2img" else await asyncio.to_thread(self.encode_inputs, request)
             for seed in request.seeds:
                 fractions.append(0.0)
                 jobs.append(self._one_image(request, seed, ctx, progress_of(len(fractions) - 1), encoded))
