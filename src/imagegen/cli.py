@@ -122,6 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply a LoRA from SD_LORA_DIR (weight 1 unless given); repeat for several",
     )
     generate.add_argument(
+        "--image",
+        action="append",
+        metavar="FILE",
+        help="an input image (PNG, JPEG, WebP): the init image of img2img/inpainting, or a reference image "
+        "of models that take them; repeat for several (docs/editing.md)",
+    )
+    generate.add_argument(
+        "--mask", metavar="FILE", help="inpainting mask, the size of the first --image: white = repaint"
+    )
+    generate.add_argument(
+        "--strength",
+        type=float,
+        help="how much of the init image is repainted, 0 < s <= 1 (default 0.75; 1.0 with --mask)",
+    )
+    generate.add_argument(
         "--out",
         help="file to write (.png/.jpg/.webp; more images: NAME-2.png...). Default: "
         "in-process, the stored file in SD_OUTPUT_DIR; remote, the server's name in this folder",

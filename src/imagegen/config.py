@@ -238,6 +238,24 @@ class Settings(BaseSettings):
     max_images: int = Field(8, ge=1, le=64, description="Most images one request may ask for.")
     max_prompt_chars: int = Field(2000, ge=1, le=100_000)
 
+    # --- image inputs (img2img, inpainting, references), checked before anything is decoded ------
+    max_upload_bytes: int = Field(
+        52_428_800,
+        ge=1024,
+        description="Largest request body on the routes that take images (/api/img2img, /api/jobs, "
+        "/sdapi/v1/img2img, /v1/images/edits); every other route keeps SD_MAX_BODY_BYTES.",
+    )
+    max_input_images: int = Field(
+        8, ge=1, le=16, description="Most images (init image or references) one request may carry, mask not counted."
+    )
+    max_input_pixels: int = Field(
+        4096 * 4096,
+        ge=64 * 64,
+        le=200_000_000,
+        description="Largest width x height of an uploaded image, read from its header before any pixel is decoded "
+        "(decompression bombs are refused at once).",
+    )
+
     # --- job engine ----------------------------------------------------------------------------
     data_dir: Path = Field(Path("./data"), description="Where the job database (SQLite, WAL) lives.")
     max_queue: int = Field(64, ge=1, le=100_000, description="Jobs allowed to wait; beyond it 429 with Retry-After.")

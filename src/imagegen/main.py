@@ -39,6 +39,10 @@ from imagegen.storage.outputs import OutputStore
 log = logging.getLogger("imagegen")
 
 PUBLIC_PATHS = ("/health", "/health/live")
+#: The routes that take images: their body limit is SD_MAX_UPLOAD_BYTES (the others keep SD_MAX_BODY_BYTES).
+UPLOAD_PATHS = ("/api/img2img", "/api/jobs", "/sdapi/v1/img2img", "/v1/images/edits")
+#: The one route that takes multipart bodies (the OpenAI SDK posts edits as a form).
+MULTIPART_PATHS = ("/v1/images/edits",)
 
 
 def _install_drain_on_signal(engine: JobEngine) -> list[tuple[int, Any]]:
@@ -144,7 +148,14 @@ def create_app(
     install_openapi(app, auth_required=settings.api_key is not None, public_paths=public)
 
     # Added innermost first: BodyGuard, then ApiKey, then CORS, then RequestContext (outermost).
-    app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyGuardMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        upload_bytes=settings.max_upload_bytes,
+        upload_paths=UPLOAD_PATHS,
+        multipart_paths=MULTIPART_PATHS,
+        allowed_origins=settings.cors_origins,
+    )
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), public_paths=public)
     if settings.cors_origins:

@@ -26,6 +26,7 @@ from imagegen.engine.jobs import Job
 from imagegen.engine.store import JobStore, SQLiteJobStore
 from imagegen.engine.webhooks import WebhookSender
 from imagegen.storage.disk_usage import DiskUsage
+from imagegen.storage.inputs import InputPruneTask, InputStore
 from imagegen.storage.outputs import OutputStore
 from imagegen.storage.retention import RetentionPolicy, RetentionTask
 
@@ -43,11 +44,16 @@ class Services:
     outputs: OutputStore
     events: JobEvents
     engine: JobEngine
+    #: uploaded images (init images, masks, references) by content hash, in SD_DATA_DIR/inputs
+    inputs: InputStore
     #: sizes of the model and output folders, measured in the background (for /info and /metrics)
     disk: DiskUsage | None = None
     webhooks: WebhookSender | None = None
     #: deletes old outputs at start-up and every SD_OUTPUT_PRUNE_INTERVAL seconds
     retention: RetentionTask | None = None
+    #: deletes input images no unfinished job refers to, at start-up (after the engine has recovered
+    #: its queue) and every SD_OUTPUT_PRUNE_INTERVAL seconds
+    input_retention: InputPruneTask | None = None
 
     async def start(self) -> None:
         """Backends (and the device manager they share) first, then the engine's lanes, then upkeep."""
@@ -55,6 +61,8 @@ class Services:
         await self.engine.start()
         if self.retention is not None:
             self.retention.start()
+        if self.input_retention is not None:
+            self.input_retention.start()
         if self.disk is not None:
             self.disk.refresh_in_background()
 
@@ -63,6 +71,8 @@ class Services:
         given), then close what holds connections, memory and files."""
         if self.retention is not None:
             await self.retention.stop()
+        if self.input_retention is not None:
+            await self.input_retention.stop()
         await self.engine.shutdown(self.settings.shutdown_grace if grace is None else grace)
         if self.webhooks is not None:
             await self.webhooks.close()
@@ -97,7 +107,8 @@ def build_services(
         webhooks = WebhookSender(settings, lambda job: body(job, outputs))
     engine = JobEngine(settings, registry, job_store, outputs, events, webhooks, on_final=observe_final_job)
     metrics.init_backends(registry.ids())
-    services = Services(settings, registry, job_store, outputs, events, engine, webhooks=webhooks)
+    inputs = InputStore(settings.data_dir)
+    services = Services(settings, registry, job_store, outputs, events, engine, inputs, webhooks=webhooks)
     if upkeep:
         disk = DiskUsage({"models": settings.model_dir, "outputs": outputs.root})
         services.disk = disk
@@ -107,4 +118,5 @@ def build_services(
             settings.output_prune_interval,
             after_pass=lambda report: disk.refresh_in_background() if report.removed else None,
         )
+        services.input_retention = InputPruneTask(inputs, engine.inputs_in_use, settings.output_prune_interval)
     return services

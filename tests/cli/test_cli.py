@@ -251,3 +251,45 @@ def test_prune_command(tmp_path: Path) -> None:
     nothing = run_cli("prune", cwd=tmp_path, **env)
     assert nothing.returncode == 0 and "nothing to prune" in nothing.stderr
     assert run_cli("prune", "--days", "0", cwd=tmp_path, **env).returncode == 2
+
+
+def test_generate_from_an_image_in_process(cli_models: Path, tmp_path: Path) -> None:
+    from tests.support.editing import gradient
+
+    gradient(48, 32).save(tmp_path / "in.jpg", quality=95)
+    env = {
+        "SD_MODEL_DIR": str(cli_models),
+        "SD_MODEL_ID": "tiny-sd",
+        "SD_OUTPUT_DIR": str(tmp_path / "outputs"),
+        "SD_DATA_DIR": str(tmp_path / "data"),
+    }
+    args = ("generate", "the same, in winter", "--image", "in.jpg", "--strength", "0.5", "--steps", "6")
+    result = run_cli(*args, "--seed", "3", "--out", "out.png", cwd=tmp_path, **env)
+    assert result.returncode == 0, result.stderr
+    assert "step 3/3" in result.stderr  # int(6 x 0.5) steps
+    with Image.open(tmp_path / "out.png") as image:
+        assert image.size == (48, 32)  # the input's size
+    meta = read_metadata(tmp_path / "out.png")["imagegen"]
+    assert meta["mode"] == "img2img" and meta["strength"] == 0.5 and len(meta["input_images"]) == 1
+    bad = run_cli("generate", "x", "--image", "missing.png", cwd=tmp_path, **env)
+    assert bad.returncode == 2 and "cannot read missing.png" in bad.stderr
+    (tmp_path / "notes.txt").write_text("not an image")
+    wrong = run_cli("generate", "x", "--image", "notes.txt", cwd=tmp_path, **env)
+    assert wrong.returncode == 2 and "PNG, JPEG or WebP" in wrong.stderr
+
+
+def test_generate_from_an_image_and_mask_against_a_server(serve: Callable[..., httpx.Client], tmp_path: Path) -> None:
+    from tests.support.editing import gradient, half_mask
+
+    client = serve(factories={"fake": lambda settings: FakeBackend(settings)}, default_backend="fake")
+    gradient(40, 24).save(tmp_path / "in.png")
+    half_mask(40, 24).save(tmp_path / "mask.png")
+    args = ("generate", "a door", "--image", "in.png", "--mask", "mask.png", "--url", str(client.base_url))
+    result = run_cli(*args, "--out", "door.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    job = client.get("/api/jobs", params={"limit": 1}).json()["jobs"][0]
+    assert job["parameters"]["mode"] == "inpaint" and job["parameters"]["strength"] == 1.0
+    with Image.open(tmp_path / "door.png") as image:
+        assert image.size == (40, 24)
+    no_image = run_cli("generate", "x", "--mask", "mask.png", "--url", str(client.base_url), cwd=tmp_path)
+    assert no_image.returncode == 2 and "--mask needs the --image" in no_image.stderr

@@ -120,6 +120,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         host="127.0.0.1",
         log_level="error",
         max_body_bytes=65536,
+        max_upload_bytes=65536,  # the image routes' own limit (SD_MAX_UPLOAD_BYTES), here as small
     )
     app = create_app(settings, backend_factories={"fake": factory}, default_backend="fake")
     with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
@@ -189,7 +190,7 @@ def test_symlink_leaving_the_output_folder_is_neither_served_nor_deleted(hostile
     assert all(item["name"] != "20261127-000000-bbbbbbbbbbbb.png" for item in listed.get("images", []))
 
 
-POST_ROUTES = ["/api/txt2img", "/api/jobs"]
+POST_ROUTES = ["/api/txt2img", "/api/jobs", "/api/img2img"]
 
 
 @pytest.mark.parametrize("path", POST_ROUTES)

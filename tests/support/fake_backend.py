@@ -10,6 +10,10 @@ the prompt inject behaviour, so a test (or a server in another process) needs no
   "crash"   raises an unexpected exception (a bug)
   "nsfw"    the image is flagged by the "safety checker"
   "fatal"   the backend breaks for good (a lost device): it raises and its health turns to error
+
+It does img2img and inpainting the way the real backends start them: the request's input images are
+read from the input store (SD_DATA_DIR/inputs), so a job whose inputs are gone fails as it would there;
+each image's info names the init image it was conditioned on (`conditioned_on`, its content hash).
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from typing import Any
 
 from PIL import Image
 
+from imagegen.backends import conditioning
 from imagegen.backends.base import BackendHealth, BackendState, Capabilities, ImageBackend, RunContext
 from imagegen.errors import BackendUnavailableError, GenerationFailedError, OutOfMemoryError
 from imagegen.generation import GeneratedImage, GenerationRequest
+from imagegen.storage.inputs import InputStore
 
 
 def expected_pixels(prompt: str, seed: int, width: int, height: int) -> Image.Image:
@@ -91,6 +97,7 @@ class FakeBackend(ImageBackend):
             max_batch=self.max_batch,
             schedulers=("default", "euler"),
             default_scheduler="default",
+            modes=("txt2img", "img2img", "inpaint"),
         )
 
     def health(self) -> BackendHealth:
@@ -128,7 +135,11 @@ class FakeBackend(ImageBackend):
             raise RuntimeError("fake backend bug")
         if "fail" in prompts:
             raise GenerationFailedError("fake generation failure")
-        steps = batch[0].steps or self.default_steps
+        info: dict[str, Any] = {}
+        if batch[0].mode != "txt2img":
+            await asyncio.to_thread(conditioning.load, InputStore(self.settings.data_dir), batch[0])
+            info["conditioned_on"] = batch[0].images[0].sha256
+        steps = batch[0].denoising_steps or self.default_steps
         delay = self.step_delay * (10 if "slow" in prompts else 1)
         if "hang" in prompts:
             assert self._release_hang is not None
@@ -143,6 +154,6 @@ class FakeBackend(ImageBackend):
             for seed in request.seeds:
                 nsfw = "nsfw" in request.prompt
                 pixels = None if nsfw else expected_pixels(request.prompt, seed, request.width, request.height)
-                images.append(GeneratedImage(seed=seed, image=pixels, nsfw=nsfw))
+                images.append(GeneratedImage(seed=seed, image=pixels, nsfw=nsfw, info=dict(info)))
             results.append(images)
         return results

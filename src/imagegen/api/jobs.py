@@ -13,6 +13,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from imagegen.api import presenters
 from imagegen.api.deps import ServicesDep, base_url, request_id
 from imagegen.api.dialects import Dialect, documented_errors
+from imagegen.api.generate import stored_inputs
 from imagegen.api.schemas import ErrorResponse, JobAccepted, JobCreateRequest, JobList, JobOut
 from imagegen.api.translation import defaults_for
 from imagegen.engine.jobs import Job, JobStatus
@@ -51,10 +52,12 @@ def _body(job: Job, services: Services, request: Request, *, include_b64: bool) 
     responses=documented_errors(Dialect.NATIVE, ErrorResponse, (400, 401, 413, 415, 422, 429, 503)),
 )
 async def create_job(body: JobCreateRequest, request: Request, services: ServicesDep) -> JSONResponse:
-    """Queue a generation and return at once (202) with links to its status and live events."""
+    """Queue a generation and return at once (202) with links to its status and live events. With
+    `images` (and `mask`, `strength`) it is an image-conditioned job, as on POST /api/img2img."""
     defaults = defaults_for(body, services.registry, services.settings)
+    inputs = await stored_inputs(body, services)
     job = await services.engine.submit(
-        body.to_params(defaults),
+        body.to_params(defaults, inputs=inputs),
         defaults.backend,
         priority=body.priority,
         callback_url=body.callback_url,

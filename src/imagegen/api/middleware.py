@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -227,50 +228,98 @@ class _BodyTooLarge(StarletteHTTPException):
     """Raised from `receive`: FastAPI re-raises HTTPExceptions from body reading, so the route's
     exception handlers render it in the envelope."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body larger than {limit} bytes (SD_MAX_BODY_BYTES)")
+    def __init__(self, limit: int, setting: str) -> None:
+        super().__init__(413, f"request body larger than {limit} bytes ({setting})")
+
+
+def _origin_host(origin: str) -> str | None:
+    parts = urlsplit(origin)
+    return parts.netloc.lower() if parts.scheme in ("http", "https") and parts.netloc else None
 
 
 class BodyGuardMiddleware:
-    """Refuses bodies over SD_MAX_BODY_BYTES (413, before parsing) and non-JSON bodies on state-changing
-    methods (415): a plain HTML form cannot post here, which closes the CSRF door."""
+    """Refuses bodies over the size limit (413, before parsing) and non-JSON bodies on state-changing
+    methods (415): a plain HTML form cannot post here, which closes the CSRF door.
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    The routes that take images (`upload_paths`) have their own limit, SD_MAX_UPLOAD_BYTES; every other
+    route keeps SD_MAX_BODY_BYTES. Multipart bodies are accepted on `multipart_paths` only (OpenAI's
+    /v1/images/edits, which its SDK posts as a form), and only when the request carries no Origin or
+    one of this service (its own host, or SD_CORS_ORIGINS): a cross-site HTML form, which a browser
+    would send with its cached Basic credentials, is refused (403)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        *,
+        upload_bytes: int | None = None,
+        upload_paths: Iterable[str] = (),
+        multipart_paths: Iterable[str] = (),
+        allowed_origins: Iterable[str] = (),
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.upload_bytes = upload_bytes if upload_bytes is not None else max_body_bytes
+        self.upload_paths = frozenset(upload_paths)
+        self.multipart_paths = frozenset(multipart_paths)
+        self.allowed_origins = frozenset(filter(None, (_origin_host(origin) for origin in allowed_origins)))
+
+    def _limit(self, path: str) -> tuple[int, str]:
+        if path in self.upload_paths:
+            return self.upload_bytes, "SD_MAX_UPLOAD_BYTES"
+        return self.max_body_bytes, "SD_MAX_BODY_BYTES"
+
+    def _same_site(self, scope: Scope) -> bool:
+        """No Origin (SDKs, curl, n8n) or an Origin of this service."""
+        origin = _header(scope, b"origin")
+        if origin is None:
+            return True
+        host = _origin_host(origin)
+        own = (_header(scope, b"host") or "").lower()
+        return host is not None and (host == own or host in self.allowed_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
+        path = scope["path"]
+        limit, setting = self._limit(path)
         length_header = _header(scope, b"content-length")
         chunked = _header(scope, b"transfer-encoding") is not None
         if length_header is not None:
             try:
                 length = int(length_header)
             except ValueError:
-                await send_error(send, 400, "invalid_request", "invalid Content-Length", path=scope["path"])
+                await send_error(send, 400, "invalid_request", "invalid Content-Length", path=path)
                 return
-            if length > self.max_body_bytes:
+            if length > limit:
                 await send_error(
-                    send,
-                    413,
-                    "payload_too_large",
-                    f"request body larger than {self.max_body_bytes} bytes (SD_MAX_BODY_BYTES)",
-                    path=scope["path"],
+                    send, 413, "payload_too_large", f"request body larger than {limit} bytes ({setting})", path=path
                 )
                 return
         else:
             length = 0
         if length > 0 or chunked:
             content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
-            if content_type != "application/json" and not content_type.endswith("+json"):
+            multipart = content_type == "multipart/form-data" and path in self.multipart_paths
+            if multipart and not self._same_site(scope):
+                await send_error(
+                    send,
+                    403,
+                    "permission_denied",
+                    "a form posted from another site is refused (Origin is not this service or SD_CORS_ORIGINS)",
+                    path=path,
+                )
+                return
+            if not multipart and content_type != "application/json" and not content_type.endswith("+json"):
+                accepted = "JSON or multipart/form-data" if path in self.multipart_paths else "JSON"
                 await send_error(
                     send,
                     415,
                     "unsupported_media_type",
-                    "the request body must be JSON (Content-Type: application/json)",
-                    path=scope["path"],
+                    f"the request body must be {accepted}"
+                    + ("" if path in self.multipart_paths else " (Content-Type: application/json)"),
+                    path=path,
                 )
                 return
 
@@ -282,8 +331,8 @@ class BodyGuardMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise _BodyTooLarge(self.max_body_bytes)
+                if received > limit:
+                    raise _BodyTooLarge(limit, setting)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -296,9 +345,5 @@ class BodyGuardMiddleware:
         except _BodyTooLarge:
             if not started["value"]:
                 await send_error(
-                    send,
-                    413,
-                    "payload_too_large",
-                    f"request body larger than {self.max_body_bytes} bytes (SD_MAX_BODY_BYTES)",
-                    path=scope["path"],
+                    send, 413, "payload_too_large", f"request body larger than {limit} bytes ({setting})", path=path
                 )

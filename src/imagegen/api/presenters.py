@@ -33,6 +33,11 @@ def parameters(job: Job) -> dict[str, Any]:
         "num_images": request.num_images,
         "output_format": request.output_format,
         "loras": [{"name": lora.name, "weight": lora.weight} for lora in request.loras],
+        "mode": request.mode,
+        "strength": request.strength,
+        # The stored inputs by content hash (never their pixels: a job body stays small).
+        "images": [image.model_dump() for image in request.images],
+        "mask": request.mask.model_dump() if request.mask is not None else None,
     }
 
 

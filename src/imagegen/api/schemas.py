@@ -13,8 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen.api.dialects import Dialect, documented_errors
 from imagegen.api.translation import RequestDefaults, Target
+from imagegen.api.uploads import StoredInputs
 from imagegen.config import OutputFormat
-from imagegen.generation import SEED_MAX, GenerationParams, LoraWeight
+from imagegen.generation import SEED_MAX, GenerationParams, LoraWeight, ResizeMode
 
 if TYPE_CHECKING:
     from imagegen.backends.registry import BackendRegistry
@@ -65,9 +66,20 @@ class Txt2ImgRequest(BaseModel):
     def target(self, registry: BackendRegistry) -> Target:
         return Target(registry.get(self.backend), self.model)
 
-    def to_params(self, defaults: RequestDefaults, *, output_format: OutputFormat | None = None) -> GenerationParams:
+    def image_params(self, inputs: StoredInputs | None) -> dict[str, Any]:
+        """The image-conditioning parameters (none for txt2img; see ImageInputFields)."""
+        return {}
+
+    def to_params(
+        self,
+        defaults: RequestDefaults,
+        *,
+        output_format: OutputFormat | None = None,
+        inputs: StoredInputs | None = None,
+    ) -> GenerationParams:
         """The native parameters as sent (the backend fills what is absent when it resolves them);
-        `output_format` overrides the body's (a raw image answer in the format Accept asks for)."""
+        `output_format` overrides the body's (a raw image answer in the format Accept asks for);
+        `inputs` are the request's images once stored (api/uploads.py)."""
         options: dict[str, Any] = {}
         if self.safety_tolerance is not None:
             options["safety_tolerance"] = self.safety_tolerance
@@ -85,10 +97,56 @@ class Txt2ImgRequest(BaseModel):
             model=defaults.model,
             loras=tuple(LoraWeight(name=lora.name, weight=lora.weight) for lora in self.loras or ()),
             backend_options=options,
+            **self.image_params(inputs),
         )
 
 
-class JobCreateRequest(Txt2ImgRequest):
+class ImageInputFields(BaseModel):
+    """The fields of an image-conditioned request (docs/editing.md): what each backend does with them
+    depends on the model (img2img, inpainting, reference editing; GET /api/backends lists its modes)."""
+
+    images: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Base64 or data: URLs (PNG, JPEG, WebP; never a URL to fetch): the init image, or the "
+        "reference images of models that take them. At most SD_MAX_INPUT_IMAGES.",
+    )
+    mask: str | None = Field(None, description="Base64 or data: URL, the size of images[0]: white = repaint.")
+    strength: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="How much of the init image is repainted (img2img 0.75, inpaint 1.0 by default); "
+        "the pipeline runs int(steps x strength) steps.",
+    )
+    resize_mode: ResizeMode = Field(
+        "resize", description="Fitting the init image to width x height: resize (stretch), crop, or fill (pad)."
+    )
+
+    def image_params(self, inputs: StoredInputs | None) -> dict[str, Any]:
+        params: dict[str, Any] = {"strength": self.strength, "resize_mode": self.resize_mode}
+        if inputs is not None:
+            params.update(images=inputs.images, mask=inputs.mask)
+        return params
+
+
+class Img2ImgRequest(ImageInputFields, Txt2ImgRequest):
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"prompt": "the same, in winter", "images": ["<base64>"], "strength": 0.6}]},
+    )
+
+    images: list[str] = Field(
+        min_length=1,
+        max_length=64,
+        description="Base64 or data: URLs (PNG, JPEG, WebP; never a URL to fetch): the init image, or the "
+        "reference images of models that take them. At most SD_MAX_INPUT_IMAGES.",
+    )
+
+
+class JobCreateRequest(ImageInputFields, Txt2ImgRequest):
     callback_url: str | None = Field(
         None, max_length=2048, description="POSTed the final job body, signed (X-Imagegen-Signature)."
     )
@@ -131,6 +189,12 @@ class LoraOut(BaseModel):
     weight: float
 
 
+class InputImageOut(BaseModel):
+    sha256: str
+    width: int
+    height: int
+
+
 class ParametersOut(BaseModel):
     prompt: str
     negative_prompt: str | None
@@ -144,6 +208,10 @@ class ParametersOut(BaseModel):
     num_images: int
     output_format: str
     loras: list[LoraOut] = Field(default_factory=list, description="The LoRAs applied, in order.")
+    mode: Literal["txt2img", "img2img", "inpaint", "edit"] = "txt2img"
+    strength: float | None = Field(None, description="img2img and inpaint: the share of the init image repainted.")
+    images: list[InputImageOut] = Field(default_factory=list, description="The input images, by content hash.")
+    mask: InputImageOut | None = None
 
 
 class Txt2ImgResponse(BaseModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import math
 import secrets
 import threading
 import time
@@ -25,9 +26,13 @@ from imagegen.errors import (
     require_between,
     require_pixels,
 )
-from imagegen.generation import SEED_MAX, GeneratedImage, GenerationParams, GenerationRequest, LoraWeight
+from imagegen.generation import SEED_MAX, GeneratedImage, GenerationParams, GenerationRequest, LoraWeight, Mode
 from imagegen.storage.lora_format import LoraFamily
 from imagegen.storage.loras import LoraCatalog
+
+#: The strength a request that sets none gets: img2img keeps a quarter of the init image (A1111's 0.75);
+#: inpainting repaints the masked area from noise (diffusers' default, 1.0).
+DEFAULT_STRENGTH: dict[str, float] = {"img2img": 0.75, "inpaint": 1.0}
 
 
 class BackendState(str, enum.Enum):
@@ -79,6 +84,11 @@ class Capabilities:
     supports_loras: bool = False
     output_formats: tuple[str, ...] = ("png", "jpeg", "webp")
     notes: tuple[str, ...] = ()
+    #: What the model does (generation.Mode): images without a mask mean "edit" (references) where
+    #: the model offers it, else "img2img"; a mask means "inpaint".
+    modes: tuple[Mode, ...] = ("txt2img",)
+    #: Most reference images in "edit" mode (img2img and inpaint take exactly one init image).
+    max_input_images: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -101,6 +111,8 @@ class Capabilities:
             "supports_loras": self.supports_loras,
             "output_formats": list(self.output_formats),
             "notes": list(self.notes),
+            "modes": list(self.modes),
+            "max_input_images": self.max_input_images,
         }
 
 
@@ -303,11 +315,18 @@ class ImageBackend(abc.ABC):
             ignored.append("negative_prompt")
             negative = None
 
-        width = caps.default_width if params.width is None else params.width
-        height = caps.default_height if params.height is None else params.height
+        mode = self.mode_for(params, caps, model)
         max_width = min(caps.max_width, settings.max_width)
         max_height = min(caps.max_height, settings.max_height)
         max_pixels = min(caps.max_pixels, settings.max_pixels)
+        default_width, default_height = caps.default_width, caps.default_height
+        if params.images:
+            # The output follows the first image (never silently the model's native size).
+            default_width, default_height = size_like(
+                params.images[0].width, params.images[0].height, caps, max_width, max_height, max_pixels
+            )
+        width = default_width if params.width is None else params.width
+        height = default_height if params.height is None else params.height
         for name, value, upper in (("width", width, max_width), ("height", height, max_height)):
             if value < caps.min_size:
                 raise InvalidParameterError(f"{name} must be at least {caps.min_size}", param=name)
@@ -348,6 +367,8 @@ class ImageBackend(abc.ABC):
         elif params.scheduler:
             ignored.append("scheduler")
 
+        strength = self.strength_for(params, mode, steps, ignored)
+
         require_between("num_images", params.num_images, 1, settings.max_images, context=" (SD_MAX_IMAGES)")
         if params.output_format not in caps.output_formats:
             raise InvalidParameterError(
@@ -376,4 +397,86 @@ class ImageBackend(abc.ABC):
             ignored=tuple(ignored),
             loras=self.resolve_loras(params.loras, model),
             backend_options=dict(params.backend_options),
+            mode=mode,
+            images=params.images,
+            mask=params.mask,
+            strength=strength,
+            resize_mode=params.resize_mode,
         )
+
+    def mode_for(self, params: GenerationParams, caps: Capabilities, model: str) -> Mode:
+        """What the request's images mean on this model, checked against what the model offers:
+        a mode it cannot do is a 422 naming the mode and the model."""
+        images, mask = params.images, params.mask
+        mode: Mode
+        if not images:
+            if mask is not None:
+                raise InvalidParameterError("a mask needs the image it applies to (images[0])", param="mask")
+            mode = "txt2img"
+        elif mask is not None:
+            mode = "inpaint"
+        else:
+            mode = "edit" if "edit" in caps.modes else "img2img"
+        if mode not in caps.modes:
+            raise InvalidParameterError(
+                f"mode '{mode}' is not available on model '{model}' of backend '{self.id}'; "
+                f"its modes: {', '.join(caps.modes)}",
+                param="prompt" if mode == "txt2img" else "mask" if mode == "inpaint" else "images",
+            )
+        count = len(images)
+        if count > self.settings.max_input_images:
+            raise InvalidParameterError(
+                f"at most {self.settings.max_input_images} input images per request (SD_MAX_INPUT_IMAGES)",
+                param="images",
+            )
+        if mode in ("img2img", "inpaint") and count != 1:
+            raise InvalidParameterError(
+                f"mode '{mode}' takes one init image on model '{model}' of backend '{self.id}', not {count}",
+                param="images",
+            )
+        if mode == "edit" and count > caps.max_input_images:
+            raise InvalidParameterError(
+                f"model '{model}' of backend '{self.id}' takes at most {caps.max_input_images} reference images",
+                param="images",
+            )
+        if mask is not None and (mask.width, mask.height) != (images[0].width, images[0].height):
+            raise InvalidParameterError(
+                f"mask must be the size of images[0] ({images[0].width}x{images[0].height}), "
+                f"not {mask.width}x{mask.height}",
+                param="mask",
+            )
+        return mode
+
+    @staticmethod
+    def strength_for(params: GenerationParams, mode: Mode, steps: int | None, ignored: list[str]) -> float | None:
+        """The strength of an img2img or inpaint request (None in the other modes, where it is ignored).
+        The pipeline runs int(steps x strength) steps: fewer than one is a 422, not a crash."""
+        if mode not in DEFAULT_STRENGTH:
+            if params.strength is not None:
+                ignored.append("strength")
+            return None
+        strength = DEFAULT_STRENGTH[mode] if params.strength is None else params.strength
+        if not 0 < strength <= 1:
+            raise InvalidParameterError("strength must be greater than 0 and at most 1", param="strength")
+        if steps is not None and int(steps * strength) < 1:
+            raise InvalidParameterError(
+                f"steps x strength must give at least one denoising step ({steps} x {strength:g} gives "
+                f"{int(steps * strength)}): raise strength or steps",
+                param="strength",
+            )
+        return strength
+
+
+def size_like(
+    width: int, height: int, caps: Capabilities, max_width: int, max_height: int, max_pixels: int
+) -> tuple[int, int]:
+    """An output size for an input image of width x height: the same aspect ratio, scaled down only
+    as far as the limits require, each side rounded down to the model's size multiple."""
+    scale = min(1.0, max_width / width, max_height / height, math.sqrt(max_pixels / (width * height)))
+    multiple = caps.size_multiple
+    low = -(-caps.min_size // multiple) * multiple
+
+    def side(value: int) -> int:
+        return max(low, int(value * scale) // multiple * multiple)
+
+    return side(width), side(height)

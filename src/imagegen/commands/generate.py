@@ -42,9 +42,27 @@ def output_format(args: argparse.Namespace) -> str:
     return "png"
 
 
+def input_files(args: argparse.Namespace) -> tuple[list[tuple[str, bytes]], tuple[str, bytes] | None]:
+    """(field, bytes) of every --image, and of --mask; a file that cannot be read is a ValueError."""
+
+    def read(path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as error:
+            raise ValueError(f"cannot read {path}: {error.strerror}") from None
+
+    images = [(f"images[{index}]", read(path)) for index, path in enumerate(getattr(args, "image", None) or [])]
+    mask = getattr(args, "mask", None)
+    if mask and not images:
+        raise ValueError("--mask needs the --image it applies to")
+    return images, (("mask", read(mask)) if mask else None)
+
+
 def request_body(args: argparse.Namespace) -> dict[str, Any]:
     """The native API's request body (the in-process path builds the same GenerationParams from it)."""
     body: dict[str, Any] = {"prompt": args.prompt, "output_format": output_format(args), "num_images": args.num_images}
+    if getattr(args, "strength", None) is not None:
+        body["strength"] = args.strength
     optional = {
         "negative_prompt": args.negative_prompt,
         "seed": args.seed,
@@ -82,9 +100,16 @@ def destination(out: str | None, index: int, server_name: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     try:
         body = request_body(args)
+        images, mask = input_files(args)
     except ValueError as error:
         return _fail(str(error), 2)
     if args.url:
+        import base64
+
+        if images:
+            body["images"] = [base64.b64encode(data).decode("ascii") for _, data in images]
+        if mask is not None:
+            body["mask"] = base64.b64encode(mask[1]).decode("ascii")
         return _remote(args, body)
     import asyncio
 
@@ -94,13 +119,21 @@ def run(args: argparse.Namespace) -> int:
         settings = load_settings()
     except SettingsError as error:
         return _fail(str(error), 2)
-    return asyncio.run(_in_process(args, body, settings))
+    return asyncio.run(_in_process(args, body, settings, images, mask))
 
 
 # -- in this process --------------------------------------------------------------------------------
 
 
-async def _in_process(args: argparse.Namespace, body: dict[str, Any], settings: Any) -> int:
+async def _in_process(
+    args: argparse.Namespace,
+    body: dict[str, Any],
+    settings: Any,
+    images: list[tuple[str, bytes]],
+    mask: tuple[str, bytes] | None,
+) -> int:
+    import asyncio
+
     from imagegen.backends.base import BackendState
     from imagegen.engine.jobs import JobStatus
     from imagegen.engine.store import SQLiteJobStore
@@ -128,6 +161,18 @@ async def _in_process(args: argparse.Namespace, body: dict[str, Any], settings: 
         if backend.health().state is BackendState.LOADING:
             bar.note(f"loading {backend.health().model} (first use: a download may take minutes)")
         params = GenerationParams(**{key: value for key, value in body.items() if key != "backend"})
+        if images:
+            # Decoded and stored as the service does it (api/uploads.py): the same checks, the same store.
+            from imagegen.api import uploads
+
+            stored = await asyncio.to_thread(
+                uploads.prepare,
+                services.inputs,
+                settings,
+                [uploads.Upload(name, data) for name, data in images],
+                None if mask is None else uploads.Upload(*mask),
+            )
+            params = params.model_copy(update={"images": stored.images, "mask": stored.mask})
         job = await engine.submit(params, backend.id)
         queue = events.subscribe(job.id)  # before the first await: no event of this job is missed
         while True:

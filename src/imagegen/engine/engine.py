@@ -328,6 +328,15 @@ class JobEngine:
             raise NotFoundError("no such job")
         return stored
 
+    def inputs_in_use(self) -> set[str]:
+        """The content hashes of the input images unfinished jobs refer to (input retention keeps them)."""
+        found: set[str] = set()
+        for job in self._active.values():
+            found.update(image.sha256 for image in job.request.images)
+            if job.request.mask is not None:
+                found.add(job.request.mask.sha256)
+        return found
+
     def queue_position(self, job: Job) -> int | None:
         if job.status is not JobStatus.QUEUED or job.id not in self._active:
             return None
@@ -388,13 +397,14 @@ class JobEngine:
         return job
 
     # -- workers -------------------------------------------------------------------------------
-    def _stop_requested(self) -> bool:
+    def _halted(self) -> bool:
+        """Stopping or draining: no new batch starts (a method, read afresh after every await)."""
         return self._stopping or self.draining
 
     async def _worker(self, lane: Lane) -> None:
-        while not self._stop_requested():
+        while not self._halted():
             await lane.wait()
-            if self._stop_requested():  # shutdown woke the lane
+            if self._halted():
                 return
             batch = lane.pop_batch(self._max_batch_images)
             if not batch:
@@ -428,7 +438,7 @@ class JobEngine:
             job.started_at = started
             job.attempts += 1
             job.step = 0
-            job.total_steps = job.request.steps or 0
+            job.total_steps = job.request.denoising_steps or 0
             self.store.update(job)
             self.events.publish(job.id, "running", {"status": "running", "batch_size": len(batch)})
         log.info(

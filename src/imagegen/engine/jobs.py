@@ -62,7 +62,7 @@ class Job:
         return self.status.final
 
     def progress(self) -> dict[str, Any]:
-        total = self.total_steps or (self.request.steps or 0)
+        total = self.total_steps or (self.request.denoising_steps or 0)
         if self.status is JobStatus.SUCCEEDED:
             step = total
         else:

@@ -44,6 +44,16 @@ def file_metadata(
         "seed": seed,
         "job_id": job_id,
         "version": __version__,
+        # Image-conditioned: the mode, strength and the inputs' content hashes (their pixels stay out).
+        **(
+            {}
+            if request.mode == "txt2img"
+            else {
+                "mode": request.mode,
+                "strength": request.strength,
+                "input_images": [image.sha256 for image in request.images],
+            }
+        ),
         **{key: value for key, value in info.items() if isinstance(value, (str, int, float))},
     }
     loras = info.get("loras")
@@ -74,6 +84,7 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         ("Sampler", meta.get("scheduler")),
         ("CFG scale", meta.get("guidance_scale")),
         ("Seed", meta.get("seed")),
+        ("Denoising strength", meta.get("strength")),
         ("Size", f"{meta.get('width')}x{meta.get('height')}"),
         ("Model", meta.get("model")),
         ("Backend", meta.get("backend")),

@@ -63,9 +63,14 @@ export async function pageConfig() {
 // An <img> cannot send a header, so images are fetched with the key and shown from a blob: URL.
 // The caller revokes the URL when the image leaves the page.
 export async function imageBlobUrl(filename, signal) {
+  return URL.createObjectURL(await imageBlob(filename, signal));
+}
+
+// A stored image's bytes (the edit mode's "use as input": a blob: URL cannot be fetched under the CSP).
+export async function imageBlob(filename, signal) {
   const response = await fetch(`api/images/${encodeURIComponent(filename)}`, { signal, headers: headers() });
   if (!response.ok) throw await failure(response);
-  return URL.createObjectURL(await response.blob());
+  return response.blob();
 }
 
 // Follows a job's event stream; resolves with the final job body, or null if the stream ended early.

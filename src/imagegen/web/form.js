@@ -44,9 +44,10 @@ export function withServiceLimits(caps, limits) {
 }
 
 export class GenerateForm {
-  constructor(form, { onSubmit, loras = null }) {
+  constructor(form, { onSubmit, loras = null, editor = null }) {
     this.form = form;
     this.loras = loras;  // the LoRA picker (loras.js), told the backend and model chosen
+    this.editor = editor;  // the edit mode (edit.js): images, mask, strength
     this.backends = new Map();
     this.selected = null;
     this.lastSeed = null;
@@ -167,6 +168,7 @@ export class GenerateForm {
 
     $("#num-images", this.form).max = String(Math.min(this.maxImages, 64));
     this.applyLoras();
+    this.editor?.applyCaps(caps);
   }
 
   applyLoras() {
@@ -232,15 +234,21 @@ export class GenerateForm {
     if (caps.supports_seed && value("#seed")) body.seed = Math.min(Number(value("#seed")), SEED_MAX);
     const loras = caps.supports_loras && this.loras ? this.loras.value() : [];
     if (loras.length) body.loras = loras;
+    if (this.editor?.hasImages) {
+      // The result takes the first image's size unless a custom size was chosen.
+      if ($("#size", this.form).value !== "custom") { delete body.width; delete body.height; }
+      Object.assign(body, this.editor.bodyFields());
+    }
     return body;
   }
 
   // A 422 names the parameter: point at its field.
   markInvalid(param) {
     const ids = { width: "#width", height: "#height", steps: "#steps", guidance_scale: "#guidance", seed: "#seed",
-      num_images: "#num-images", prompt: "#prompt", negative_prompt: "#negative-prompt", scheduler: "#scheduler" };
+      num_images: "#num-images", prompt: "#prompt", negative_prompt: "#negative-prompt", scheduler: "#scheduler",
+      strength: "#strength", images: "#drop-zone", mask: "#mask-canvas" };
     for (const field of this.form.querySelectorAll("[aria-invalid]")) field.removeAttribute("aria-invalid");
-    const id = ids[param];
+    const id = ids[param] || (param && param.startsWith("images[") ? "#drop-zone" : undefined);
     if (!id) return;
     if (id === "#width" || id === "#height") {
       $("#size", this.form).value = "custom";

@@ -15,10 +15,11 @@ function queuedText(position) {
 }
 
 class JobCard {
-  constructor(id, request, { blobs, onReuseSeed, onFinished }) {
+  constructor(id, request, { blobs, onReuseSeed, onUseAsInput, onFinished }) {
     this.id = id;
     this.blobs = blobs;
     this.onReuseSeed = onReuseSeed;
+    this.onUseAsInput = onUseAsInput;
     this.onFinished = onFinished;
     this.status = "queued";
     this.progress = h("progress", { max: "1", value: "0", "aria-label": "Progress" });
@@ -30,7 +31,8 @@ class JobCard {
     this.element = h("article", { class: "job", "data-job-id": id, "data-status": "queued" },
       h("header", { class: "job-head" },
         h("p", { class: "job-prompt" }, request.prompt),
-        h("p", { class: "job-meta" }, [request.backend, size, `${request.num_images} image${request.num_images > 1 ? "s" : ""}`]
+        h("p", { class: "job-meta" }, [request.backend, request.images?.length ? (request.mask ? "inpaint" : "from image") : "",
+          size, `${request.num_images} image${request.num_images > 1 ? "s" : ""}`]
           .filter(Boolean).join(" · "))),
       h("div", { class: "job-progress" }, this.progress, this.state, this.cancel),
       this.error,
@@ -109,7 +111,7 @@ class JobCard {
       this.setStatus("succeeded", ["Done", steps, ms ? formatSeconds(ms) : ""].filter(Boolean).join(" · "));
       const images = job.result?.images || [];
       this.images.replaceChildren(...images.map((image) =>
-        renderImage(job, image, { blobs: this.blobs, onReuseSeed: this.onReuseSeed })));
+        renderImage(job, image, { blobs: this.blobs, onReuseSeed: this.onReuseSeed, onUseAsInput: this.onUseAsInput })));
     } else if (job.status === "cancelled") {
       this.setStatus("cancelled", "Cancelled");
     } else {

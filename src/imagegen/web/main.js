@@ -3,6 +3,7 @@
 
 import { api, apiKey, onUnauthorized, pageConfig } from "./api.js";
 import { $, announce } from "./dom.js";
+import { EditPanel } from "./edit.js";
 import { GenerateForm } from "./form.js";
 import { Gallery } from "./gallery.js";
 import { JobList } from "./jobs.js";
@@ -15,13 +16,15 @@ let backendsTimer = null;
 let started = false;
 
 const loras = new LoraPicker($("#lora-field"));
-const form = new GenerateForm($("#generate-form"), { onSubmit: submit, loras });
+const editor = new EditPanel($("#edit"));
+const form = new GenerateForm($("#generate-form"), { onSubmit: submit, loras, editor });
 const reuseSeed = (seed) => { form.useSeed(seed); announce(`Seed ${seed} will be used for the next generation`); };
 const gallery = new Gallery($("#gallery"), { onReuseSeed: reuseSeed });
 const queue = new QueueView($("#queue"), { onChange: showQueueCounts });
 const jobs = new JobList($("#jobs"), {
   blobs: new BlobUrls(),
   onReuseSeed: reuseSeed,
+  onUseAsInput: (filename) => editor.useResult(filename).catch((error) => announce(`Could not use it: ${error.message}`)),
   onFinished(job) {
     $("#results-empty").hidden = true;
     const seeds = job.parameters?.seeds;

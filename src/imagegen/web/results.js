@@ -9,6 +9,7 @@ function parameterList(job, image) {
   const rows = [
     ...(p.negative_prompt ? [["Negative", p.negative_prompt]] : []),
     ["Size", `${image.width ?? p.width} × ${image.height ?? p.height}`],
+    ...(p.mode && p.mode !== "txt2img" ? [["Mode", p.strength ? `${p.mode} · strength ${p.strength}` : p.mode]] : []),
     ["Steps", p.steps ?? "default"],
     ["Guidance", p.guidance_scale ?? "—"],
     ["Scheduler", p.scheduler ?? "—"],
@@ -33,7 +34,7 @@ export class BlobUrls {
   }
 }
 
-export function renderImage(job, image, { blobs, onReuseSeed }) {
+export function renderImage(job, image, { blobs, onReuseSeed, onUseAsInput }) {
   const seedText = String(image.seed);
   const actions = h("div", { class: "image-actions" },
     h("button", { type: "button", onclick: async () => {
@@ -64,6 +65,9 @@ export function renderImage(job, image, { blobs, onReuseSeed }) {
   const img = h("img", { alt: `${job.parameters.prompt} (seed ${seedText})`, width: image.width, height: image.height });
   const download = h("a", { class: "button", download: image.filename, "aria-disabled": "true" }, "Download");
   actions.append(download);
+  if (onUseAsInput) {
+    actions.append(h("button", { type: "button", class: "use-input", onclick: () => onUseAsInput(image.filename) }, "Use as input"));
+  }
   const figure = h("figure", { class: "result loading" }, h("div", { class: "frame" }, img), caption);
   blobs.load(image.filename).then((url) => {
     img.src = url;

@@ -1,7 +1,7 @@
 """The AUTOMATIC1111 web UI API (`/sdapi/v1/*`), as Open WebUI, SillyTavern, LibreChat, n8n community
 nodes and the `webuiapi` package speak it, in front of every backend.
 
-Every txt2img is a job of the engine (queue limits, progress, cancel apply). Errors use A1111's shape
+Every txt2img and img2img is a job of the engine (queue limits, progress, cancel apply). Errors use A1111's shape
 (api/dialects.py). Model choice is limited to the configured models (api/model_catalog.py).
 """
 
@@ -22,6 +22,7 @@ from imagegen.api.a1111.schemas import (
     A1111_ERRORS,
     CHECKPOINT_PARAM,
     A1111Checkpoint,
+    A1111Img2ImgRequest,
     A1111Progress,
     A1111Sampler,
     A1111Scheduler,
@@ -32,7 +33,13 @@ from imagegen.api.a1111.schemas import (
 from imagegen.api.deps import ServicesDep
 from imagegen.api.sync_jobs import raise_for_job, renamed, run_job
 from imagegen.engine.jobs import JobStatus
-from imagegen.errors import BackendNotConfiguredError, ConflictError, InvalidParameterError, NotFoundError
+from imagegen.errors import (
+    BackendNotConfiguredError,
+    ConflictError,
+    InvalidParameterError,
+    NotFoundError,
+    ServiceError,
+)
 from imagegen.storage.loras import SUFFIX
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], responses=A1111_ERRORS)
@@ -52,6 +59,25 @@ async def txt2img(body: A1111Txt2ImgRequest, request: Request, services: Service
     if job.status is not JobStatus.CANCELLED:  # interrupted: A1111 answers 200, with what it has
         raise_for_job(job)
     # Reading and base64-encoding the images happens off the event loop.
+    return await asyncio.to_thread(a1111_translate.response_body, body, job, plan, services.outputs)
+
+
+@router.post("/img2img", response_model=A1111Txt2ImgResponse)
+async def img2img(body: A1111Img2ImgRequest, request: Request, services: ServicesDep) -> dict[str, Any]:
+    """A1111 img2img: init_images (and mask: inpainting), denoising_strength, resize_mode; answered like
+    txt2img. Options this service does not have are listed in info.ignored_parameters."""
+
+    def rename(error: ServiceError) -> ServiceError:
+        return renamed(error, a1111_translate.A1111_NAMES)
+
+    try:
+        inputs = await asyncio.to_thread(a1111_translate.store_inputs, body, services.inputs, services.settings)
+        plan = a1111_translate.plan(body, services.registry, services.settings, inputs)
+    except ServiceError as error:
+        raise rename(error) from None
+    job = await run_job(services, request, plan.params, plan.backend_id, on_error=rename)
+    if job.status is not JobStatus.CANCELLED:
+        raise_for_job(job)
     return await asyncio.to_thread(a1111_translate.response_body, body, job, plan, services.outputs)
 
 

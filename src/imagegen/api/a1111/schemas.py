@@ -17,8 +17,9 @@ from imagegen.api.a1111 import extra_networks
 from imagegen.api.a1111.samplers import to_scheduler
 from imagegen.api.dialects import Dialect, documented_errors
 from imagegen.api.translation import RequestDefaults, Target
+from imagegen.api.uploads import StoredInputs
 from imagegen.errors import InvalidParameterError
-from imagegen.generation import GenerationParams
+from imagegen.generation import GenerationParams, ResizeMode
 
 if TYPE_CHECKING:
     from imagegen.backends.registry import BackendRegistry
@@ -154,6 +155,62 @@ class A1111Txt2ImgRequest(BaseModel):
             scheduler = "default" if "default" in offered else offered[0]
             ignored.append("sampler_name")
         return scheduler, ignored
+
+
+#: A1111's resize modes: 0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent
+#: upscale, which this service does as 0, reported).
+RESIZE_MODES: dict[int, ResizeMode] = {0: "resize", 1: "crop", 2: "fill", 3: "resize"}
+
+
+class A1111Img2ImgRequest(A1111Txt2ImgRequest):
+    """The fields of A1111's StableDiffusionImg2ImgProcessingAPI this service uses or reports."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [{"prompt": "the same, in winter", "init_images": ["<base64>"], "denoising_strength": 0.6}]
+        },
+    )
+
+    init_images: list[str] | None = Field(
+        None, max_length=64, description="Base64 or data: URLs (PNG, JPEG, WebP); never a URL to fetch."
+    )
+    mask: str | None = Field(None, description="White (or opaque) = repaint; the size of init_images[0].")
+    denoising_strength: float | None = Field(0.75, ge=0, le=1, allow_inf_nan=False)
+    inpainting_mask_invert: int | None = Field(0, ge=0, le=1, description="1: repaint where the mask is black.")
+    mask_blur: int | None = Field(4, ge=0, le=64, description="Gaussian blur radius applied to the mask.")
+    inpainting_fill: int | None = Field(
+        0, ge=0, le=3, description="Only 1 (original) is how inpainting works here; others are reported ignored."
+    )
+    resize_mode: int | None = Field(0, ge=0, le=3, description="0 just resize, 1 crop and resize, 2 resize and fill.")
+    include_init_images: bool | None = Field(False, description="Echo init_images and mask in `parameters`.")
+    inpaint_full_res: bool | None = None
+    inpaint_full_res_padding: int | None = None
+    initial_noise_multiplier: float | None = None
+    image_cfg_scale: float | None = None
+
+    def unsupported(self) -> list[str]:
+        names = super().unsupported()
+        if self.mask is not None:
+            if self.inpainting_fill not in (None, 1):
+                names.append("inpainting_fill")
+            if self.inpaint_full_res:
+                names.append("inpaint_full_res")
+        if self.resize_mode == 3:
+            names.append("resize_mode")
+        if self.initial_noise_multiplier not in (None, 1, 1.0):
+            names.append("initial_noise_multiplier")
+        return names
+
+    def to_params(self, defaults: RequestDefaults, inputs: StoredInputs | None = None) -> GenerationParams:
+        params = super().to_params(defaults)
+        update: dict[str, Any] = {
+            "strength": self.denoising_strength,
+            "resize_mode": RESIZE_MODES[self.resize_mode or 0],
+        }
+        if inputs is not None:
+            update.update(images=inputs.images, mask=inputs.mask)
+        return params.model_copy(update=update)
 
 
 class A1111Txt2ImgResponse(BaseModel):

@@ -121,6 +121,34 @@ class ImagesResponse(BaseModel):
     background: Literal["opaque"] = "opaque"
     output_format: str
     size: str
+    ignored_parameters: list[str] | None = Field(
+        None, description="Edits only (extension): fields sent that changed nothing here."
+    )
+
+
+_EDIT_FIELDS: dict[str, Any] = {
+    "image": {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP (sniffed from the bytes)."},
+    "image[]": {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "Several images."},
+    "mask": {"type": "string", "format": "binary", "description": "Transparent pixels mark the area to edit."},
+    "prompt": {"type": "string"},
+    "model": {"type": "string"},
+    "n": {"type": "integer"},
+    "size": {"type": "string"},
+    "response_format": {"type": "string", "enum": ["b64_json", "url"]},
+    "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]},
+    "strength": {"type": "number", "description": "Extension: img2img/inpaint strength (0, 1]."},
+}
+#: The request body of POST /v1/images/edits for the OpenAPI document (the route parses it itself).
+EDIT_REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["image", "prompt"], "properties": _EDIT_FIELDS}
+            },
+        },
+    }
+}
 
 
 class ModelOut(BaseModel):

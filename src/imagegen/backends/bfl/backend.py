@@ -3,6 +3,11 @@
 One image is one BFL task: submit, poll its `polling_url` until it is final, download the result at
 once (the URL expires), decode it and hand it to the engine, which stores it like every other output.
 
+Images (docs/editing.md): FLUX.2 models edit with reference images (`input_image`, `input_image_2`...,
+as many as each model takes), Kontext with one; a mask sends the request to FLUX.1 Fill [pro]
+(`flux-pro-1.0-fill`), whatever FLUX model was chosen. Inputs leave as PNGs re-encoded from their
+pixels (nothing of the uploaded file's metadata is forwarded), references scaled to at most 4 MP.
+
 Concurrency: the engine runs up to SD_BFL_MAX_ACTIVE_TASKS jobs at once on this backend's own lane,
 and a job may need several tasks, so the backend also holds one slot per active task (a semaphore of
 the same size): BFL never sees more active tasks than the limit from this service, and never answers
@@ -15,6 +20,8 @@ No torch here: this backend must stay importable and cheap on a machine without 
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import io
 import logging
 import time
@@ -24,7 +31,16 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from imagegen import metrics
-from imagegen.backends.base import Availability, BackendHealth, BackendState, Capabilities, ImageBackend, RunContext
+from imagegen.backends import conditioning
+from imagegen.backends.base import (
+    Availability,
+    BackendHealth,
+    BackendState,
+    Capabilities,
+    ImageBackend,
+    RunContext,
+    size_like,
+)
 from imagegen.backends.bfl.client import (
     FINAL_STATUSES,
     KEY_REJECTED,
@@ -35,7 +51,16 @@ from imagegen.backends.bfl.client import (
     raise_for_final_status,
 )
 from imagegen.backends.bfl.health import KeyMonitor
-from imagegen.backends.bfl.models import FOUR_MP, MODELS, BflModelRules, aspect_ratio, check_request
+from imagegen.backends.bfl.models import (
+    FILL,
+    FILL_MODEL,
+    FOUR_MP,
+    MODELS,
+    BflModelRules,
+    aspect_ratio,
+    check_request,
+    rules_for,
+)
 from imagegen.config import Backend, Settings
 from imagegen.errors import (
     BackendNotConfiguredError,
@@ -47,7 +72,8 @@ from imagegen.errors import (
     ServiceError,
     UpstreamError,
 )
-from imagegen.generation import GeneratedImage, GenerationParams, GenerationRequest
+from imagegen.generation import GeneratedImage, GenerationParams, GenerationRequest, Mode
+from imagegen.storage.inputs import InputStore
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -97,6 +123,12 @@ class _Slot:
         self._backend.active_tasks -= 1
         for semaphore in reversed(self._semaphores):
             semaphore.release()
+
+
+def _png_b64(image: Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")  # pixels only: no metadata travels
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def decode_image(data: bytes) -> Image:
@@ -170,6 +202,13 @@ class FluxApiBackend(ImageBackend):
                 timeout=min(10.0, settings.bfl_request_timeout),
             )
         self._background: set[asyncio.Task[Any]] = set()
+        self._inputs: InputStore | None = None
+
+    @property
+    def inputs(self) -> InputStore:
+        if self._inputs is None:
+            self._inputs = InputStore(self.settings.data_dir)
+        return self._inputs
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -206,7 +245,11 @@ class FluxApiBackend(ImageBackend):
             supports_guidance=False,
             default_guidance=None,
             output_formats=("png", "jpeg", "webp"),
+            modes=("txt2img", "edit", "inpaint"),
+            max_input_images=max(MODELS[name].max_references for name in self.models),
             notes=(
+                "images: reference images for the models that take them (max_reference_images in bfl_models); "
+                f"a mask goes to {FILL_MODEL} (FLUX.1 Fill [pro])",
                 "each model has its own rules: see bfl_models in GET /api/backends",
                 "FLUX.2: sizes are multiples of 16; FLUX.1: multiples of 32 in 256..1440",
                 "steps and guidance_scale apply to flux-2-flex, flux-pro and flux-dev only",
@@ -214,6 +257,14 @@ class FluxApiBackend(ImageBackend):
                 "safety_tolerance: 0 (strictest) .. 5 on FLUX.2, .. 6 on FLUX.1",
             ),
         )
+
+    def capabilities_for(self, model: str) -> Capabilities:
+        """The backend's bounds with this model's modes: references where it takes them, and
+        inpainting through the fill endpoint for every model."""
+        rules = MODELS[model]
+        caps = self.capabilities()
+        modes: tuple[Mode, ...] = ("txt2img", "edit", "inpaint") if rules.max_references else ("txt2img", "inpaint")
+        return dataclasses.replace(caps, modes=modes, max_input_images=rules.max_references)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -271,9 +322,17 @@ class FluxApiBackend(ImageBackend):
 
     # -- validation ------------------------------------------------------------------------------
     def resolve(self, params: GenerationParams) -> GenerationRequest:
-        """The service-wide checks (base class), then the chosen BFL model's own rules."""
+        """The service-wide checks (base class), then the chosen BFL model's own rules; a mask makes it
+        a request to the fill endpoint, with the fill endpoint's rules."""
+        if params.mask is not None and params.images and params.width is None and params.height is None:
+            # Fill answers at the image's size: the image's own, within fill's bounds.
+            image = params.images[0]
+            caps = dataclasses.replace(self.capabilities(), size_multiple=FILL.size_multiple, min_size=FILL.min_size)
+            width, height = size_like(image.width, image.height, caps, FILL.max_size, FILL.max_size, FILL.max_pixels)
+            params = params.model_copy(update={"width": width, "height": height})
         request = super().resolve(params)
-        rules = MODELS[request.model]
+        fill = request.mode == "inpaint"
+        rules = FILL if fill else MODELS[request.model]
         unknown = sorted(set(params.backend_options) - set(_OPTIONS))
         if unknown:
             raise InvalidParameterError(f"unknown flux-api option '{unknown[0]}'", param=unknown[0])
@@ -288,25 +347,32 @@ class FluxApiBackend(ImageBackend):
             max_steps=self.settings.max_steps,
         )
         ignored = [name for name in request.ignored if name not in ("steps", "guidance_scale")]
-        return request.model_copy(
-            update={
-                "steps": checked.steps,
-                "guidance_scale": checked.guidance,
-                "ignored": (*ignored, *checked.ignored),
-                "backend_options": {"safety_tolerance": checked.safety_tolerance},
-            }
-        )
+        update: dict[str, Any] = {
+            "steps": checked.steps,
+            "guidance_scale": checked.guidance,
+            "ignored": (*ignored, *checked.ignored),
+            "backend_options": {"safety_tolerance": checked.safety_tolerance},
+        }
+        if fill:
+            # Fill takes no strength: the masked area is repainted.
+            update.update(model=FILL_MODEL, strength=None)
+            if params.strength is not None:
+                update["ignored"] = (*update["ignored"], "strength")
+        return request.model_copy(update=update)
 
-    def payload(self, request: GenerationRequest, seed: int) -> dict[str, Any]:
-        """The JSON body of `POST /v1/<model>` for one image."""
-        rules = MODELS[request.model]
+    def payload(self, request: GenerationRequest, seed: int, images: dict[str, str] | None = None) -> dict[str, Any]:
+        """The JSON body of `POST /v1/<model>` for one image; `images` the encoded inputs (see encode_inputs)."""
+        rules = rules_for(request.model)
         body: dict[str, Any] = {
             "prompt": request.prompt,
             "seed": seed,
             "safety_tolerance": int(request.backend_options["safety_tolerance"]),  # resolve() always sets it
             "output_format": self._bfl_format(request.output_format),
+            **(images or {}),
         }
-        if rules.size_mode == "size":
+        if rules is FILL:
+            pass  # fill answers at the image's size: no size field
+        elif rules.size_mode == "size":
             body.update(width=request.width, height=request.height)
         else:
             body["aspect_ratio"] = aspect_ratio(request.width, request.height)
@@ -346,9 +412,11 @@ class FluxApiBackend(ImageBackend):
         shape = []
         for request in batch:
             shape.append(len(request.seeds))
+            # Read, fit and encoded once per request, in a worker thread: every task sends the same.
+            encoded = {} if request.mode == "txt2img" else await asyncio.to_thread(self.encode_inputs, request)
             for seed in request.seeds:
                 fractions.append(0.0)
-                jobs.append(self._one_image(request, seed, ctx, progress_of(len(fractions) - 1)))
+                jobs.append(self._one_image(request, seed, ctx, progress_of(len(fractions) - 1), encoded))
         # Every image of every request runs at once (each waits for its own slot); the first failure
         # fails the batch and stops the others.
         tasks = [asyncio.ensure_future(job) for job in jobs]
@@ -367,18 +435,42 @@ class FluxApiBackend(ImageBackend):
             start += count
         return results
 
+    def encode_inputs(self, request: GenerationRequest) -> dict[str, str]:
+        """The request's images as the endpoint's fields, base64 PNGs re-encoded from their pixels:
+        fill's `image` and `mask` at the output size; the references as `input_image`, `input_image_2`...
+        scaled to at most 4 MP (the size BFL works at)."""
+        if request.mode == "txt2img":
+            return {}
+        inputs = conditioning.load(self.inputs, request)
+        if request.mode == "inpaint":
+            assert inputs.init is not None and inputs.mask is not None
+            return {"image": _png_b64(inputs.init), "mask": _png_b64(inputs.mask)}
+        fields = rules_for(request.model).reference_fields
+        encoded = {}
+        for name, image in zip(fields, inputs.references, strict=False):
+            if image.width * image.height > FOUR_MP:
+                scale = (FOUR_MP / (image.width * image.height)) ** 0.5
+                image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))))
+            encoded[name] = _png_b64(image)
+        return encoded
+
     async def _one_image(
-        self, request: GenerationRequest, seed: int, ctx: RunContext, progress: Callable[[float], None]
+        self,
+        request: GenerationRequest,
+        seed: int,
+        ctx: RunContext,
+        progress: Callable[[float], None],
+        images: dict[str, str],
     ) -> GeneratedImage:
         assert self._client is not None
         client = self._client
-        rules = MODELS[request.model]
+        rules = rules_for(request.model)
         deadline = _Deadline.for_task(ctx, self.settings.bfl_timeout)
         slot = await self._acquire_slot(rules, ctx, deadline)
         submission: Submission | None = None
         try:
             ctx.check()  # cancelled while waiting for a slot: spend no credits
-            submission = await client.submit(request.model, self.payload(request, seed), deadline=deadline.at)
+            submission = await client.submit(request.model, self.payload(request, seed, images), deadline=deadline.at)
             final = await self._wait_final(client, submission, ctx, deadline, progress)
         except BaseException:
             if submission is None:

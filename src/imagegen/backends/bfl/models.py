@@ -40,6 +40,8 @@ class BflModelRules:
     ratio_range: tuple[float, float] | None = None
     #: BFL's own active-task limit for this model when lower than the account's (flux-kontext-max: 6).
     max_active: int | None = None
+    #: Reference images the endpoint takes (`input_image`, `input_image_2`, ...); 0: none.
+    max_references: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -61,7 +63,15 @@ class BflModelRules:
             data["aspect_ratio"] = {"min": _ratio_text(self.ratio_range[0]), "max": _ratio_text(self.ratio_range[1])}
         if self.max_active is not None:
             data["max_active_tasks"] = self.max_active
+        data["max_reference_images"] = self.max_references
         return data
+
+    @property
+    def reference_fields(self) -> tuple[str, ...]:
+        """`input_image`, `input_image_2`, ... up to max_references."""
+        return tuple(
+            "input_image" if index == 0 else f"input_image_{index + 1}" for index in range(self.max_references)
+        )
 
 
 def _flux2(name: str, **extra: Any) -> BflModelRules:
@@ -103,15 +113,17 @@ _WIDE = (9 / 21, 21 / 9)  # "between 21:9 and 9:21"
 MODELS: dict[str, BflModelRules] = {
     rules.name: rules
     for rules in (
-        _flux2("flux-2-klein-4b"),
-        _flux2("flux-2-klein-9b"),
-        _flux2("flux-2-pro"),
-        _flux2("flux-2-max"),
+        # Reference images: klein input_image..input_image_4 (API reference); pro, max and flex up to
+        # 8 (BFL docs); Kontext edits one input_image.
+        _flux2("flux-2-klein-4b", max_references=4),
+        _flux2("flux-2-klein-9b", max_references=4),
+        _flux2("flux-2-pro", max_references=8),
+        _flux2("flux-2-max", max_references=8),
         # BFL docs: flex takes steps 1..50 (default 50) and guidance 1.5..10 (default 4.5).
-        _flux2("flux-2-flex", steps=(1, 50, 50), guidance=(1.5, 10.0, 4.5)),
+        _flux2("flux-2-flex", steps=(1, 50, 50), guidance=(1.5, 10.0, 4.5), max_references=8),
         # Kontext answers text-to-image with an aspect ratio, about 1 MP (BFL docs).
-        _flux1("flux-kontext-pro", size_mode="aspect_ratio", ratio_range=_WIDE),
-        _flux1("flux-kontext-max", size_mode="aspect_ratio", ratio_range=_WIDE, max_active=6),
+        _flux1("flux-kontext-pro", size_mode="aspect_ratio", ratio_range=_WIDE, max_references=1),
+        _flux1("flux-kontext-max", size_mode="aspect_ratio", ratio_range=_WIDE, max_active=6, max_references=1),
         _flux1("flux-pro-1.1"),
         _flux1("flux-pro-1.1-ultra", size_mode="aspect_ratio", ratio_range=_WIDE),
         # BFL docs: flux-pro defaults to 40 steps, guidance 2.5; flux-dev to 28 steps, guidance 3.
@@ -119,6 +131,18 @@ MODELS: dict[str, BflModelRules] = {
         _flux1("flux-dev", steps=(1, 50, 28), guidance=(1.5, 5.0, 3.0)),
     )
 }
+
+
+#: The endpoint every inpainting request (a mask) goes to, whatever FLUX model was chosen: FLUX.1 Fill
+#: [pro]. It takes the image and the mask (white = repaint, the same size) and answers at the image's
+#: size; steps 15..50 (default 50), guidance 1.5..100 (default 60), safety_tolerance 0..6 (BFL docs).
+FILL_MODEL = "flux-pro-1.0-fill"
+FILL = _flux1(FILL_MODEL, max_size=2048, max_pixels=FOUR_MP, steps=(15, 50, 50), guidance=(1.5, 100.0, 60.0))
+
+
+def rules_for(model: str) -> BflModelRules:
+    """The rules of a selectable model, or of the fill endpoint."""
+    return FILL if model == FILL_MODEL else MODELS[model]
 
 
 def _ratio_text(ratio: float) -> str:

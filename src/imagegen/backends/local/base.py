@@ -18,7 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from imagegen import metrics
+from imagegen.backends import conditioning
 from imagegen.backends.base import Availability, BackendHealth, BackendState, ImageBackend, RunContext
+from imagegen.backends.conditioning import Conditioning
 from imagegen.backends.local.device_manager import DeviceManager
 from imagegen.config import Settings
 from imagegen.errors import (
@@ -29,6 +31,7 @@ from imagegen.errors import (
     ServiceError,
 )
 from imagegen.generation import GeneratedImage, GenerationRequest, LoraWeight
+from imagegen.storage.inputs import InputStore
 from imagegen.storage.loras import LoraCatalog
 
 if TYPE_CHECKING:
@@ -65,6 +68,9 @@ class LoadedPipeline:
         #: The LoRA adapters loaded into this pipeline (backends/local/loras.py), made on first use;
         #: they go when the pipeline goes.
         self.adapters: AdapterSet | None = None
+        #: Pipelines for the other modes (img2img, inpaint), made from this one on first use: they
+        #: share its components (from_pipe), so they cost no second copy of the weights.
+        self.derived: dict[str, Any] = {}
 
 
 _device_executor: ThreadPoolExecutor | None = None
@@ -103,6 +109,7 @@ class LocalPipelineBackend(ImageBackend):
         self._last_used = 0.0  # monotonic time of the last load or pipeline call
         self._last_unload: tuple[str, float] | None = None  # (reason, monotonic time)
         self._unloads = 0
+        self._inputs: InputStore | None = None
 
     def attach_device_manager(self, manager: DeviceManager) -> None:
         """Share the device with the other local backends of this app (see device_manager.py)."""
@@ -121,9 +128,19 @@ class LocalPipelineBackend(ImageBackend):
         """Load the pipeline onto its device (runs in a background or worker thread)."""
         raise NotImplementedError
 
-    def run_pipeline(self, loaded: LoadedPipeline, batch: Sequence[GenerationRequest], ctx: RunContext) -> Any:
-        """One pipeline call for the whole batch; returns float images (N, H, W, 3) in [0, 1]."""
+    def run_pipeline(
+        self, loaded: LoadedPipeline, batch: Sequence[GenerationRequest], ctx: RunContext, inputs: Conditioning
+    ) -> Any:
+        """One pipeline call for the whole batch; returns float images (N, H, W, 3) in [0, 1]. A batch
+        shares its conditioning (the batch key holds the mode, strength and input hashes): `inputs`."""
         raise NotImplementedError
+
+    @property
+    def inputs(self) -> InputStore:
+        """The input store of SD_DATA_DIR, where a request's images are read from."""
+        if self._inputs is None:
+            self._inputs = InputStore(self.settings.data_dir)
+        return self._inputs
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -342,10 +359,15 @@ class LocalPipelineBackend(ImageBackend):
 
     # -- generation ------------------------------------------------------------------------------
     async def generate(self, batch: Sequence[GenerationRequest], ctx: RunContext) -> list[list[GeneratedImage]]:
+        # The input images are read and fitted in a worker thread first: the device never waits for
+        # the CPU to decode them.
+        inputs = await asyncio.to_thread(conditioning.load, self.inputs, batch[0])
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(device_executor(), self._generate_blocking, list(batch), ctx)
+        return await loop.run_in_executor(device_executor(), self._generate_blocking, list(batch), ctx, inputs)
 
-    def _generate_blocking(self, batch: list[GenerationRequest], ctx: RunContext) -> list[list[GeneratedImage]]:
+    def _generate_blocking(
+        self, batch: list[GenerationRequest], ctx: RunContext, inputs: Conditioning
+    ) -> list[list[GeneratedImage]]:
         from imagegen.backends.local import support
 
         with self._lock:
@@ -355,7 +377,7 @@ class LocalPipelineBackend(ImageBackend):
             try:
                 # A batch shares one set of LoRAs (the batch key has it): every image gets them.
                 applied = self._activate_loras(loaded, batch[0].loras)
-                images = self.run_pipeline(loaded, batch, ctx)
+                images = self.run_pipeline(loaded, batch, ctx, inputs)
                 flags = self._check_images(loaded, images)
             except ServiceError:
                 raise  # cancelled, deadline, and the backend's own typed errors pass through

@@ -135,10 +135,14 @@ def _tiny_vae() -> Any:
     )
 
 
-def build_tiny_sd(target: Path, *, with_safety_checker: bool = True, flag_all: bool = False) -> None:
-    """An SD 1.x-style pipeline (StableDiffusionPipeline with its own safety checker)."""
+def build_tiny_sd(
+    target: Path, *, with_safety_checker: bool = True, flag_all: bool = False, inpainting: bool = False
+) -> None:
+    """An SD 1.x-style pipeline (StableDiffusionPipeline with its own safety checker). `inpainting`:
+    an inpainting checkpoint instead (a 9-channel UNet: latents, masked-image latents and the mask,
+    saved as a StableDiffusionInpaintPipeline, as such checkpoints are)."""
     import torch
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(0)
@@ -148,7 +152,7 @@ def build_tiny_sd(target: Path, *, with_safety_checker: bool = True, flag_all: b
         block_out_channels=(4, 8),
         layers_per_block=1,
         sample_size=32,
-        in_channels=4,
+        in_channels=9 if inpainting else 4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -156,7 +160,8 @@ def build_tiny_sd(target: Path, *, with_safety_checker: bool = True, flag_all: b
         norm_num_groups=2,
     )
     checker, processor = _safety_checker(flag_all) if with_safety_checker else (None, None)
-    pipe: Any = StableDiffusionPipeline(
+    pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    pipe: Any = pipeline_class(
         vae=_tiny_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -375,8 +380,9 @@ def build_tiny_flux(
     tokenizer = _clip_tokenizer()
     tokenizer_2 = _t5_tokenizer()
     text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
+    t5_extra: dict[str, Any] = {"decoder_start_token_id": 0}
     text_encoder_2 = T5EncoderModel(
-        T5Config(  # type: ignore[call-arg]  # transformers' stub lacks the generic config keys (**kwargs)
+        T5Config(
             vocab_size=max(len(tokenizer_2), t5_vocab_rows or 0),
             d_model=32,
             d_kv=8,
@@ -386,7 +392,8 @@ def build_tiny_flux(
             relative_attention_num_buckets=8,
             pad_token_id=0,
             eos_token_id=1,
-            decoder_start_token_id=0,
+            # Not in T5Config's signature but read from its **kwargs (the saved config keeps it).
+            **t5_extra,
         )
     )
     transformer = FluxTransformer2DModel(
