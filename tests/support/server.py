@@ -10,19 +10,20 @@ import uvicorn
 
 
 class LiveServer:
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, **options: Any) -> None:
+        """`options`: uvicorn.Config's, over the defaults below."""
         self.app = app
         # A long keep-alive: a test process that also runs many clients can leave a connection idle
         # for seconds, and a server closing it just as the client reuses it is a client-side race.
-        self.config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=0,
-            log_level="warning",
-            lifespan="on",
-            timeout_graceful_shutdown=5,
-            timeout_keep_alive=60,
-        )
+        settings: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "log_level": "warning",
+            "lifespan": "on",
+            "timeout_graceful_shutdown": 5,
+            "timeout_keep_alive": 60,
+        }
+        self.config = uvicorn.Config(app, **{**settings, **options})
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
         self.url = ""
