@@ -7,14 +7,18 @@ the backend's `resolve`, with messages that name the parameter.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imagegen.generation import SEED_MAX, GenerationParams
 
 _HARD_MAX_SIDE = 16384
 _HARD_MAX_TEXT = 100_000
+#: Unknown keys validated (and reported) at most: a body of 80,000 unknown keys would otherwise cost
+#: about a second of event loop building 80,000 errors that nobody reads (the answer names the first).
+MAX_UNKNOWN_KEYS = 4
 
 
 class Txt2ImgRequest(BaseModel):
@@ -43,6 +47,17 @@ class Txt2ImgRequest(BaseModel):
     safety_tolerance: int | None = Field(
         None, ge=0, le=6, description="flux-api only: BFL moderation tolerance, 0 strictest."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bound_unknown_keys(cls, data: Any) -> Any:
+        """Keep the known keys and the first MAX_UNKNOWN_KEYS unknown ones (which are still refused):
+        the work done on a body is bounded by the fields, not by what a caller can pack into it."""
+        fields = cls.model_fields
+        if not isinstance(data, dict) or len(data) <= len(fields) + MAX_UNKNOWN_KEYS:
+            return data
+        unknown = itertools.islice((key for key in data if key not in fields), MAX_UNKNOWN_KEYS)
+        return {key: data[key] for key in (*(name for name in fields if name in data), *unknown)}
 
     def to_params(self, output_format: str | None = None) -> GenerationParams:
         options: dict[str, Any] = {}
