@@ -242,7 +242,13 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key signing webhook bodies.")
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated hosts callbacks may go to. Empty: any public or private host.",
+        description="Comma-separated hosts callbacks may go to (listed hosts may be private or loopback). "
+        "Empty: any public host.",
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="Allow callbacks to loopback and private addresses (10/8, 172.16/12, 192.168/16, fc00::/7, "
+        "localhost...) for any host. Default: only hosts listed in SD_WEBHOOK_ALLOWED_HOSTS may be private.",
     )
     webhook_timeout: float = Field(10.0, gt=0, le=300)
     webhook_max_attempts: int = Field(5, ge=1, le=20)

@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
+CREATE INDEX IF NOT EXISTS jobs_webhook_pending ON jobs (seq) WHERE json_extract(webhook, '$.status') = 'pending';
 """
 
 _COLUMNS = (
@@ -71,6 +72,10 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     def unfinished(self) -> list[Job]:
         """Queued and running jobs, oldest first (what a restart must resume)."""
+
+    @abc.abstractmethod
+    def pending_webhooks(self) -> list[Job]:
+        """Jobs whose webhook delivery is still pending, oldest first (what a restart must resume)."""
 
     def close(self) -> None:
         """Release connections."""
@@ -200,6 +205,13 @@ class SQLiteJobStore(JobStore):
             rows = self._conn.execute(
                 f"SELECT {_COLUMNS} FROM jobs WHERE status IN (?, ?) ORDER BY seq",
                 (JobStatus.QUEUED.value, JobStatus.RUNNING.value),
+            ).fetchall()
+        return [self._job(row) for row in rows]
+
+    def pending_webhooks(self) -> list[Job]:
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE json_extract(webhook, '$.status') = 'pending' ORDER BY seq"
             ).fetchall()
         return [self._job(row) for row in rows]
 
