@@ -83,6 +83,29 @@ class Settings(BaseSettings):
         description="Comma-separated origins allowed by CORS. Empty (default): CORS closed.",
     )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="Seconds a client has to send a request's headers (from connecting, or from the first byte of "
+        "the next request on a kept-alive connection); then 408 and the connection is closed (imagegen serve).",
+    )
+    body_timeout: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Seconds a client has to send a request's body once its headers are in; then 408.",
+    )
+    keepalive_timeout: int = Field(
+        5, ge=1, le=600, description="Seconds an idle kept-alive connection stays open (imagegen serve)."
+    )
+    max_connections: int = Field(
+        1000,
+        ge=16,
+        le=100_000,
+        description="Most connections open at once (imagegen serve); when full, the one that has waited longest "
+        "for a request is closed first, and a new connection is refused only when all are serving requests.",
+    )
     metrics_public: bool = Field(
         False,
         description="Serve /metrics without the API key (a scraper on a trusted network). Default: /metrics "

@@ -143,7 +143,7 @@ def create_app(
     install_openapi(app, auth_required=settings.api_key is not None, public_paths=public)
 
     # Added innermost first: BodyGuard, then ApiKey, then CORS, then RequestContext (outermost).
-    app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), public_paths=public)
     if settings.cors_origins:

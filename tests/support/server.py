@@ -10,8 +10,9 @@ import uvicorn
 
 
 class LiveServer:
-    def __init__(self, app: Any, **options: Any) -> None:
-        """`options`: uvicorn.Config's, over the defaults below."""
+    def __init__(self, app: Any, config: uvicorn.Config | None = None, **options: Any) -> None:
+        """`config`: run exactly this uvicorn configuration (its port should be 0); else the defaults
+        below with `options` (uvicorn.Config's) over them."""
         self.app = app
         # A long keep-alive: a test process that also runs many clients can leave a connection idle
         # for seconds, and a server closing it just as the client reuses it is a client-side race.
@@ -23,7 +24,7 @@ class LiveServer:
             "timeout_graceful_shutdown": 5,
             "timeout_keep_alive": 60,
         }
-        self.config = uvicorn.Config(app, **{**settings, **options})
+        self.config = config if config is not None else uvicorn.Config(app, **{**settings, **options})
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
         self.url = ""

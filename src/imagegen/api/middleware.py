@@ -7,6 +7,7 @@ read (or parse) anything.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -231,13 +232,26 @@ class _BodyTooLarge(StarletteHTTPException):
         super().__init__(413, f"request body larger than {limit} bytes (SD_MAX_BODY_BYTES)")
 
 
+class _BodyTimeout(StarletteHTTPException):
+    """Raised from `receive` when the body is not in within SD_BODY_TIMEOUT; the connection is closed
+    after the answer (a client that slow is not kept for another request)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            408, f"the request body did not arrive within {seconds:g} s (SD_BODY_TIMEOUT)", {"Connection": "close"}
+        )
+
+
 class BodyGuardMiddleware:
     """Refuses bodies over SD_MAX_BODY_BYTES (413, before parsing) and non-JSON bodies on state-changing
-    methods (415): a plain HTML form cannot post here, which closes the CSRF door."""
+    methods (415): a plain HTML form cannot post here, which closes the CSRF door. A body must be in
+    within SD_BODY_TIMEOUT seconds of the request's start (408): a client sending a byte a second
+    cannot hold a request open (api/connections.py closes the connections of bodies nobody reads)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout: float = 30.0) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -276,14 +290,23 @@ class BodyGuardMiddleware:
 
         received = 0
         started = {"value": False}
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:
+                return await receive()  # after the body: only the disconnect is left to wait for, unbounded
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise _BodyTimeout(self.body_timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     raise _BodyTooLarge(self.max_body_bytes)
+                body_done = not message.get("more_body", False)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -301,4 +324,9 @@ class BodyGuardMiddleware:
                     "payload_too_large",
                     f"request body larger than {self.max_body_bytes} bytes (SD_MAX_BODY_BYTES)",
                     path=scope["path"],
+                )
+        except _BodyTimeout as error:
+            if not started["value"]:
+                await send_error(
+                    send, 408, "request_timeout", str(error.detail), [(b"connection", b"close")], path=scope["path"]
                 )
