@@ -21,6 +21,7 @@ from imagegen.api.errors import install_error_handlers
 from imagegen.api.middleware import (
     ApiKeyMiddleware,
     BodyGuardMiddleware,
+    HeadMiddleware,
     RequestContextMiddleware,
     collect_route_templates,
 )
@@ -142,7 +143,7 @@ def create_app(
     public = (*PUBLIC_PATHS, *assets.public_paths, *(("/metrics",) if settings.metrics_public else ()))
     install_openapi(app, auth_required=settings.api_key is not None, public_paths=public)
 
-    # Added innermost first: BodyGuard, then ApiKey, then CORS, then RequestContext (outermost).
+    # Added innermost first: BodyGuard, then ApiKey, then CORS, then HEAD as GET, then RequestContext (outermost).
     app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), public_paths=public)
@@ -154,6 +155,7 @@ def create_app(
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
             allow_credentials=False,
         )
+    app.add_middleware(HeadMiddleware)
     app.add_middleware(RequestContextMiddleware)
     return app
 

@@ -1,6 +1,7 @@
 """Pure ASGI middleware: request ids and access log, API key, body guard.
 
-Order (outermost first): RequestContext -> CORS (only when an allowlist is set) -> ApiKey -> BodyGuard.
+Order (outermost first): RequestContext -> Head (HEAD routed as GET) -> CORS (only when an allowlist is
+set) -> ApiKey -> BodyGuard.
 Authentication comes before the body is read, so an unauthenticated caller cannot make the service
 read (or parse) anything.
 """
@@ -77,12 +78,14 @@ def collect_route_templates(*routers: Any) -> list[tuple[re.Pattern[str], str, f
 
 def allowed_methods(scope: Scope) -> list[str]:
     """Every method some route answers on this path (the `Allow` header of a 405): routes of one
-    path may be declared apart (GET and DELETE /api/images/{name})."""
+    path may be declared apart (GET and DELETE /api/images/{name}). HEAD goes with GET."""
     state = getattr(scope.get("app"), "state", None)
     methods: set[str] = set()
     for regex, _, route_methods in getattr(state, "route_templates", ()):
         if regex.match(scope.get("path", "")):
             methods |= route_methods
+    if "GET" in methods:
+        methods.add("HEAD")
     return sorted(methods)
 
 
@@ -165,6 +168,43 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
+class HeadMiddleware:
+    """HEAD on every GET route (RFC 9110 9.3.2): routed as GET, answered with the GET's status and
+    headers and no body. Once the headers are out the app is told the client went away, so a stream
+    (the job events) ends at once instead of running for nobody. The access log still says HEAD."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        answered = asyncio.Event()
+
+        async def headers_only(message: Message) -> None:
+            if answered.is_set():
+                return  # the rest of the body (a stream's next chunks): nobody reads it
+            if message["type"] == "http.response.body":
+                answered.set()
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        async def until_answered() -> Message:
+            if answered.is_set():
+                return {"type": "http.disconnect"}
+            incoming = asyncio.ensure_future(receive())
+            done = asyncio.ensure_future(answered.wait())
+            await asyncio.wait({incoming, done}, return_when=asyncio.FIRST_COMPLETED)
+            if incoming.done():
+                done.cancel()
+                return incoming.result()
+            incoming.cancel()
+            return {"type": "http.disconnect"}
+
+        await self.app({**scope, "method": "GET"}, until_answered, headers_only)
+
+
 def _digest(value: str) -> bytes:
     return hashlib.sha256(value.encode("utf-8")).digest()
 
@@ -182,7 +222,9 @@ class ApiKeyMiddleware:
     def _candidates(self, scope: Scope) -> list[str]:
         found = _headers(scope, b"x-api-key")
         for value in _headers(scope, b"authorization"):
-            scheme, _, credentials = value.strip().partition(" ")
+            # Any run of spaces or tabs separates the scheme from the credentials (RFC 7235 and
+            # RFC 9110 allow both).
+            scheme, _, credentials = value.strip().replace("\t", " ").partition(" ")
             credentials = credentials.strip()
             if scheme.lower() == "bearer":
                 found.append(credentials)
@@ -202,7 +244,12 @@ class ApiKeyMiddleware:
         return ok
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in self._public:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] in self._public:
+            # Open to all; what a public route shows may still depend on the key (/health's details).
+            scope.setdefault("state", {})["authenticated"] = self.authorized(scope)
             await self.app(scope, receive, send)
             return
         if scope["type"] == "http" and scope["method"] == "OPTIONS" and _header(scope, b"origin"):

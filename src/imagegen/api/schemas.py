@@ -205,7 +205,7 @@ class HealthResponse(BaseModel):
     default_backend: str
     backends: dict[str, BackendHealthOut]
     queue: dict[str, Any]
-    version: str
+    version: str | None = Field(None, description="With the key (or when none is set) only.")
 
 
 class BackendOut(BackendHealthOut):
