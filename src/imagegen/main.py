@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from imagegen import __version__, preflight
-from imagegen.api import generate, health, images, jobs, presenters, web
+from imagegen.api import docs, generate, health, images, jobs, presenters, web
 from imagegen.api import metrics as metrics_api
 from imagegen.api.a1111 import routes as a1111
 from imagegen.api.errors import install_error_handlers
@@ -118,6 +118,10 @@ def create_app(
         description="Self-hosted image generation: Stable Diffusion, FLUX (local) and the BFL FLUX API behind one API.",
         lifespan=lifespan,
         responses=NATIVE_ERRORS,
+        # /docs is served by api/docs.py (local files, strict CSP), not from a CDN; no ReDoc.
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     app.state.services = services
     app.state.metrics_registry = metrics_api.app_registry(services)
@@ -135,6 +139,7 @@ def create_app(
         a1111.router,
         openai_images.router,
         web.make_router(assets, auth_required=settings.api_key is not None),
+        docs.make_router(app.title, app.openapi_url or "/openapi.json"),
     )
     for router in routers:
         app.include_router(router)
