@@ -46,10 +46,16 @@ def file_metadata(
 
 
 def a1111_parameters(meta: dict[str, Any]) -> str:
-    """The A1111 "parameters" text: prompt, optional negative prompt line, then key: value pairs."""
-    lines = [str(meta.get("prompt", ""))]
+    """The A1111 "parameters" text: prompt, optional negative prompt line, then key: value pairs.
+
+    Readers split it into lines (the last one holds the fields, a line starting "Negative prompt:" is
+    the negative prompt), so each part is one line: a prompt holding "\nSteps: 999" or
+    "\nNegative prompt: ..." cannot pass for a field. Line breaks and other control characters (a NUL
+    would end a PNG text chunk early for many readers) become spaces here; the exact prompt is in the
+    `imagegen` JSON chunk."""
+    lines = [_one_line(meta.get("prompt", ""))]
     if meta.get("negative_prompt"):
-        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+        lines.append(f"Negative prompt: {_one_line(meta['negative_prompt'])}")
     fields: list[tuple[str, Any]] = [
         ("Steps", meta.get("steps")),
         ("Sampler", meta.get("scheduler")),
@@ -64,9 +70,17 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: Line breaks (CR, LF, NEL, U+2028/9) and every other control character, NUL included.
+_CONTROL = re.compile("[\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]+")
+
+
+def _one_line(value: Any) -> str:
+    return _CONTROL.sub(" ", str(value))
+
+
 def _clean(value: Any) -> str:
     # Values are single-line and comma-separated in this format.
-    return str(value).replace("\n", " ").replace(",", " ")
+    return _one_line(value).replace(",", " ")
 
 
 def png_info(meta: dict[str, Any]):  # type: ignore[no-untyped-def]
