@@ -280,6 +280,32 @@ def test_client_disconnect_cancels_its_synchronous_job(fake_client) -> None:
     assert client.post("/api/txt2img", json={"prompt": "next", "steps": 2}).status_code == 200
 
 
+def test_a_caller_that_goes_away_is_logged_499_not_409(fake_client) -> None:
+    """Nobody reads the answer of a caller that disconnected: the log and the metrics say 499 (client
+    closed request), neither a conflict nor a warning."""
+    from tests.ops.test_logs import capture_service_log, wait_for
+
+    client, _fake = fake_client({"step_delay": 0.05, "default_steps": 150}, log_level="info")
+    log = capture_service_log(client)
+    host, port = client.base_url.host, client.base_url.port
+    body = b'{"prompt": "gone"}'
+    with socket.create_connection((host, port)) as raw:
+        raw.sendall(
+            b"POST /api/txt2img HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 10
+        while not client.get("/api/jobs", params={"status": "running"}).json()["jobs"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    text = wait_for(log, "POST /api/txt2img 499")
+    assert "POST /api/txt2img 409" not in text and "WARNING" not in text
+    metrics = client.get("/metrics").text
+    assert 'route="/api/txt2img",status="499"' in metrics
+    assert 'route="/api/txt2img",status="409"' not in metrics
+
+
 def test_draining_refuses_new_jobs(fake_client) -> None:
     client, _ = fake_client()
     client.app.state.services.engine.begin_drain()  # type: ignore[attr-defined]

@@ -30,6 +30,7 @@ from imagegen.engine.results import JobResult, StoredImage, Timings
 from imagegen.engine.store import JobStore
 from imagegen.errors import (
     BackendUnavailableError,
+    ClientClosedRequestError,
     ConflictError,
     DeadlineExceededError,
     GenerationFailedError,
@@ -362,7 +363,7 @@ class JobEngine:
         if job_id not in self._sync_waiters and job_id in self._active:
             log.info("job=%s caller disconnected; cancelling", job_id)
             await self.cancel(job_id, reason="the caller disconnected")
-        raise JobCancelledError("the caller disconnected")
+        raise ClientClosedRequestError("the caller disconnected")
 
     # -- cancel --------------------------------------------------------------------------------
     async def cancel(self, job_id: str, reason: str = "cancelled by request") -> Job:
