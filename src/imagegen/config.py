@@ -258,7 +258,9 @@ class Settings(BaseSettings):
     )
     shutdown_grace: float = Field(30.0, ge=0, le=3600, description="Seconds running jobs get to finish on SIGTERM.")
     public_url: str | None = Field(
-        None, description="Base URL used in image links (e.g. behind a reverse proxy); default: the request's."
+        None,
+        description="Base URL of the links in answers (image urls, status_url, Location); default: relative links "
+        "(never the request's Host header). The OpenAI dialect's url falls back to the URL the request used.",
     )
 
     # --- webhooks ------------------------------------------------------------------------------

@@ -119,6 +119,33 @@ def test_job_lifecycle_body_and_links(fake_client) -> None:
     assert all(image["b64"] is None and image["url"] for image in light["result"]["images"])
 
 
+@pytest.mark.parametrize("public_url", [None, "https://images.example.org/gen"])
+def test_links_never_reflect_the_host_header(fake_client, public_url: str | None) -> None:
+    """A Host header (any caller, or a proxy passing one on) must not decide where links point."""
+    client, _ = fake_client(public_url=public_url)
+    evil = {"Host": "evil.example:666", "X-Forwarded-Host": "evil.example"}
+    accepted = client.post("/api/jobs", json={"prompt": "links", "seed": 1}, headers=evil)
+    assert accepted.status_code == 202
+    body = accepted.json()
+    base = public_url or ""
+    assert body["status_url"] == f"{base}/api/jobs/{body['id']}"
+    assert body["events_url"] == f"{base}/api/jobs/{body['id']}/events"
+    assert accepted.headers["location"] == body["status_url"]
+    done = wait_status(client, body["id"], {"succeeded"})
+    image = client.get(f"/api/jobs/{body['id']}", headers=evil).json()["result"]["images"][0]
+    assert (
+        image["url"]
+        == f"{base}/api/images/{image['filename']}"
+        == f"{base}/api/images/{done['result']['images'][0]['filename']}"
+    )
+    sync = client.post("/api/txt2img", json={"prompt": "links"}, headers=evil).json()["images"][0]
+    assert sync["url"] == f"{base}/api/images/{sync['filename']}"
+    listed = client.get("/api/images", headers=evil).json()["images"]
+    assert listed and all(item["url"].startswith(f"{base}/api/images/") for item in listed)
+    for answer in (accepted.text, client.get(f"/api/jobs/{body['id']}", headers=evil).text):
+        assert "evil.example" not in answer
+
+
 def test_listing_with_filters(fake_client) -> None:
     client, _ = fake_client()
     ok = [submit(client, prompt=f"list {i}")["id"] for i in range(3)]
