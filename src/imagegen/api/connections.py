@@ -43,6 +43,8 @@ log = logging.getLogger("imagegen.connections")
 BODY_GRACE = 2.0
 #: File descriptors kept for what is not a client connection (job database, model files, BFL calls).
 _SPARE_FILES = 256
+#: Seconds between two log lines about refused connections.
+_REFUSAL_LOG_EVERY = 10.0
 
 _TIMEOUT_408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _FULL_503 = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\nretry-after: 1\r\n\r\n"
@@ -63,6 +65,7 @@ class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with header and body deadlines and a bound on open connections."""
 
     limits: ClassVar[ConnectionLimits]
+    _last_refusal_logged: ClassVar[float] = float("-inf")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -130,7 +133,8 @@ class GuardedH11Protocol(H11Protocol):
             return
         if self.cycle is None or not self.cycle.response_started or self.cycle.response_complete:
             self.transport.write(_TIMEOUT_408)  # no response under way: a plain 408 can go out
-        log.info(
+        # Debug only: a flood of slow clients must not become a flood of log lines.
+        log.debug(
             "closed a connection from %s: request %s not complete within %g s",
             _client(self.client),
             "headers" if kind == "header" else "body",
@@ -154,7 +158,13 @@ class GuardedH11Protocol(H11Protocol):
             and not connection.transport.is_closing()
         ]
         if not candidates:
-            log.warning("refused a connection: all %d connections are serving requests", len(self.connections) - 1)
+            now = self.loop.time()
+            if now - GuardedH11Protocol._last_refusal_logged >= _REFUSAL_LOG_EVERY:  # one line per period
+                GuardedH11Protocol._last_refusal_logged = now
+                log.warning(
+                    "refusing connections: all %d connections are serving requests (SD_MAX_CONNECTIONS)",
+                    len(self.connections) - 1,
+                )
             return False
         oldest = min(candidates, key=lambda connection: connection.waiting_since)
         oldest.transport.close()
