@@ -123,7 +123,8 @@ async def _slow_clients(url: str, count: int, kind: str, seconds: float) -> dict
         await asyncio.sleep(1.0)
         held.append(stats["open"])
     stop.set()
-    await asyncio.wait(clients, timeout=5)
+    if clients:
+        await asyncio.wait(clients, timeout=5)
     for task in clients:
         task.cancel()
     return {"held_min": min(held), "held_max": max(held), "dropped": stats["dropped"], "refused": stats["refused"]}
