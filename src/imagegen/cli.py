@@ -50,18 +50,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from imagegen.api.connections import server_config
     from imagegen.main import create_app
 
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        access_log=False,  # the service logs one line per request itself (path only, with request id)
-        timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
-        proxy_headers=True,
-    )
-    uvicorn.Server(config).run()
+    # Header, body and keep-alive timeouts and the bound on connections (api/connections.py).
+    uvicorn.Server(server_config(app, settings)).run()
     return 0
 
 

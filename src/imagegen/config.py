@@ -83,6 +83,29 @@ class Settings(BaseSettings):
         description="Comma-separated origins allowed by CORS. Empty (default): CORS closed.",
     )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="Seconds a client has to send a request's headers (from connecting, or from the first byte of "
+        "the next request on a kept-alive connection); then 408 and the connection is closed (imagegen serve).",
+    )
+    body_timeout: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Seconds a client has to send a request's body once its headers are in; then 408.",
+    )
+    keepalive_timeout: int = Field(
+        5, ge=1, le=600, description="Seconds an idle kept-alive connection stays open (imagegen serve)."
+    )
+    max_connections: int = Field(
+        1000,
+        ge=16,
+        le=100_000,
+        description="Most connections open at once (imagegen serve); when full, the one that has waited longest "
+        "for a request is closed first, and a new connection is refused only when all are serving requests.",
+    )
     metrics_public: bool = Field(
         False,
         description="Serve /metrics without the API key (a scraper on a trusted network). Default: /metrics "
@@ -268,14 +291,22 @@ class Settings(BaseSettings):
     )
     shutdown_grace: float = Field(30.0, ge=0, le=3600, description="Seconds running jobs get to finish on SIGTERM.")
     public_url: str | None = Field(
-        None, description="Base URL used in image links (e.g. behind a reverse proxy); default: the request's."
+        None,
+        description="Base URL of the links in answers (image urls, status_url, Location); default: relative links "
+        "(never the request's Host header). The OpenAI dialect's url falls back to the URL the request used.",
     )
 
     # --- webhooks ------------------------------------------------------------------------------
     webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key signing webhook bodies.")
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated hosts callbacks may go to. Empty: any public or private host.",
+        description="Comma-separated hosts callbacks may go to (listed hosts may be private or loopback). "
+        "Empty: any public host.",
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="Allow callbacks to loopback and private addresses (10/8, 172.16/12, 192.168/16, fc00::/7, "
+        "localhost...) for any host. Default: only hosts listed in SD_WEBHOOK_ALLOWED_HOSTS may be private.",
     )
     webhook_timeout: float = Field(10.0, gt=0, le=300)
     webhook_max_attempts: int = Field(5, ge=1, le=20)

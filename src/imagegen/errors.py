@@ -115,10 +115,18 @@ class DeadlineExceededError(ServiceError):
 
 
 class JobCancelledError(ServiceError):
-    # 499 is nginx's "client closed request"; a cancelled job never reaches a connected caller
-    # except through the job API, where it is a state, not an error.
+    # A cancelled job never reaches a connected caller except through the job API, where it is a
+    # state, not an error.
     status_code = 409
     error_type = "cancelled"
+
+
+class ClientClosedRequestError(ServiceError):
+    """A synchronous caller went away before its answer: nobody reads this one; it is logged and
+    counted as 499 (nginx's "client closed request"), the client's doing, not a conflict or a failure."""
+
+    status_code = 499
+    error_type = "client_closed_request"
 
 
 class GenerationFailedError(ServiceError):

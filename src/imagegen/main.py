@@ -14,13 +14,14 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from imagegen import __version__, preflight
-from imagegen.api import generate, health, images, jobs, loras, presenters, web
+from imagegen.api import docs, generate, health, images, jobs, loras, presenters, web
 from imagegen.api import metrics as metrics_api
 from imagegen.api.a1111 import routes as a1111
 from imagegen.api.errors import install_error_handlers
 from imagegen.api.middleware import (
     ApiKeyMiddleware,
     BodyGuardMiddleware,
+    HeadMiddleware,
     RequestContextMiddleware,
     collect_route_templates,
 )
@@ -121,6 +122,10 @@ def create_app(
         description="Self-hosted image generation: Stable Diffusion, FLUX (local) and the BFL FLUX API behind one API.",
         lifespan=lifespan,
         responses=NATIVE_ERRORS,
+        # /docs is served by api/docs.py (local files, strict CSP), not from a CDN; no ReDoc.
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     app.state.services = services
     app.state.metrics_registry = metrics_api.app_registry(services)
@@ -139,6 +144,7 @@ def create_app(
         a1111.router,
         openai_images.router,
         web.make_router(assets, auth_required=settings.api_key is not None),
+        docs.make_router(app.title, app.openapi_url or "/openapi.json"),
     )
     for router in routers:
         app.include_router(router)
@@ -147,10 +153,11 @@ def create_app(
     public = (*PUBLIC_PATHS, *assets.public_paths, *(("/metrics",) if settings.metrics_public else ()))
     install_openapi(app, auth_required=settings.api_key is not None, public_paths=public)
 
-    # Added innermost first: BodyGuard, then ApiKey, then CORS, then RequestContext (outermost).
+    # Added innermost first: BodyGuard, then ApiKey, then CORS, then HEAD as GET, then RequestContext (outermost).
     app.add_middleware(
         BodyGuardMiddleware,
         max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout,
         upload_bytes=settings.max_upload_bytes,
         upload_paths=UPLOAD_PATHS,
         multipart_paths=MULTIPART_PATHS,
@@ -166,6 +173,7 @@ def create_app(
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
             allow_credentials=False,
         )
+    app.add_middleware(HeadMiddleware)
     app.add_middleware(RequestContextMiddleware)
     return app
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from imagegen.engine.store import DB_DIR_MODE
 from imagegen.storage.disk_usage import free_bytes
+from imagegen.storage.outputs import DIR_MODE as OUTPUT_DIR_MODE
 
 if TYPE_CHECKING:
     from imagegen.config import Settings
@@ -52,10 +54,11 @@ def describe_write_error(name: str, path: Path, error: OSError) -> str:
     return f"{name}={path} cannot be written: {error.strerror or type(error).__name__}"
 
 
-def check_writable(path: Path) -> OSError | None:
-    """Create the folder if needed and write a probe file in it; the error, if any."""
+def check_writable(path: Path, mode: int = 0o777) -> OSError | None:
+    """Create the folder if needed (with `mode`, less the umask) and write a probe file in it; the
+    error, if any."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True, mode=mode)
         with tempfile.NamedTemporaryFile(prefix=".tmp-write-check-", dir=path):
             pass
     except OSError as error:
@@ -65,13 +68,14 @@ def check_writable(path: Path) -> OSError | None:
 
 def check(settings: Settings) -> Findings:
     findings = Findings()
+    # The modes the stores give the folders they create (outputs 0750, the job database's 0700).
     folders = (
-        ("SD_OUTPUT_DIR", Path(settings.output_dir), True),
-        ("SD_DATA_DIR", Path(settings.data_dir), True),
-        ("SD_MODEL_DIR", Path(settings.model_dir), False),
+        ("SD_OUTPUT_DIR", Path(settings.output_dir), True, OUTPUT_DIR_MODE),
+        ("SD_DATA_DIR", Path(settings.data_dir), True, DB_DIR_MODE),
+        ("SD_MODEL_DIR", Path(settings.model_dir), False, 0o777),
     )
-    for name, path, required in folders:
-        error = check_writable(path)
+    for name, path, required, mode in folders:
+        error = check_writable(path, mode)
         if error is not None:
             message = describe_write_error(name, path, error)
             if required:

@@ -56,9 +56,12 @@ class Services:
     input_retention: InputPruneTask | None = None
 
     async def start(self) -> None:
-        """Backends (and the device manager they share) first, then the engine's lanes, then upkeep."""
+        """Backends (and the device manager they share) first, then the engine's lanes and the
+        webhook deliveries left pending, then upkeep."""
         await self.registry.start()
         await self.engine.start()
+        if self.webhooks is not None:
+            self.webhooks.resume(self.store)  # deliveries a previous process left pending
         if self.retention is not None:
             self.retention.start()
         if self.input_retention is not None:

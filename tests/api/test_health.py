@@ -116,3 +116,57 @@ def test_settings_limits_are_applied(serve: Callable[..., httpx.Client]) -> None
     assert caps["max_steps"] == 5 and caps["max_width"] == 128
     response = client.post("/api/txt2img", json={"prompt": "x", "steps": 6})
     assert response.status_code == 422 and response.json()["error"]["param"] == "steps"
+
+
+def test_public_health_is_states_and_reasons_only(serve: Callable[..., httpx.Client], fake_factory) -> None:
+    """Without the key (one is set): no BFL host or credit balance, no memory, no pipeline, no version.
+    With it, /health keeps every detail."""
+    from tests.support.fake_bfl import FakeBFL
+    from tests.support.server import LiveServer
+
+    key = "health-key-4411"
+    fake_bfl = FakeBFL(api_key="bfl_health", generation_time=0.01, credits=123.0)
+    with LiveServer(fake_bfl.app) as bfl:
+        factories, _ = fake_factory()
+        client = serve(
+            api_key=key,
+            bfl_api_key="bfl_health",
+            bfl_api_url=bfl.url,
+            factories={**factories, "sd": GatedStableDiffusionBackend},
+            default_backend="fake",
+            ready=False,
+        )
+        GatedStableDiffusionBackend.gate.set()
+        import time
+
+        deadline = time.monotonic() + 30
+        while (
+            client.get("/health", headers={"X-API-Key": key}).json()["backends"]["flux-api"].get("key_check")
+            == "unchecked"
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        full = client.get("/health", headers={"X-API-Key": key})
+        public = client.get("/health")
+    assert full.status_code == public.status_code == 200
+    body = public.json()
+    assert set(body) == {"status", "default_backend", "backends", "queue"}
+    assert body["status"] == "ok" and body["default_backend"] == "fake"
+    for name, backend in body["backends"].items():
+        assert set(backend) == {"state", "reason"}, name
+    assert body["backends"]["flux-api"] == {"state": "ready", "reason": "ready"}
+    host = bfl.url.removeprefix("http://")
+    for secretish in (host, "123", "credits", "rss", "memory", "Pipeline", "version", "cpu", "float32"):
+        assert secretish not in public.text, secretish
+    # The key holder sees it all.
+    detailed = full.json()
+    assert detailed["version"] and detailed["backends"]["flux-api"]["credits"] == 123.0
+    assert host in detailed["backends"]["flux-api"]["api_host"]
+    # A wrong key is the same as none (no 401 on a public route either).
+    wrong = client.get("/health", headers={"X-API-Key": key + "x"})
+    assert wrong.status_code == 200 and wrong.json() == body
+
+
+def test_without_a_key_set_health_keeps_its_details(sd_client: httpx.Client) -> None:
+    body = sd_client.get("/health").json()
+    assert body["version"] and body["backends"]["sd"]["device"] == "cpu"

@@ -37,6 +37,8 @@ def test_health_routes_stay_open(client: httpx.Client) -> None:
         {"X-API-Key": KEY},
         {"Authorization": f"Bearer {KEY}"},
         {"Authorization": f"bearer {KEY}"},
+        {"Authorization": f"Bearer\t{KEY}"},  # RFC 7235/9110: any spaces or tabs after the scheme
+        {"Authorization": f"Bearer \t {KEY}"},
         {"Authorization": basic("anyone", KEY)},
         {"Authorization": basic("", KEY)},
     ],

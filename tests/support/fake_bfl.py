@@ -14,6 +14,7 @@ Words in the prompt pick an outcome, so a server in another process needs no wir
   fail-task        Error
   lose-task        Task not found
   corrupt-result   Ready, but the sample URL serves bytes that are not an image
+  redirect-loop    Ready, but the sample URL redirects to itself, for ever
   slow-task        ten times the generation time
 Tests can also inject HTTP answers per route with `FakeBFL.inject(...)`.
 
@@ -43,7 +44,7 @@ from typing import Any
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 DEFAULT_KEY = "bfl_fake-dev-key"
@@ -133,6 +134,7 @@ class Task:
     height: int
     output_format: str
     corrupt: bool = False
+    redirect_loop: bool = False
     sample_expires: float | None = None  # wall clock, set when first reported Ready
     rendered: asyncio.Future[bytes] | None = None  # the result bytes, made during the generation time
 
@@ -381,6 +383,7 @@ class FakeBFL:
                 height=height,
                 output_format=body.get("output_format", "jpeg"),
                 corrupt="corrupt-result" in prompt,
+                redirect_loop="redirect-loop" in prompt,
             )
             self.tasks[task.id] = task
             if outcome == "ready" and not task.corrupt:
@@ -487,6 +490,8 @@ class FakeBFL:
                 media_type="application/xml",
             )
         assert task is not None
+        if task.redirect_loop:
+            return RedirectResponse(str(request.url), status_code=302)
         if task.corrupt or task.rendered is None:
             data, media = b"this is not an image" * 10, "image/png"
         else:

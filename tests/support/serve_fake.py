@@ -9,6 +9,7 @@ import os
 
 import uvicorn
 
+from imagegen.api.connections import server_config
 from imagegen.config import load_settings
 from imagegen.main import create_app
 from tests.support.fake_backend import FakeBackend
@@ -25,15 +26,8 @@ def main() -> None:
         backend_factories={"fake": lambda s: FakeBackend(s, step_delay=delay)},
         default_backend="fake",
     )
-    uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=args.port,
-            log_level="warning",
-            timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
-        )
-    ).run()
+    # The configuration `imagegen serve` runs: the same protocol, timeouts and bound on connections.
+    uvicorn.Server(server_config(app, settings, log_level="warning")).run()
 
 
 if __name__ == "__main__":

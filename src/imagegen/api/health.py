@@ -7,7 +7,7 @@ import platform
 from importlib import metadata
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from imagegen import __version__
@@ -18,22 +18,41 @@ from imagegen.backends.base import BackendState
 router = APIRouter(tags=["health"])
 
 
+def sees_details(request: Request, services: ServicesDep) -> bool:
+    """Whether the caller of a public route may see more than states and reasons: no key is set, or
+    it sent the key (ApiKeyMiddleware checks it on public routes too, without refusing)."""
+    if services.settings.api_key is None:
+        return True
+    return bool(request.scope.get("state", {}).get("authenticated"))
+
+
+def _public(backend: dict[str, Any]) -> dict[str, Any]:
+    """A backend's state and reason as anyone may read them: a ready backend's reason carries details
+    (the BFL host and credit balance), so it reads "ready"; other reasons say what to fix."""
+    ready = backend["state"] == BackendState.READY.value
+    return {"state": backend["state"], "reason": "ready" if ready else backend["reason"]}
+
+
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
-def health(services: ServicesDep) -> JSONResponse:
-    """Readiness: 200 when the default backend is ready, 503 while it loads, after it failed, or while draining."""
+def health(request: Request, services: ServicesDep) -> JSONResponse:
+    """Readiness: 200 when the default backend is ready, 503 while it loads, after it failed, or while draining.
+    Without the key (when one is set): states and reasons only; with it, each backend's details too
+    (model, device, memory, BFL host and credits) and the version."""
     backends = {backend.id: backend.health().to_dict() for backend in services.registry}
     default = services.registry.default_id
     state = backends[default]["state"]
     ready = state == BackendState.READY.value and not services.engine.draining
     status = "ok" if ready else ("draining" if services.engine.draining else state)
     stats = services.engine.stats()
-    body = {
+    details = sees_details(request, services)
+    body: dict[str, Any] = {
         "status": status,
         "default_backend": default,
-        "backends": backends,
+        "backends": backends if details else {name: _public(backend) for name, backend in backends.items()},
         "queue": {"queued": stats["queued"], "running": stats["running"], "max_queue": stats["max_queue"]},
-        "version": __version__,
     }
+    if details:
+        body["version"] = __version__
     return JSONResponse(body, status_code=200 if ready else 503)
 
 

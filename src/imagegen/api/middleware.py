@@ -1,12 +1,14 @@
 """Pure ASGI middleware: request ids and access log, API key, body guard.
 
-Order (outermost first): RequestContext -> CORS (only when an allowlist is set) -> ApiKey -> BodyGuard.
+Order (outermost first): RequestContext -> Head (HEAD routed as GET) -> CORS (only when an allowlist is
+set) -> ApiKey -> BodyGuard.
 Authentication comes before the body is read, so an unauthenticated caller cannot make the service
 read (or parse) anything.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -77,12 +79,14 @@ def collect_route_templates(*routers: Any) -> list[tuple[re.Pattern[str], str, f
 
 def allowed_methods(scope: Scope) -> list[str]:
     """Every method some route answers on this path (the `Allow` header of a 405): routes of one
-    path may be declared apart (GET and DELETE /api/images/{name})."""
+    path may be declared apart (GET and DELETE /api/images/{name}). HEAD goes with GET."""
     state = getattr(scope.get("app"), "state", None)
     methods: set[str] = set()
     for regex, _, route_methods in getattr(state, "route_templates", ()):
         if regex.match(scope.get("path", "")):
             methods |= route_methods
+    if "GET" in methods:
+        methods.add("HEAD")
     return sorted(methods)
 
 
@@ -165,6 +169,43 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
+class HeadMiddleware:
+    """HEAD on every GET route (RFC 9110 9.3.2): routed as GET, answered with the GET's status and
+    headers and no body. Once the headers are out the app is told the client went away, so a stream
+    (the job events) ends at once instead of running for nobody. The access log still says HEAD."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        answered = asyncio.Event()
+
+        async def headers_only(message: Message) -> None:
+            if answered.is_set():
+                return  # the rest of the body (a stream's next chunks): nobody reads it
+            if message["type"] == "http.response.body":
+                answered.set()
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        async def until_answered() -> Message:
+            if answered.is_set():
+                return {"type": "http.disconnect"}
+            incoming = asyncio.ensure_future(receive())
+            done = asyncio.ensure_future(answered.wait())
+            await asyncio.wait({incoming, done}, return_when=asyncio.FIRST_COMPLETED)
+            if incoming.done():
+                done.cancel()
+                return incoming.result()
+            incoming.cancel()
+            return {"type": "http.disconnect"}
+
+        await self.app({**scope, "method": "GET"}, until_answered, headers_only)
+
+
 def _digest(value: str) -> bytes:
     return hashlib.sha256(value.encode("utf-8")).digest()
 
@@ -182,7 +223,9 @@ class ApiKeyMiddleware:
     def _candidates(self, scope: Scope) -> list[str]:
         found = _headers(scope, b"x-api-key")
         for value in _headers(scope, b"authorization"):
-            scheme, _, credentials = value.strip().partition(" ")
+            # Any run of spaces or tabs separates the scheme from the credentials (RFC 7235 and
+            # RFC 9110 allow both).
+            scheme, _, credentials = value.strip().replace("\t", " ").partition(" ")
             credentials = credentials.strip()
             if scheme.lower() == "bearer":
                 found.append(credentials)
@@ -202,7 +245,12 @@ class ApiKeyMiddleware:
         return ok
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in self._public:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] in self._public:
+            # Open to all; what a public route shows may still depend on the key (/health's details).
+            scope.setdefault("state", {})["authenticated"] = self.authorized(scope)
             await self.app(scope, receive, send)
             return
         if scope["type"] == "http" and scope["method"] == "OPTIONS" and _header(scope, b"origin"):
@@ -237,9 +285,21 @@ def _origin_host(origin: str) -> str | None:
     return parts.netloc.lower() if parts.scheme in ("http", "https") and parts.netloc else None
 
 
+class _BodyTimeout(StarletteHTTPException):
+    """Raised from `receive` when the body is not in within SD_BODY_TIMEOUT; the connection is closed
+    after the answer (a client that slow is not kept for another request)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            408, f"the request body did not arrive within {seconds:g} s (SD_BODY_TIMEOUT)", {"Connection": "close"}
+        )
+
+
 class BodyGuardMiddleware:
     """Refuses bodies over the size limit (413, before parsing) and non-JSON bodies on state-changing
-    methods (415): a plain HTML form cannot post here, which closes the CSRF door.
+    methods (415): a plain HTML form cannot post here, which closes the CSRF door. A body must be in
+    within SD_BODY_TIMEOUT seconds of the request's start (408): a client sending a byte a second
+    cannot hold a request open (api/connections.py closes the connections of bodies nobody reads).
 
     The routes that take images (`upload_paths`) have their own limit, SD_MAX_UPLOAD_BYTES; every other
     route keeps SD_MAX_BODY_BYTES. Multipart bodies are accepted on `multipart_paths` only (OpenAI's
@@ -252,6 +312,7 @@ class BodyGuardMiddleware:
         app: ASGIApp,
         max_body_bytes: int,
         *,
+        body_timeout: float = 30.0,
         upload_bytes: int | None = None,
         upload_paths: Iterable[str] = (),
         multipart_paths: Iterable[str] = (),
@@ -259,6 +320,7 @@ class BodyGuardMiddleware:
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
         self.upload_bytes = upload_bytes if upload_bytes is not None else max_body_bytes
         self.upload_paths = frozenset(upload_paths)
         self.multipart_paths = frozenset(multipart_paths)
@@ -325,14 +387,23 @@ class BodyGuardMiddleware:
 
         received = 0
         started = {"value": False}
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:
+                return await receive()  # after the body: only the disconnect is left to wait for, unbounded
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise _BodyTimeout(self.body_timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise _BodyTooLarge(limit, setting)
+                body_done = not message.get("more_body", False)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -346,4 +417,9 @@ class BodyGuardMiddleware:
             if not started["value"]:
                 await send_error(
                     send, 413, "payload_too_large", f"request body larger than {limit} bytes ({setting})", path=path
+                )
+        except _BodyTimeout as error:
+            if not started["value"]:
+                await send_error(
+                    send, 408, "request_timeout", str(error.detail), [(b"connection", b"close")], path=scope["path"]
                 )

@@ -7,9 +7,10 @@ the backend's `resolve`, with messages that name the parameter.
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imagegen.api.dialects import Dialect, documented_errors
 from imagegen.api.translation import RequestDefaults, Target
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
 
 _HARD_MAX_SIDE = 16384
 _HARD_MAX_TEXT = 100_000
+#: Unknown keys validated (and reported) at most: a body of 80,000 unknown keys would otherwise cost
+#: about a second of event loop building 80,000 errors that nobody reads (the answer names the first).
+MAX_UNKNOWN_KEYS = 4
 
 
 class LoraIn(BaseModel):
@@ -62,6 +66,17 @@ class Txt2ImgRequest(BaseModel):
         max_length=64,
         description="sd and flux-local: LoRA adapters from SD_LORA_DIR (GET /api/loras), at most SD_MAX_LORAS.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bound_unknown_keys(cls, data: Any) -> Any:
+        """Keep the known keys and the first MAX_UNKNOWN_KEYS unknown ones (which are still refused):
+        the work done on a body is bounded by the fields, not by what a caller can pack into it."""
+        fields = cls.model_fields
+        if not isinstance(data, dict) or len(data) <= len(fields) + MAX_UNKNOWN_KEYS:
+            return data
+        unknown = itertools.islice((key for key in data if key not in fields), MAX_UNKNOWN_KEYS)
+        return {key: data[key] for key in (*(name for name in fields if name in data), *unknown)}
 
     def target(self, registry: BackendRegistry) -> Target:
         return Target(registry.get(self.backend), self.model)
@@ -286,7 +301,7 @@ class HealthResponse(BaseModel):
     default_backend: str
     backends: dict[str, BackendHealthOut]
     queue: dict[str, Any]
-    version: str
+    version: str | None = Field(None, description="With the key (or when none is set) only.")
 
 
 class BackendOut(BackendHealthOut):

@@ -31,6 +31,7 @@ from imagegen.engine.store import JobStore
 from imagegen.errors import (
     BackendNotConfiguredError,
     BackendUnavailableError,
+    ClientClosedRequestError,
     ConflictError,
     DeadlineExceededError,
     GenerationFailedError,
@@ -374,7 +375,7 @@ class JobEngine:
         if job_id not in self._sync_waiters and job_id in self._active:
             log.info("job=%s caller disconnected; cancelling", job_id)
             await self.cancel(job_id, reason="the caller disconnected")
-        raise JobCancelledError("the caller disconnected")
+        raise ClientClosedRequestError("the caller disconnected")
 
     # -- cancel --------------------------------------------------------------------------------
     async def cancel(self, job_id: str, reason: str = "cancelled by request") -> Job:
@@ -567,6 +568,9 @@ class JobEngine:
         job.finished_at = time.time()
         job.result = result
         job.error = None if error is None else {**error.to_dict(), "status_code": error.status_code}
+        if job.callback_url and self.webhooks is not None:
+            # Stored with the final state, in the same write: a crash from here on cannot lose it.
+            job.webhook = self.webhooks.pending_state()
         self.store.update(job)
         self._active.pop(job.id, None)
         future = self._done.pop(job.id, None)
@@ -596,10 +600,8 @@ class JobEngine:
         )
         if self._on_final is not None:
             self._on_final(job)
-        if job.callback_url and self.webhooks is not None and self._loop is not None:
-            task = self._loop.create_task(self.webhooks.deliver(job, self.store))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        if job.callback_url and self.webhooks is not None:
+            self.webhooks.schedule(job, self.store)
 
     def _publish_positions(self, lane: Lane) -> None:
         for position, job in enumerate(lane.jobs()):

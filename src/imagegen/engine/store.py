@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -37,6 +38,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
+CREATE INDEX IF NOT EXISTS jobs_webhook_pending ON jobs (seq) WHERE json_extract(webhook, '$.status') = 'pending';
 """
 
 _COLUMNS = (
@@ -72,8 +74,31 @@ class JobStore(abc.ABC):
     def unfinished(self) -> list[Job]:
         """Queued and running jobs, oldest first (what a restart must resume)."""
 
+    @abc.abstractmethod
+    def pending_webhooks(self) -> list[Job]:
+        """Jobs whose webhook delivery is still pending, oldest first (what a restart must resume)."""
+
     def close(self) -> None:
         """Release connections."""
+
+
+#: The database holds prompts, callback URLs and results: readable by the service's user only. SQLite
+#: gives its -wal and -shm files the database file's mode.
+DB_MODE = 0o600
+DB_DIR_MODE = 0o700
+
+
+def _private_database(path: Path) -> None:
+    """Create the folder (0700) and the database file (0600) before SQLite does (it would use the
+    umask, typically 0644); tighten the files a previous version left readable to all."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=DB_DIR_MODE)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, DB_MODE))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if file.exists() and file.stat().st_mode & 0o777 != DB_MODE:
+                os.chmod(file, DB_MODE)
+        except OSError:
+            pass  # not ours to change (a shared volume): it stays as the operator set it
 
 
 def _dump(value: Any) -> str | None:
@@ -89,7 +114,7 @@ class SQLiteJobStore(JobStore):
 
     def __init__(self, path: Path | str) -> None:
         if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _private_database(Path(path))
         self.path = str(path)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -201,6 +226,13 @@ class SQLiteJobStore(JobStore):
             rows = self._conn.execute(
                 f"SELECT {_COLUMNS} FROM jobs WHERE status IN (?, ?) ORDER BY seq",
                 (JobStatus.QUEUED.value, JobStatus.RUNNING.value),
+            ).fetchall()
+        return [self._job(row) for row in rows]
+
+    def pending_webhooks(self) -> list[Job]:
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE json_extract(webhook, '$.status') = 'pending' ORDER BY seq"
             ).fetchall()
         return [self._job(row) for row in rows]
 

@@ -72,13 +72,19 @@ def lora_tags(loras: list[dict[str, Any]]) -> str:
 
 def a1111_parameters(meta: dict[str, Any]) -> str:
     """The A1111 "parameters" text: prompt (with its LoRA tags, as A1111 writes them), optional
-    negative prompt line, then key: value pairs."""
+    negative prompt line, then key: value pairs.
+
+    Readers split it into lines (the last one holds the fields, a line starting "Negative prompt:" is
+    the negative prompt), so each part is one line: a prompt holding "\nSteps: 999" or
+    "\nNegative prompt: ..." cannot pass for a field. Line breaks and other control characters (a NUL
+    would end a PNG text chunk early for many readers) become spaces here; the exact prompt is in the
+    `imagegen` JSON chunk."""
     found = meta.get("loras")
     loras: list[dict[str, Any]] = found if isinstance(found, list) else []
-    prompt = str(meta.get("prompt", ""))
+    prompt = _one_line(meta.get("prompt", ""))
     lines = [f"{prompt} {lora_tags(loras)}" if loras else prompt]
     if meta.get("negative_prompt"):
-        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+        lines.append(f"Negative prompt: {_one_line(meta['negative_prompt'])}")
     fields: list[tuple[str, Any]] = [
         ("Steps", meta.get("steps")),
         ("Sampler", meta.get("scheduler")),
@@ -103,9 +109,17 @@ def _lora_hashes(loras: list[dict[str, Any]]) -> str | None:
     return '"' + ", ".join(pairs) + '"' if pairs else None
 
 
+#: Line breaks (CR, LF, NEL, U+2028/9) and every other control character, NUL included.
+_CONTROL = re.compile("[\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]+")
+
+
+def _one_line(value: Any) -> str:
+    return _CONTROL.sub(" ", str(value))
+
+
 def _clean(value: Any) -> str:
     # Values are single-line and comma-separated in this format.
-    return str(value).replace("\n", " ").replace(",", " ")
+    return _one_line(value).replace(",", " ")
 
 
 def png_info(meta: dict[str, Any]) -> PngInfo:

@@ -29,6 +29,10 @@ MIME_BY_EXTENSION = {ext: mime for ext, mime, _ in FORMATS.values()}
 
 #: 20261127-054401-3f9a0c1b2d4e.png
 NAME_PATTERN = re.compile(r"^(\d{8})-(\d{6})-([0-9a-f]{12})\.(png|jpg|webp)$")
+#: Images carry their prompts: readable by the service's user and its group (a web server or backup
+#: that shares the group), never by every user of the machine.
+FILE_MODE = 0o640
+DIR_MODE = 0o750
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ class SavedFile:
 class OutputStore:
     def __init__(self, root: Path) -> None:
         root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)  # the mode applies when it is created here
         self.root = Path(os.path.realpath(root))
 
     @staticmethod
@@ -81,7 +85,7 @@ class OutputStore:
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
-            os.chmod(temp, 0o644)
+            os.chmod(temp, FILE_MODE)
             os.replace(temp, self.root / name)
         except BaseException:
             Path(temp).unlink(missing_ok=True)

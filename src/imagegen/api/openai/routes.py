@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from imagegen.api import model_catalog, presenters, uploads
-from imagegen.api.deps import ServicesDep, base_url
+from imagegen.api.deps import ServicesDep, absolute_base_url
 from imagegen.api.openai import edits
 from imagegen.api.openai.schemas import (
     EDIT_REQUEST_BODY,
@@ -93,7 +93,7 @@ async def _answer(
     if not delivered:
         raise ContentModeratedError("the safety checker flagged every image; no content is returned")
     if body.response_format == "url":
-        base = base_url(request, services.settings)
+        base = absolute_base_url(request, services.settings)
         data = [{"url": presenters.image_url(image, base)} for image in delivered]
     else:
         # Reading and base64-encoding the images happens off the event loop.
