@@ -319,8 +319,10 @@ def _service_log(client: httpx.Client) -> io.StringIO:
     import logging
 
     buffer = io.StringIO()
-    (handler,) = [h for h in logging.getLogger("imagegen").handlers if getattr(h, "_imagegen", False)]
-    handler.setStream(buffer)  # type: ignore[attr-defined]
+    from imagegen.logging_setup import ServiceLogHandler
+
+    (handler,) = [h for h in logging.getLogger("imagegen").handlers if isinstance(h, ServiceLogHandler)]
+    handler.setStream(buffer)
     return buffer
 
 
