@@ -124,7 +124,7 @@ async def _in_process(args: argparse.Namespace, body: dict[str, Any], settings: 
             elif event.final:
                 break
         bar.close()
-        job = engine.get(job.id)
+        job = await engine.get(job.id)
         if job.status is not JobStatus.SUCCEEDED:
             error = job.error or {}
             return _fail(f"{error.get('type', job.status.value)}: {error.get('message', 'the job did not succeed')}")
