@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,6 +72,8 @@ class FakeBackend(ImageBackend):
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._release_hang: asyncio.Event | None = None
+        #: A file to append "<seeds> <step> <unix time>" to at each step (progress latency benchmark).
+        self.step_log: str | None = None
 
     def release(self) -> None:
         """Let every "hang" call (current and future) go on; callable from any thread."""
@@ -135,6 +139,9 @@ class FakeBackend(ImageBackend):
             await self._release_hang.wait()
         for step in range(steps):
             await asyncio.sleep(delay)
+            if self.step_log:
+                with open(self.step_log, "a") as log:
+                    log.write(f"{','.join(ctx.job_ids)} {step + 1} {time.time():.6f}\n")
             ctx.report_step(step + 1, steps)
             ctx.check()
         results = []
@@ -146,3 +153,18 @@ class FakeBackend(ImageBackend):
                 images.append(GeneratedImage(seed=seed, image=pixels, nsfw=nsfw))
             results.append(images)
         return results
+
+
+def from_env(settings: Any) -> FakeBackend:
+    """A FakeBackend configured from the environment, for a process that builds its backends from an
+    importable factory (`imagegen worker --backend-factory fake=tests.support.fake_backend:from_env`):
+    FAKE_STEP_DELAY (seconds per step), FAKE_MAX_BATCH, FAKE_DEFAULT_STEPS, FAKE_STEP_LOG (a file that
+    gets one line per step: job ids, step, wall time; the benchmarks measure progress latency with it)."""
+    backend = FakeBackend(
+        settings,
+        step_delay=float(os.environ.get("FAKE_STEP_DELAY", "0.005")),
+        max_batch=int(os.environ.get("FAKE_MAX_BATCH", "8")),
+        default_steps=int(os.environ.get("FAKE_DEFAULT_STEPS", "4")),
+    )
+    backend.step_log = os.environ.get("FAKE_STEP_LOG") or None
+    return backend

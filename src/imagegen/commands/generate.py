@@ -101,7 +101,11 @@ async def _in_process(args: argparse.Namespace, body: dict[str, Any], settings: 
         # No webhooks (a CLI job takes no callback URL) and none of a service's upkeep (retention,
         # disk measurement); the job store in memory: never the queue a service left in SD_DATA_DIR.
         services = build_services(
-            settings, store=SQLiteJobStore(":memory:"), default_backend=args.backend, upkeep=False
+            settings,
+            store=SQLiteJobStore(":memory:"),
+            default_backend=args.backend,
+            upkeep=False,
+            distributed=False,  # in-process means here, even on a node of a cluster (SD_REDIS_URL)
         )
     except ValueError:
         from imagegen.backends.registry import DEFAULT_FACTORIES

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from imagegen.backends.base import ImageBackend
+from imagegen.config import Settings
 from imagegen.engine.jobs import Job
+
+
+def max_images(settings: Settings, backend: ImageBackend) -> int:
+    """The most images one pipeline call of `backend` may make: SD_MAX_BATCH, within its own limit."""
+    return max(1, min(settings.max_batch, backend.capabilities().max_batch))
 
 
 def select_batch(queue: Sequence[Job], max_images: Callable[[Job], int]) -> list[int]:

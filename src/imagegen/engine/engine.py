@@ -23,7 +23,7 @@ from imagegen.backends.base import ImageBackend, RunContext
 from imagegen.backends.registry import BackendRegistry
 from imagegen.config import Settings
 from imagegen.engine.base import Engine
-from imagegen.engine.batching import select_batch
+from imagegen.engine.batching import max_images, select_batch
 from imagegen.engine.events import JobEvents
 from imagegen.engine.images import store_images
 from imagegen.engine.jobs import Job, JobStatus, new_job_id
@@ -389,8 +389,7 @@ class JobEngine(Engine):
                 lane.busy -= 1
 
     def _max_batch_images(self, job: Job) -> int:
-        backend = self.registry.get(job.backend)
-        return max(1, min(self.settings.max_batch, backend.capabilities().max_batch))
+        return max_images(self.settings, self.registry.get(job.backend))
 
     async def _run_batch(self, backend: ImageBackend, batch: list[Job]) -> bool:
         """Run one pipeline call for the batch. Returns True when a merged batch failed with an error

@@ -18,14 +18,13 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
 
 from imagegen.config import Settings
 from imagegen.engine.jobs import Job
-from imagegen.engine.store import JobStore
 from imagegen.errors import InvalidParameterError
 from imagegen.retry import backoff_delay
 
@@ -44,6 +43,13 @@ _MAX_BACKOFF = 60.0
 
 class WebhookRefusedError(Exception):
     pass
+
+
+class JobRecorder(Protocol):
+    """Where a delivery's outcome (`job.webhook`) is written: the job store (engine/store.py), or in a
+    cluster nothing (the replica that delivered writes it to Redis afterwards)."""
+
+    def update(self, job: Job) -> None: ...
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -136,7 +142,7 @@ class WebhookSender:
         return addresses
 
     # -- delivery ------------------------------------------------------------------------------
-    async def deliver(self, job: Job, store: JobStore) -> None:
+    async def deliver(self, job: Job, store: JobRecorder) -> None:
         """POST the job body; retry transient failures with backoff and jitter; record the outcome."""
         url = job.callback_url
         if not url:
