@@ -25,13 +25,18 @@ from fastapi import FastAPI
 from imagegen.config import Settings
 from imagegen.main import create_app
 from tests.support.fake_backend import FakeBackend
-from tests.support.process import WorkerProcess
+from tests.support.process import ServiceProcess, WorkerProcess
 from tests.support.server import LiveServer, wait_ready
 
 _prefixes = itertools.count(1)
 
 #: The fake backend's options a deployment passes to either engine (FAKE_* in a worker's environment).
-FAKE_OPTIONS = {"step_delay": "FAKE_STEP_DELAY", "max_batch": "FAKE_MAX_BATCH", "default_steps": "FAKE_DEFAULT_STEPS"}
+FAKE_OPTIONS = {
+    "step_delay": "FAKE_STEP_DELAY",
+    "max_batch": "FAKE_MAX_BATCH",
+    "default_steps": "FAKE_DEFAULT_STEPS",
+    "models": "FAKE_MODELS",
+}
 
 
 def settings_env(overrides: dict[str, Any]) -> dict[str, str]:
@@ -61,6 +66,23 @@ class Deployment:
     folder: Path
     step_log: Path
     workers: list[WorkerProcess] = field(default_factory=list)
+    #: the SD_* and FAKE_* environment of this deployment's processes (redis only)
+    env: dict[str, str] = field(default_factory=dict)
+    #: every process started for it, stopped at the end of the test
+    processes: list[WorkerProcess | ServiceProcess] = field(default_factory=list)
+
+    def add_worker(self, *args: str, **env: str) -> WorkerProcess:
+        """One more worker process (options such as --model after it)."""
+        worker = WorkerProcess(self.folder, args=args, **{**self.env, **env})
+        self.processes.append(worker)
+        self.workers.append(worker.start())
+        return worker
+
+    def add_replica(self, **env: str) -> httpx.Client:
+        """One more API replica, in its own process (tests/support/serve_fake.py); a client for it."""
+        replica = ServiceProcess(self.folder, **{**self.env, **env})
+        self.processes.append(replica)
+        return replica.start()
 
     def steps_of(self, job_id: str) -> list[tuple[int, float]]:
         """(step, unix time) of every step the fake ran for a job, in order."""
@@ -84,7 +106,7 @@ class Deployer:
         self.redis_url = redis_url
         self._servers: list[LiveServer] = []
         self._clients: list[httpx.Client] = []
-        self._workers: list[WorkerProcess] = []
+        self._processes: list[WorkerProcess | ServiceProcess] = []
         self._count = 0
 
     def __call__(self, fake: dict[str, Any] | None = None, workers: int = 1, **overrides: Any) -> Deployment:
@@ -105,17 +127,23 @@ class Deployer:
         }
         values.update(overrides)
         started: list[WorkerProcess] = []
+        env: dict[str, str] = {}
         if self.kind == "redis":
             assert self.redis_url is not None
             values.setdefault("redis_url", self.redis_url)
             values.setdefault("redis_prefix", unique_prefix())
             values.setdefault("worker_lease_seconds", 2.0)
             env = settings_env({key: value for key, value in values.items() if key not in ("host",)})
-            env.update({FAKE_OPTIONS[key]: str(value) for key, value in fake.items()})
+            env.update(
+                {
+                    FAKE_OPTIONS[key]: ",".join(value) if isinstance(value, tuple) else str(value)
+                    for key, value in fake.items()
+                }
+            )
             env["FAKE_STEP_LOG"] = str(step_log)
             for _ in range(workers):
                 worker = WorkerProcess(folder, **env)
-                self._workers.append(worker)
+                self._processes.append(worker)
                 started.append(worker.start())
         settings = Settings(_env_file=None, **values)
 
@@ -129,17 +157,19 @@ class Deployer:
         self._servers.append(server)
         client = httpx.Client(base_url=server.url, timeout=60)
         self._clients.append(client)
-        wait_ready(client, timeout=60)
-        return Deployment(self.kind, client, app, folder, step_log, started)
+        if self.kind == "embedded" or workers:
+            wait_ready(client, timeout=60)
+        deployment = Deployment(self.kind, client, app, folder, step_log, started, env, self._processes)
+        return deployment
 
     def close(self) -> None:
         for client in self._clients:
             client.close()
         for server in reversed(self._servers):
             server.__exit__(None, None, None)
-        for worker in self._workers:
-            if worker.running:
-                worker.stop(timeout=15)
+        for process in self._processes:
+            if process.running:
+                process.kill()
 
 
 def deployer(kind: str, folder: Path, model_dir: Path, redis_url: str | None) -> Iterator[Deployer]:

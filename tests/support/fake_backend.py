@@ -57,6 +57,7 @@ class FakeBackend(ImageBackend):
         default_steps: int = 4,
         max_batch: int = 8,
         state: BackendState = BackendState.READY,
+        models: tuple[str, ...] = ("fake-model",),
     ) -> None:
         super().__init__(settings)
         self.id = backend_id
@@ -66,6 +67,7 @@ class FakeBackend(ImageBackend):
         self.default_steps = default_steps
         self.max_batch = max_batch
         self.state = state
+        self.models = tuple(models)
         self.calls: list[list[GenerationRequest]] = []
         self.active = 0
         self.max_active = 0
@@ -82,7 +84,7 @@ class FakeBackend(ImageBackend):
 
     def capabilities(self) -> Capabilities:
         return Capabilities(
-            models=("fake-model",),
+            models=self.models,
             default_width=64,
             default_height=64,
             size_multiple=8,
@@ -101,7 +103,7 @@ class FakeBackend(ImageBackend):
         return BackendHealth(
             self.state,
             f"fake backend is {self.state.value}",
-            model="fake-model",
+            model=self.default_model_id(),
             device="cpu",
             dtype="none",
             loaded=self.state is BackendState.READY,
@@ -158,13 +160,15 @@ class FakeBackend(ImageBackend):
 def from_env(settings: Any) -> FakeBackend:
     """A FakeBackend configured from the environment, for a process that builds its backends from an
     importable factory (`imagegen worker --backend-factory fake=tests.support.fake_backend:from_env`):
-    FAKE_STEP_DELAY (seconds per step), FAKE_MAX_BATCH, FAKE_DEFAULT_STEPS, FAKE_STEP_LOG (a file that
-    gets one line per step: job ids, step, wall time; the benchmarks measure progress latency with it)."""
+    FAKE_STEP_DELAY (seconds per step), FAKE_MAX_BATCH, FAKE_DEFAULT_STEPS, FAKE_MODELS (comma-separated),
+    FAKE_STEP_LOG (a file that gets one line per step: job ids, step, wall time; the benchmarks measure
+    progress latency with it)."""
     backend = FakeBackend(
         settings,
         step_delay=float(os.environ.get("FAKE_STEP_DELAY", "0.005")),
         max_batch=int(os.environ.get("FAKE_MAX_BATCH", "8")),
         default_steps=int(os.environ.get("FAKE_DEFAULT_STEPS", "4")),
+        models=tuple(os.environ.get("FAKE_MODELS", "fake-model").split(",")),
     )
     backend.step_log = os.environ.get("FAKE_STEP_LOG") or None
     return backend

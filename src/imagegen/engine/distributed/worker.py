@@ -170,7 +170,7 @@ class Worker:
 
     async def close(self, grace: float | None = None) -> None:
         """Let running batches finish within `grace` (SD_SHUTDOWN_GRACE), give back the rest (not
-        counted as an attempt), unregister, release the backends."""
+        counted as an attempt), leave the live workers, release the backends."""
         grace = self.settings.shutdown_grace if grace is None else grace
         self.request_stop()
         self._give_up_at = time.monotonic() + max(grace, 1.0)
@@ -188,8 +188,11 @@ class Worker:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
         with contextlib.suppress(Exception):  # unreachable Redis: the heartbeat ages out by itself
-            await self.conn.hdel(self.keys.workers, self.name)
-            await self.conn.zrem(self.keys.workers_seen, self.name)
+            # Not live from now on, but remembered for a while: a worker being restarted keeps its
+            # routes open (jobs wait for it) instead of having them refused.
+            seconds, micros = await self.conn.time()
+            stopped = float(seconds) + float(micros) / 1e6 - self.settings.worker_lease_seconds - 1
+            await self.conn.zadd(self.keys.workers_seen, {self.name: stopped})
         await asyncio.to_thread(self._remove_probe)
         await self.registry.close()
         await self.conn.aclose()
