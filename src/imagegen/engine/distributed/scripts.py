@@ -103,7 +103,7 @@ emit(id, 'queued', '{{"status":"queued","queue_position":' .. pos .. '}}')
 return {{1, pos}}
 """
 
-# ARGV: P, consumer, now, head id, other ids... -> {id, token, attempts, ...}; {} when the head is gone
+# ARGV: P, consumer, now, head id, other ids... -> {id, token, {job hash}, ...}; {} when the head is gone
 _CLAIM = """
 local consumer, now = ARGV[2], ARGV[3]
 local function take(id)
@@ -131,13 +131,13 @@ for i, id in ipairs(claimed) do
   local k = jkey(id)
   redis.call('ZREM', P .. ':queued', id)
   redis.call('SADD', P .. ':running', id)
-  local attempts = redis.call('HINCRBY', k, 'attempts', 1)
+  redis.call('HINCRBY', k, 'attempts', 1)
   redis.call('HSET', k, 'status', 'running', 'started_at', now, 'step', '0', 'total', '0',
              'worker', consumer, 'run', token)
   emit(id, 'running', '{"status":"running","batch_size":' .. #claimed .. '}')
   out[#out + 1] = id
   out[#out + 1] = token
-  out[#out + 1] = attempts
+  out[#out + 1] = redis.call('HGETALL', k)  -- the job as it is now: no second round trip
 end
 return out
 """
@@ -262,7 +262,12 @@ class Claimed:
     job_id: str
     #: The run's stream entry id: the token that proves, in every later script, that it is this run.
     token: str
-    attempts: int
+    #: The job's hash as the claim left it (running, attempts counted).
+    fields: dict[str, str]
+
+    @property
+    def attempts(self) -> int:
+        return int(self.fields.get("attempts", 0))
 
 
 def _text(value: Any) -> str:
@@ -311,10 +316,12 @@ class Scripts:
 
     async def claim(self, consumer: str, now: float, job_ids: Sequence[str]) -> list[Claimed]:
         reply = await self._run(self._claim, consumer, repr(now), *job_ids)
-        return [
-            Claimed(str(reply[index]), str(reply[index + 1]), int(reply[index + 2]))
-            for index in range(0, len(reply), 3)
-        ]
+        claimed = []
+        for index in range(0, len(reply), 3):
+            flat = reply[index + 2]
+            fields = {str(flat[position]): str(flat[position + 1]) for position in range(0, len(flat), 2)}
+            claimed.append(Claimed(str(reply[index]), str(reply[index + 1]), fields))
+        return claimed
 
     async def progress(
         self, consumer: str, step: int, total: int, data: dict[str, Any], runs: Sequence[tuple[str, str]]

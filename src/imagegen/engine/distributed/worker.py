@@ -387,15 +387,11 @@ class Worker:
             claimed = await self.scripts.claim(self.name, time.time(), [queue[index].id for index in chosen])
             if not claimed:
                 continue
-            async with self.conn.pipeline(transaction=False) as pipe:
-                for item in claimed:
-                    pipe.hgetall(self.keys.job(item.job_id))
-                rows = await pipe.execute()
             batch = []
-            for item, fields in zip(claimed, rows, strict=True):
+            for item in claimed:
                 self._held[item.job_id] = item.token
                 self._requests.pop(item.job_id, None)
-                batch.append((job_from_fields(fields), item.token))
+                batch.append((job_from_fields(item.fields), item.token))
             return batch
         return []
 
