@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,9 @@ from imagegen.config import Settings, SettingsError, load_settings
 from imagegen.engine.distributed.connection import describe
 from imagegen.engine.distributed.fleet import BackendReport, Fleet, WorkerReport
 from imagegen.storage.shared import output_sharing
+from tests.support.cluster import Deployer
 from tests.support.process import ROOT, service_env
+from tests.support.redis_server import RedisServer, available
 
 MOUNTINFO = """\
 22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
@@ -145,3 +148,27 @@ def test_the_embedded_default_never_imports_redis(tmp_path: Path) -> None:
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(not available(), reason="redis-server is not installed here")
+def test_the_redis_password_never_shows(tmp_path: Path) -> None:
+    """SD_REDIS_URL may carry a password: never in a log line, an answer or /metrics, not even while
+    Redis is down (error paths log too)."""
+    password = "redis-canary-7f3e9a"
+    server = RedisServer(tmp_path / "redis", tcp=True, password=password).start()
+    made = Deployer("redis", tmp_path / "cluster", tmp_path / "models", server.url)
+    try:
+        d = made(log_level="debug")
+        replica = d.add_replica(SD_LOG_LEVEL="debug")
+        assert replica.post("/api/txt2img", json={"prompt": "x", "steps": 1}).status_code == 200
+        answers = [replica.get(path).text for path in ("/health", "/info", "/api/backends", "/metrics", "/api/jobs")]
+        server.kill()
+        answers += [replica.get(path).text for path in ("/health", "/api/jobs")]
+        answers.append(replica.post("/api/jobs", json={"prompt": "x"}).text)
+        time.sleep(1.5)  # the loops notice and log
+        logs = [path.read_text(errors="replace") for path in (tmp_path / "cluster").rglob("*.log")]
+        assert logs and any("unreachable" in text for text in logs)
+        assert all(password not in text for text in answers + logs)
+    finally:
+        made.close()
+        server.kill()

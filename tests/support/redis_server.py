@@ -32,11 +32,14 @@ def available() -> bool:
 
 
 class RedisServer:
-    def __init__(self, folder: Path | None = None, *, tcp: bool = False, fsync: str = "always") -> None:
+    def __init__(
+        self, folder: Path | None = None, *, tcp: bool = False, fsync: str = "always", password: str | None = None
+    ) -> None:
         # A short folder: a unix socket path must fit in 107 bytes.
         self.folder = folder if folder is not None else Path(tempfile.mkdtemp(prefix="rds-", dir="/tmp"))
         self.tcp = tcp
         self.fsync = fsync
+        self.password = password
         self.port = free_port() if tcp else 0
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -46,7 +49,11 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0" if self.tcp else f"unix://{self.socket_path}"
+        if self.tcp:
+            auth = f":{self.password}@" if self.password else ""
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        query = f"?password={self.password}" if self.password else ""
+        return f"unix://{self.socket_path}{query}"
 
     def start(self, timeout: float = 20.0) -> RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -73,6 +80,8 @@ class RedisServer:
         ]
         if not self.tcp:
             args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
+        if self.password:
+            args += ["--requirepass", self.password]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not self.ping():
@@ -94,6 +103,10 @@ class RedisServer:
                 conn.settimeout(1)
                 conn.connect(str(self.socket_path))
             with conn:
+                if self.password:
+                    conn.sendall(f"AUTH {self.password}\r\n".encode())
+                    if not conn.recv(64).startswith(b"+OK"):
+                        return False
                 conn.sendall(b"PING\r\n")
                 return conn.recv(64).startswith(b"+PONG")
         except OSError:

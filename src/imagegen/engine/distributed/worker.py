@@ -72,6 +72,8 @@ class WorkerLane:
     concurrency: int
     routes: list[str] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    #: One claim at a time per lane on this worker: its slots would only race each other for the head.
+    claiming: asyncio.Lock = field(default_factory=asyncio.Lock)
     busy: int = 0
     slots: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -332,7 +334,8 @@ class Worker:
         while not self._stop.is_set():
             lane.wake.clear()
             try:
-                batch = await self._claim(lane)
+                async with lane.claiming:
+                    batch, empty = await self._claim(lane)
                 backoff = 0.2
             except Exception as error:
                 if not is_unreachable(error):
@@ -341,8 +344,9 @@ class Worker:
                 backoff = min(2.0, backoff * 2)
                 continue
             if not batch:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(lane.wake.wait(), timeout=IDLE_POLL)
+                if empty:  # otherwise other workers were faster: look again at once
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lane.wake.wait(), timeout=IDLE_POLL)
                 continue
             lane.busy += 1
             try:
@@ -377,13 +381,14 @@ class Worker:
     def _max_batch_images(self, job: Job) -> int:
         return max_images(self.settings, self.registry.get(job.backend))
 
-    async def _claim(self, lane: WorkerLane) -> list[tuple[Job, str]]:
-        """Choose a batch as the embedded engine does and claim it; [] when the lane's queues are empty."""
+    async def _claim(self, lane: WorkerLane) -> tuple[list[tuple[Job, str]], bool]:
+        """Choose a batch as the embedded engine does and claim it: (the batch, whether the lane's
+        queues were empty); ([], False) when other workers kept taking the chosen heads."""
         for _ in range(10):  # another worker may be faster: choose again
             queue = await self._peek(lane)
             chosen = select_batch(queue, self._max_batch_images)
             if not chosen:
-                return []
+                return [], True
             claimed = await self.scripts.claim(self.name, time.time(), [queue[index].id for index in chosen])
             if not claimed:
                 continue
@@ -392,8 +397,8 @@ class Worker:
                 self._held[item.job_id] = item.token
                 self._requests.pop(item.job_id, None)
                 batch.append((job_from_fields(item.fields), item.token))
-            return batch
-        return []
+            return batch, False
+        return [], False
 
     # -- running -------------------------------------------------------------------------------
     async def _run_batch(self, batch: list[tuple[Job, str]]) -> None:
