@@ -326,8 +326,10 @@ class RedisJobEngine(Engine):
         return job
 
     async def _check_route(self, backend_id: str, model: str | None) -> None:
+        if self._down is not None:
+            return  # the snapshot is stale: the admission itself says whether Redis is back
         error = self.fleet.admission_error(backend_id, model)
-        if error is not None and self._down is None:
+        if error is not None:
             # A worker that started a moment ago is not in the snapshot yet: look again before refusing.
             async with self._redis():
                 await self.refresh_fleet()

@@ -35,7 +35,7 @@ from imagegen.engine.batching import max_images, select_batch
 from imagegen.engine.distributed.codec import job_from_fields
 from imagegen.engine.distributed.connection import connect, describe, is_unreachable
 from imagegen.engine.distributed.engine import node_name
-from imagegen.engine.distributed.keys import GROUP, Keys, route_of
+from imagegen.engine.distributed.keys import GROUP, Keys, route_of, split_route
 from imagegen.engine.distributed.scripts import Scripts
 from imagegen.engine.distributed.upkeep import Upkeep, job_ttl_ms
 from imagegen.engine.images import remove_images, store_images
@@ -355,9 +355,13 @@ class Worker:
                 lane.busy -= 1
 
     async def _peek(self, lane: WorkerLane) -> list[Job]:
-        """The queued jobs of the lane's routes in queue order (rank: priority, then admission)."""
+        """The queued jobs of the lane's routes in queue order (rank: priority, then admission). A
+        backend that cannot take jobs here (not configured on this machine) leaves its routes to others."""
+        routes = [
+            route for route in lane.routes if self.registry.get(split_route(route)[0]).availability().accepts_jobs
+        ]
         async with self.conn.pipeline(transaction=False) as pipe:
-            for route in lane.routes:
+            for route in routes:
                 pipe.zrange(self.keys.queue(route), 0, PEEK - 1, withscores=True)
             per_route = await pipe.execute()
         ranked = sorted((float(score), str(job_id)) for entries in per_route for job_id, score in entries)[:PEEK]
