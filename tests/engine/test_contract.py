@@ -332,3 +332,17 @@ def test_health_backends_and_metrics(deploy: Deployer) -> None:
         assert health.json()["mode"] == "distributed" and health.json()["redis"]["state"] == "ok"
     else:
         assert ("imagegen_redis_up", frozenset()) not in after and "mode" not in health.json()
+
+
+def test_the_openai_dialect_goes_through_the_engine(deploy: Deployer) -> None:
+    d = deploy()
+    models = [model["id"] for model in d.client.get("/v1/models").json()["data"]]
+    assert "fake" in models
+    answer = d.client.post(
+        "/v1/images/generations",
+        json={"prompt": "an openai fox", "model": "fake", "size": "64x64", "response_format": "b64_json"},
+    )
+    assert answer.status_code == 200, answer.text
+    (image,) = answer.json()["data"]
+    assert decode(image["b64_json"]).size == (64, 64)
+    assert d.client.get("/api/jobs").json()["jobs"][0]["parameters"]["prompt"] == "an openai fox"
