@@ -184,7 +184,9 @@ class Worker:
             if pending:
                 await asyncio.wait(pending, timeout=5)
         if self._finishing:
-            await asyncio.wait(self._finishing, timeout=max(1.0, min(grace, 10.0)))
+            _, unfinished = await asyncio.wait(self._finishing, timeout=max(1.0, min(grace, 10.0)))
+            for task in unfinished:  # Redis away too long: those jobs run again after their lease
+                task.cancel()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
