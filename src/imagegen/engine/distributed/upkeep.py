@@ -32,7 +32,7 @@ _CLEANUP_EVERY = 60.0
 
 def reclaim_interval(lease: float) -> float:
     """Seconds between two scans for lapsed leases: a takeover happens within lease + this."""
-    return min(1.0, lease / 4)
+    return min(1.0, lease / 8)
 
 
 def job_ttl_ms(settings: Settings) -> int:
