@@ -180,6 +180,36 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("-q", "--quiet", action="store_true", help="print nothing; the exit code says it")
     health.set_defaults(func=_lazy("imagegen.commands.health"))
 
+    worker = commands.add_parser(
+        "worker",
+        help="run a worker of a cluster (SD_REDIS_URL): loads its models and runs the jobs of its backends",
+        description="A GPU (or cloud) worker of a cluster (docs/scale-out.md): it loads the models of the "
+        "backends it serves, leases their jobs from Redis (SD_REDIS_URL), batches them as one process does, "
+        "publishes every step, stores the images into SD_OUTPUT_DIR (a folder every node shares) and finalizes "
+        "them. It listens on no port. SIGTERM: finish the running batch within SD_SHUTDOWN_GRACE, give the "
+        "rest back, stop.",
+    )
+    worker.add_argument(
+        "--backend",
+        action="append",
+        metavar="ID",
+        help="a backend to serve: sd, flux-local or flux-api (repeatable; default: SD_DEFAULT_BACKEND)",
+    )
+    worker.add_argument(
+        "--model",
+        action="append",
+        metavar="MODEL",
+        help="serve only this model of the backends offering it (repeatable; default: every model they offer)",
+    )
+    worker.add_argument("--name", help="this worker's name in the cluster (default: host-pid-random)")
+    worker.add_argument(
+        "--backend-factory",
+        action="append",
+        metavar="ID=MODULE:CALLABLE",
+        help="also offer a backend built by an importable factory taking the Settings (tests, plugins)",
+    )
+    worker.set_defaults(func=_lazy("imagegen.commands.worker"))
+
     prune = commands.add_parser(
         "prune", help="delete old stored images now (SD_OUTPUT_RETENTION_DAYS / SD_OUTPUT_MAX_GB, or the options)"
     )

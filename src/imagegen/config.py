@@ -296,6 +296,28 @@ class Settings(BaseSettings):
         "(never the request's Host header). The OpenAI dialect's url falls back to the URL the request used.",
     )
 
+    # --- distributed mode: API replicas and workers sharing Redis (docs/scale-out.md) --------------
+    redis_url: SecretStr | None = Field(
+        None,
+        description="redis://[:password@]host:port/db, rediss:// (TLS) or unix:///path/redis.sock. Set: this node "
+        "is part of a cluster (`imagegen serve` an API replica, `imagegen worker` a worker). Unset: one process.",
+    )
+    redis_prefix: str = Field(
+        "imagegen",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Namespace of the cluster's keys and channels in Redis (several clusters can share one Redis).",
+    )
+    worker_lease_seconds: float = Field(
+        30.0,
+        ge=1,
+        le=3600,
+        description="Lease of a running job, renewed while it runs; a dead worker's jobs are taken over once "
+        "it lapses. Also a worker's liveness window (heartbeat every third of it).",
+    )
+    redis_job_ttl_days: float = Field(
+        7.0, ge=0, le=3650, description="Days a finished job stays in Redis (0: forever). Queued/running never expire."
+    )
+
     # --- webhooks ------------------------------------------------------------------------------
     webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key signing webhook bodies.")
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
@@ -366,6 +388,16 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown BFL model(s) {', '.join(unknown)}; known: {', '.join(known)}")
         return value
 
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _check_redis_url(cls, value: object) -> object:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if not isinstance(text, str) or not text.strip():
+            return None
+        if urlsplit(text.strip()).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return text.strip()
+
     @field_validator("api_key", "huggingface_token", "webhook_secret", "bfl_api_key", "lora_dir", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
@@ -389,6 +421,17 @@ class Settings(BaseSettings):
     def lora_folder(self) -> Path:
         """Where LoRA files are read from: SD_LORA_DIR, else SD_MODEL_DIR/loras."""
         return self.lora_dir if self.lora_dir is not None else self.model_dir / "loras"
+
+    @property
+    def inputs_dir(self) -> Path:
+        """Where uploaded input images are kept by content hash: SD_DATA_DIR/inputs; in a cluster a
+        folder every node sees (SD_OUTPUT_DIR/.inputs: the API replica stores them, a worker reads them)."""
+        return self.output_dir / ".inputs" if self.distributed else self.data_dir / "inputs"
+
+    @property
+    def distributed(self) -> bool:
+        """True when SD_REDIS_URL makes this node part of a cluster."""
+        return self.redis_url is not None
 
     @property
     def binds_publicly(self) -> bool:

@@ -104,6 +104,18 @@ class UpstreamError(ServiceError):
     error_type = "upstream_error"
 
 
+class QueueUnavailableError(ServiceError):
+    """The job store a cluster shares (Redis) cannot be reached: nothing can be admitted or read right
+    now. Worth a retry: `Retry-After` says when (docs/scale-out.md)."""
+
+    status_code = 503
+    error_type = "queue_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 2) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
+
+
 class ServiceDrainingError(ServiceError):
     status_code = 503
     error_type = "shutting_down"

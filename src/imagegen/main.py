@@ -30,7 +30,7 @@ from imagegen.api.openapi import install_openapi
 from imagegen.api.schemas import NATIVE_ERRORS
 from imagegen.backends.registry import BackendFactory
 from imagegen.config import Settings, SettingsError, load_settings
-from imagegen.engine.engine import JobEngine
+from imagegen.engine.base import Engine
 from imagegen.engine.jobs import Job
 from imagegen.engine.store import JobStore
 from imagegen.logging_setup import configure_logging
@@ -46,7 +46,7 @@ UPLOAD_PATHS = ("/api/img2img", "/api/jobs", "/sdapi/v1/img2img", "/v1/images/ed
 MULTIPART_PATHS = ("/v1/images/edits",)
 
 
-def _install_drain_on_signal(engine: JobEngine) -> list[tuple[int, Any]]:
+def _install_drain_on_signal(engine: Engine) -> list[tuple[int, Any]]:
     """Stop admitting jobs the moment SIGTERM/SIGINT arrives, then hand the signal on (uvicorn's
     own handler starts the graceful shutdown). Only possible from the main thread."""
     if threading.current_thread() is not threading.main_thread():
@@ -128,7 +128,6 @@ def create_app(
         swagger_ui_oauth2_redirect_url=None,
     )
     app.state.services = services
-    app.state.metrics_registry = metrics_api.app_registry(services)
     install_error_handlers(app)
     # The browser page and its exact files are public (it must load to ask for the key); the API
     # calls it makes are not.

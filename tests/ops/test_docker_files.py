@@ -140,3 +140,33 @@ def test_compose_file_parses_without_the_client() -> None:
     service = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["stable-diffusion"]
     assert service["container_name"] == "iti-image-generation" and service["env_file"] == ".env"
     assert service["stop_grace_period"] == "45s"  # more than SD_SHUTDOWN_GRACE's 30 s default
+
+
+def test_compose_cluster_profile_scales_workers_beside_the_untouched_service(compose_dir: Path) -> None:
+    """`docker compose --profile cluster up -d --scale worker=2` (docs/scale-out.md): Redis with its AOF,
+    one API replica on 7860, workers that can be scaled (no fixed name, no host port), all sharing the
+    output volume; the seed's stable-diffusion service keeps its own profile, name and volumes."""
+    config = _config(compose_dir, "docker-compose.yml")
+    services = config["services"]
+    for name in ("redis", "api", "worker"):
+        assert services[name]["profiles"] == ["cluster"], name
+    assert services["stable-diffusion"]["profiles"] == ["sd"]
+    assert services["stable-diffusion"]["container_name"] == "iti-image-generation"
+    redis = services["redis"]
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
+    assert [volume.split(":")[:2] for volume in redis["volumes"]] == [["cluster_redis", "/data"]]
+    api, worker = services["api"], services["worker"]
+    assert api["command"] == ["imagegen", "serve"] and worker["command"] == ["imagegen", "worker"]
+    for service in (api, worker):
+        assert service["environment"]["SD_REDIS_URL"] == "redis://redis:6379/0"
+        assert service["environment"]["SD_OUTPUT_DIR"] == "/app/outputs"
+        assert ["cluster_outputs", "/app/outputs"] in [volume.split(":")[:2] for volume in service["volumes"]]
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert service["image"] == services["stable-diffusion"]["image"]
+    assert any(port["published"] == 7860 for port in api["ports"])
+    assert "container_name" not in worker and "ports" not in worker  # --scale worker=N needs both absent
+    assert worker["healthcheck"]["test"] == ["NONE"]  # no HTTP port: its heartbeat is its health
+    assert {"cluster_outputs", "cluster_redis"} <= set(config["volumes"])
+    gpu = _config(compose_dir, "docker-compose.yml", "docker-compose.gpu.yml")["services"]["worker"]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"

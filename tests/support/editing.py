@@ -51,7 +51,7 @@ def data_url(image: Image.Image) -> str:
 
 
 def store(backend: ImageBackend, image: Image.Image) -> InputImage:
-    return InputStore(backend.settings.data_dir).put(image)
+    return InputStore(backend.settings.inputs_dir).put(image)
 
 
 @dataclass

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,6 +63,7 @@ class FakeBackend(ImageBackend):
         default_steps: int = 4,
         max_batch: int = 8,
         state: BackendState = BackendState.READY,
+        models: tuple[str, ...] = ("fake-model",),
     ) -> None:
         super().__init__(settings)
         self.id = backend_id
@@ -70,12 +73,15 @@ class FakeBackend(ImageBackend):
         self.default_steps = default_steps
         self.max_batch = max_batch
         self.state = state
+        self.models = tuple(models)
         self.calls: list[list[GenerationRequest]] = []
         self.active = 0
         self.max_active = 0
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._release_hang: asyncio.Event | None = None
+        #: A file to append "<seeds> <step> <unix time>" to at each step (progress latency benchmark).
+        self.step_log: str | None = None
 
     def release(self) -> None:
         """Let every "hang" call (current and future) go on; callable from any thread."""
@@ -84,7 +90,7 @@ class FakeBackend(ImageBackend):
 
     def capabilities(self) -> Capabilities:
         return Capabilities(
-            models=("fake-model",),
+            models=self.models,
             default_width=64,
             default_height=64,
             size_multiple=8,
@@ -104,7 +110,7 @@ class FakeBackend(ImageBackend):
         return BackendHealth(
             self.state,
             f"fake backend is {self.state.value}",
-            model="fake-model",
+            model=self.default_model_id(),
             device="cpu",
             dtype="none",
             loaded=self.state is BackendState.READY,
@@ -137,7 +143,7 @@ class FakeBackend(ImageBackend):
             raise GenerationFailedError("fake generation failure")
         info: dict[str, Any] = {}
         if batch[0].mode != "txt2img":
-            await asyncio.to_thread(conditioning.load, InputStore(self.settings.data_dir), batch[0])
+            await asyncio.to_thread(conditioning.load, InputStore(self.settings.inputs_dir), batch[0])
             info["conditioned_on"] = batch[0].images[0].sha256
         steps = batch[0].denoising_steps or self.default_steps
         delay = self.step_delay * (10 if "slow" in prompts else 1)
@@ -146,6 +152,9 @@ class FakeBackend(ImageBackend):
             await self._release_hang.wait()
         for step in range(steps):
             await asyncio.sleep(delay)
+            if self.step_log:
+                with open(self.step_log, "a") as log:
+                    log.write(f"{','.join(ctx.job_ids)} {step + 1} {time.time():.6f}\n")
             ctx.report_step(step + 1, steps)
             ctx.check()
         results = []
@@ -157,3 +166,20 @@ class FakeBackend(ImageBackend):
                 images.append(GeneratedImage(seed=seed, image=pixels, nsfw=nsfw, info=dict(info)))
             results.append(images)
         return results
+
+
+def from_env(settings: Any) -> FakeBackend:
+    """A FakeBackend configured from the environment, for a process that builds its backends from an
+    importable factory (`imagegen worker --backend-factory fake=tests.support.fake_backend:from_env`):
+    FAKE_STEP_DELAY (seconds per step), FAKE_MAX_BATCH, FAKE_DEFAULT_STEPS, FAKE_MODELS (comma-separated),
+    FAKE_STEP_LOG (a file that gets one line per step: job ids, step, wall time; the benchmarks measure
+    progress latency with it)."""
+    backend = FakeBackend(
+        settings,
+        step_delay=float(os.environ.get("FAKE_STEP_DELAY", "0.005")),
+        max_batch=int(os.environ.get("FAKE_MAX_BATCH", "8")),
+        default_steps=int(os.environ.get("FAKE_DEFAULT_STEPS", "4")),
+        models=tuple(os.environ.get("FAKE_MODELS", "fake-model").split(",")),
+    )
+    backend.step_log = os.environ.get("FAKE_STEP_LOG") or None
+    return backend

@@ -99,7 +99,8 @@ _MEANINGS = {
     429: "Queue full: retry after Retry-After seconds",
     500: "Generation failed",
     502: "Upstream (BFL) error",
-    503: "Backend loading or failed to load, out of memory, or the service shutting down: retry later",
+    503: "Backend loading or failed to load, out of memory, the service shutting down, or in a cluster no worker "
+    "for the backend (backend_unavailable) or the job queue unreachable (queue_unavailable): retry later",
     504: "Deadline exceeded",
 }
 _OPENAI_MEANINGS = {

@@ -14,6 +14,8 @@ from imagegen import __version__
 from imagegen.api.deps import ServicesDep
 from imagegen.api.schemas import BackendsResponse, HealthResponse
 from imagegen.backends.base import BackendState
+from imagegen.engine.base import EngineProblem
+from imagegen.errors import ServiceError
 
 router = APIRouter(tags=["health"])
 
@@ -34,26 +36,45 @@ def _public(backend: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
-def health(request: Request, services: ServicesDep) -> JSONResponse:
-    """Readiness: 200 when the default backend is ready, 503 while it loads, after it failed, or while draining.
+async def health(request: Request, services: ServicesDep) -> JSONResponse:
+    """Readiness: 200 when the default backend is ready, 503 while it loads, after it failed, while
+    draining, or (in a cluster) while Redis is unreachable or no worker serves the default backend.
     Without the key (when one is set): states and reasons only; with it, each backend's details too
-    (model, device, memory, BFL host and credits) and the version."""
+    (model, device, memory, BFL host and credits), the version and a cluster's Redis and workers."""
+    engine = services.engine
     backends = {backend.id: backend.health().to_dict() for backend in services.registry}
     default = services.registry.default_id
     state = backends[default]["state"]
-    ready = state == BackendState.READY.value and not services.engine.draining
-    status = "ok" if ready else ("draining" if services.engine.draining else state)
-    stats = services.engine.stats()
+    problem = engine.problem()
+    headers: dict[str, str] = {}
+    stats: dict[str, Any] | None = None
+    if problem is None:
+        try:
+            stats = await engine.stats()
+        except ServiceError as error:  # the store went away between two looks
+            problem = EngineProblem("unavailable", error.message, 2)
+    ready = problem is None and state == BackendState.READY.value and not engine.draining
+    if problem is not None:
+        status = problem.status
+        headers["Retry-After"] = str(problem.retry_after)
+    else:
+        status = "ok" if ready else ("draining" if engine.draining else state)
+    queue = {"queued": None, "running": None, "max_queue": services.settings.max_queue}
+    if stats is not None:
+        queue = {"queued": stats["queued"], "running": stats["running"], "max_queue": stats["max_queue"]}
     details = sees_details(request, services)
     body: dict[str, Any] = {
         "status": status,
         "default_backend": default,
         "backends": backends if details else {name: _public(backend) for name, backend in backends.items()},
-        "queue": {"queued": stats["queued"], "running": stats["running"], "max_queue": stats["max_queue"]},
+        "queue": queue,
     }
+    if problem is not None:
+        body["reason"] = problem.reason
     if details:
         body["version"] = __version__
-    return JSONResponse(body, status_code=200 if ready else 503)
+        body.update(engine.health_details())
+    return JSONResponse(body, status_code=200 if ready else 503, headers=headers)
 
 
 @router.get("/health/live")
@@ -88,7 +109,7 @@ def _version(package: str) -> str | None:  # installed versions cannot change wh
 
 
 @router.get("/info")
-def info(services: ServicesDep) -> dict[str, Any]:
+async def info(services: ServicesDep) -> dict[str, Any]:
     """Version, default backend, devices seen, library versions, limits, directories. No secrets."""
     from imagegen.backends.local.support import devices_seen
 
@@ -121,7 +142,7 @@ def info(services: ServicesDep) -> dict[str, Any]:
         "data_dir": str(settings.data_dir.resolve()),
         "auth_enabled": settings.api_key is not None,
         "safety_checker": settings.safety_checker,
-        "queue": services.engine.stats(),
+        "queue": await services.engine.stats(),
         # Sizes come from a background measurement (see storage/disk_usage.py): /info never walks a folder.
         "disk": services.disk.snapshot() if services.disk is not None else None,
         "retention": {

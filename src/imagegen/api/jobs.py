@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -26,23 +27,23 @@ _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 404)}
 
 
-def _job(job_id: str, services: ServicesDep) -> Job:
+async def _job(job_id: str, services: ServicesDep) -> Job:
     if not _JOB_ID.fullmatch(job_id):
         raise NotFoundError("no such job")
-    return services.engine.get(job_id)
+    return await services.engine.get(job_id)
 
 
 JobDep = Annotated[Job, Depends(_job)]
 
 
-def _body(job: Job, services: Services, request: Request, *, include_b64: bool) -> dict[str, Any]:
-    return presenters.job_body(
-        job,
-        services.outputs,
-        base_url(request, services.settings),
-        queue_position=services.engine.queue_position(job),
-        include_b64=include_b64,
-    )
+async def _body(job: Job, services: Services, request: Request, *, include_b64: bool) -> dict[str, Any]:
+    position = await services.engine.queue_position(job)
+    base = base_url(request, services.settings)
+    if include_b64:  # reading and base64-encoding the files happens off the event loop
+        return await asyncio.to_thread(
+            presenters.job_body, job, services.outputs, base, queue_position=position, include_b64=True
+        )
+    return presenters.job_body(job, services.outputs, base, queue_position=position, include_b64=False)
 
 
 @router.post(
@@ -67,14 +68,14 @@ async def create_job(body: JobCreateRequest, request: Request, services: Service
     accepted = {
         "id": job.id,
         "status": job.status.value,
-        "queue_position": services.engine.queue_position(job),
+        "queue_position": await services.engine.queue_position(job),
         **links,
     }
     return JSONResponse(accepted, status_code=202, headers={"Location": links["status_url"]})
 
 
 @router.get("/api/jobs", response_model=JobList, responses=_ERRORS)
-def list_jobs(
+async def list_jobs(
     request: Request,
     services: ServicesDep,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
@@ -83,36 +84,36 @@ def list_jobs(
     before: Annotated[float | None, Query(ge=0, le=1e11, description="Only jobs created before (unix time).")] = None,
 ) -> dict[str, Any]:
     """Recent jobs, newest first, without image data (follow each image's url)."""
-    jobs = services.engine.list_jobs(status=status, backend=backend, limit=limit, before=before)
+    jobs = await services.engine.list_jobs(status=status, backend=backend, limit=limit, before=before)
     return {
-        "jobs": [_body(job, services, request, include_b64=False) for job in jobs],
+        "jobs": [await _body(job, services, request, include_b64=False) for job in jobs],
         "next_before": jobs[-1].created_at if len(jobs) == limit else None,
     }
 
 
 @router.get("/api/jobs/{job_id}", response_model=JobOut, responses=_ERRORS)
-def get_job(
+async def get_job(
     job: JobDep,
     request: Request,
     services: ServicesDep,
     include_images: Annotated[bool, Query(description="Include each image's base64 data.")] = True,
 ) -> dict[str, Any]:
     """A job's state, queue position, progress, and its result or error."""
-    return _body(job, services, request, include_b64=include_images)
+    return await _body(job, services, request, include_b64=include_images)
 
 
 @router.post("/api/jobs/{job_id}/cancel", response_model=JobOut, responses={**_ERRORS, 409: {"model": ErrorResponse}})
 async def cancel_job(job: JobDep, request: Request, services: ServicesDep) -> dict[str, Any]:
     """Cancel a queued job at once, a running one between denoising steps (its partial image is discarded)."""
     cancelled = await services.engine.cancel(job.id)
-    return _body(cancelled, services, request, include_b64=False)
+    return await _body(cancelled, services, request, include_b64=False)
 
 
 @router.delete("/api/jobs/{job_id}", response_model=JobOut, responses={**_ERRORS, 409: {"model": ErrorResponse}})
 async def delete_job(job: JobDep, request: Request, services: ServicesDep) -> dict[str, Any]:
     """Same as POST /api/jobs/{id}/cancel."""
     cancelled = await services.engine.cancel(job.id)
-    return _body(cancelled, services, request, include_b64=False)
+    return await _body(cancelled, services, request, include_b64=False)
 
 
 # Errors come before the stream starts, as JSON (not event-stream) bodies.
@@ -132,22 +133,24 @@ async def job_events(job: JobDep, request: Request, services: ServicesDep) -> As
     engine = services.engine
     queue = services.events.subscribe(job.id)
     try:
-        current = engine.get(job.id)
+        current = await engine.get(job.id)
         if current.final:
-            yield ServerSentEvent(event=current.status.value, data=_body(current, services, request, include_b64=False))
+            yield ServerSentEvent(
+                event=current.status.value, data=await _body(current, services, request, include_b64=False)
+            )
             return
         if current.status is JobStatus.QUEUED:
             yield ServerSentEvent(
-                event="queued", data={"status": "queued", "queue_position": engine.queue_position(current)}
+                event="queued", data={"status": "queued", "queue_position": await engine.queue_position(current)}
             )
         else:
             yield ServerSentEvent(event="running", data={"status": "running", **current.progress()})
         while True:
             event = await queue.get()
             if event.final:
-                final = engine.get(job.id)
+                final = await engine.get(job.id)
                 yield ServerSentEvent(
-                    id=str(event.id), event=event.event, data=_body(final, services, request, include_b64=False)
+                    id=str(event.id), event=event.event, data=await _body(final, services, request, include_b64=False)
                 )
                 return
             yield ServerSentEvent(id=str(event.id), event=event.event, data=event.data)

@@ -297,11 +297,23 @@ class BackendHealthOut(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: str = Field(description="ok when the default backend is ready; otherwise why not.")
+    status: str = Field(
+        description="ok when the default backend is ready; otherwise why not (e.g. loading, draining, "
+        "redis_unreachable in a cluster)."
+    )
     default_backend: str
     backends: dict[str, BackendHealthOut]
     queue: dict[str, Any]
     version: str | None = Field(None, description="With the key (or when none is set) only.")
+    reason: str | None = Field(None, description="Why the job engine cannot serve now (a cluster: Redis).")
+    mode: Literal["distributed"] | None = Field(None, description="Set in a cluster (SD_REDIS_URL); with the key.")
+    redis: dict[str, Any] | None = Field(
+        None, description="A cluster's Redis: state and location (no credentials); with the key."
+    )
+    workers: list[dict[str, Any]] | None = Field(None, description="A cluster's live workers; with the key.")
+    warnings: list[str] | None = Field(
+        None, description="A cluster's findings, e.g. an output folder not shared; with the key."
+    )
 
 
 class BackendOut(BackendHealthOut):

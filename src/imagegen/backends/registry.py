@@ -3,7 +3,7 @@ the local ones share; `start()` and `close()` bring them all up and down."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 from imagegen.backends.base import ImageBackend
 from imagegen.backends.local.device_manager import DeviceManager
@@ -68,9 +68,13 @@ class BackendRegistry:
         settings: Settings,
         factories: dict[str, BackendFactory] | None = None,
         default_id: str | None = None,
+        only: Collection[str] | None = None,
     ) -> BackendRegistry:
-        """The standard backends (plus extra factories, e.g. a test's fake backend)."""
+        """The standard backends (plus extra factories, e.g. a test's fake backend); `only` keeps
+        those ids (a worker of a cluster builds just the backends it serves)."""
         factories = {**DEFAULT_FACTORIES, **(factories or {})}
+        if only is not None:
+            factories = {backend_id: factory for backend_id, factory in factories.items() if backend_id in only}
         backends = {backend_id: factory(settings) for backend_id, factory in factories.items()}
         # The local backends share one device: one manager decides which of them stay loaded.
         manager = DeviceManager.share(settings, backends.values())

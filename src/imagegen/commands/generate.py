@@ -147,7 +147,11 @@ async def _in_process(
         # No webhooks (a CLI job takes no callback URL) and none of a service's upkeep (retention,
         # disk measurement); the job store in memory: never the queue a service left in SD_DATA_DIR.
         services = build_services(
-            settings, store=SQLiteJobStore(":memory:"), default_backend=args.backend, upkeep=False
+            settings,
+            store=SQLiteJobStore(":memory:"),
+            default_backend=args.backend,
+            upkeep=False,
+            distributed=False,  # in-process means here, even on a node of a cluster (SD_REDIS_URL)
         )
     except ValueError:
         from imagegen.backends.registry import DEFAULT_FACTORIES
@@ -182,7 +186,7 @@ async def _in_process(
             elif event.final:
                 break
         bar.close()
-        job = engine.get(job.id)
+        job = await engine.get(job.id)
         if job.status is not JobStatus.SUCCEEDED:
             error = job.error or {}
             return _fail(f"{error.get('type', job.status.value)}: {error.get('message', 'the job did not succeed')}")

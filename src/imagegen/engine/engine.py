@@ -14,24 +14,24 @@ import bisect
 import itertools
 import logging
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from imagegen.backends.base import ImageBackend, RunContext
 from imagegen.backends.registry import BackendRegistry
 from imagegen.config import Settings
+from imagegen.engine.base import Engine
+from imagegen.engine.batching import max_images, select_batch
 from imagegen.engine.events import JobEvents
+from imagegen.engine.images import store_images
 from imagegen.engine.jobs import Job, JobStatus, new_job_id
 from imagegen.engine.results import JobResult, StoredImage, Timings
 from imagegen.engine.store import JobStore
 from imagegen.errors import (
     BackendNotConfiguredError,
     BackendUnavailableError,
-    ClientClosedRequestError,
     ConflictError,
     DeadlineExceededError,
     GenerationFailedError,
@@ -42,22 +42,9 @@ from imagegen.errors import (
     ServiceError,
 )
 from imagegen.generation import GeneratedImage, GenerationParams
-from imagegen.storage.metadata import file_metadata
 from imagegen.storage.outputs import OutputStore
 
 log = logging.getLogger("imagegen.engine")
-
-
-_encoder_executor: ThreadPoolExecutor | None = None
-
-
-def _encoder_pool() -> ThreadPoolExecutor:
-    global _encoder_executor
-    if _encoder_executor is None:
-        _encoder_executor = ThreadPoolExecutor(
-            max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="imagegen-encode"
-        )
-    return _encoder_executor
 
 
 class Lane:
@@ -95,23 +82,12 @@ class Lane:
         return None
 
     def pop_batch(self, max_images: Callable[[Job], int]) -> list[Job]:
-        """The head job plus compatible queued jobs (same batch key) while the images fit."""
-        if not self._queue:
-            return []
-        head = self._queue.pop(0)[2]
-        budget = max_images(head) - head.request.num_images
-        batch = [head]
-        if budget > 0:
-            key = head.request.batch_key()
-            keep = []
-            for item in self._queue:
-                job = item[2]
-                if budget >= job.request.num_images and job.request.batch_key() == key:
-                    batch.append(job)
-                    budget -= job.request.num_images
-                else:
-                    keep.append(item)
-            self._queue = keep
+        """The head job plus compatible queued jobs (same batch key) while the images fit
+        (engine/batching.py: the rule the distributed workers follow too)."""
+        chosen = select_batch(self.jobs(), max_images)
+        picked = set(chosen)
+        batch = [self._queue[index][2] for index in chosen]
+        self._queue = [item for index, item in enumerate(self._queue) if index not in picked]
         return batch
 
     def wake(self) -> None:
@@ -125,7 +101,9 @@ class Lane:
                 return  # woken without work (shutdown): let the worker re-check
 
 
-class JobEngine:
+class JobEngine(Engine):
+    """The embedded engine: one process, jobs in SQLite, lanes of asyncio workers."""
+
     def __init__(
         self,
         settings: Settings,
@@ -136,6 +114,7 @@ class JobEngine:
         webhooks: Any = None,
         on_final: Callable[[Job], None] | None = None,
     ) -> None:
+        super().__init__()
         self.settings = settings
         self.registry = registry
         self.store = store
@@ -147,7 +126,6 @@ class JobEngine:
         self._active: dict[str, Job] = {}
         self._done: dict[str, asyncio.Future[Job]] = {}
         self._contexts: dict[str, tuple[RunContext, int]] = {}
-        self._sync_waiters: dict[str, int] = {}
         self._seq = itertools.count()
         self._durations: deque[float] = deque(maxlen=32)
         self._background: set[asyncio.Task[Any]] = set()
@@ -293,12 +271,15 @@ class JobEngine:
     def queued_count(self) -> int:
         return sum(len(lane) for lane in self._lanes.values())
 
-    def running(self) -> list[Job]:
-        """The jobs running now (from memory: every active job is here)."""
+    def _running(self) -> list[Job]:
         return [job for job in self._active.values() if job.status is JobStatus.RUNNING]
 
+    async def running(self) -> list[Job]:
+        """The jobs running now (from memory: every active job is here)."""
+        return self._running()
+
     def running_count(self) -> int:
-        return len(self.running())
+        return len(self._running())
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: recent batch time x queue length / concurrency."""
@@ -307,7 +288,7 @@ class JobEngine:
         estimate = average * max(1, self.queued_count()) / concurrency
         return max(1, min(300, math.ceil(estimate)))
 
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
         return {
             "queued": self.queued_count(),
             "running": self.running_count(),
@@ -320,7 +301,10 @@ class JobEngine:
         }
 
     # -- queries -------------------------------------------------------------------------------
-    def get(self, job_id: str) -> Job:
+    async def get(self, job_id: str) -> Job:
+        return self._get(job_id)
+
+    def _get(self, job_id: str) -> Job:
         job = self._active.get(job_id)
         if job is not None:
             return job
@@ -329,7 +313,7 @@ class JobEngine:
             raise NotFoundError("no such job")
         return stored
 
-    def inputs_in_use(self) -> set[str]:
+    async def inputs_in_use(self) -> set[str]:
         """The content hashes of the input images unfinished jobs refer to (input retention keeps them)."""
         found: set[str] = set()
         for job in self._active.values():
@@ -338,50 +322,38 @@ class JobEngine:
                 found.add(job.request.mask.sha256)
         return found
 
-    def queue_position(self, job: Job) -> int | None:
+    async def queue_position(self, job: Job) -> int | None:
         if job.status is not JobStatus.QUEUED or job.id not in self._active:
             return None
         return self._lane_of(job).position(job.id)
 
-    def list_jobs(self, **filters: Any) -> list[Job]:
+    async def list_jobs(
+        self,
+        *,
+        status: JobStatus | None = None,
+        backend: str | None = None,
+        limit: int = 50,
+        before: float | None = None,
+    ) -> list[Job]:
         # The store has every job; active ones are fresher in memory (live progress).
-        return [self._active.get(job.id, job) for job in self.store.list_jobs(**filters)]
+        found = self.store.list_jobs(status=status, backend=backend, limit=limit, before=before)
+        return [self._active.get(job.id, job) for job in found]
 
     async def wait(self, job_id: str) -> Job:
         """Wait until the job is final; return it."""
         future = self._done.get(job_id)
         if future is None:
-            return self.get(job_id)
+            return self._get(job_id)
         return await asyncio.shield(future)
 
-    async def wait_sync(self, job_id: str, disconnected: Callable[[], Any]) -> Job:
-        """Wait for a synchronous caller; if it goes away and nobody else waits, cancel the job."""
-        self._sync_waiters[job_id] = self._sync_waiters.get(job_id, 0) + 1
-        waiter = asyncio.ensure_future(self.wait(job_id))
-        watcher = asyncio.ensure_future(disconnected())
-        try:
-            done, _ = await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if waiter in done:
-                return waiter.result()
-        finally:
-            watcher.cancel()
-            if not waiter.done():
-                waiter.cancel()
-            remaining = self._sync_waiters.get(job_id, 1) - 1
-            if remaining > 0:
-                self._sync_waiters[job_id] = remaining
-            else:
-                self._sync_waiters.pop(job_id, None)
-        if job_id not in self._sync_waiters and job_id in self._active:
-            log.info("job=%s caller disconnected; cancelling", job_id)
-            await self.cancel(job_id, reason="the caller disconnected")
-        raise ClientClosedRequestError("the caller disconnected")
+    async def _still_active(self, job_id: str) -> bool:
+        return job_id in self._active
 
     # -- cancel --------------------------------------------------------------------------------
     async def cancel(self, job_id: str, reason: str = "cancelled by request") -> Job:
         job = self._active.get(job_id)
         if job is None:
-            stored = self.get(job_id)
+            stored = self._get(job_id)
             if stored.status is JobStatus.CANCELLED:
                 return stored
             raise ConflictError(f"job already {stored.status.value}")
@@ -427,8 +399,7 @@ class JobEngine:
                 lane.busy -= 1
 
     def _max_batch_images(self, job: Job) -> int:
-        backend = self.registry.get(job.backend)
-        return max(1, min(self.settings.max_batch, backend.capabilities().max_batch))
+        return max_images(self.settings, self.registry.get(job.backend))
 
     async def _run_batch(self, backend: ImageBackend, batch: list[Job]) -> bool:
         """Run one pipeline call for the batch. Returns True when a merged batch failed with an error
@@ -535,25 +506,7 @@ class JobEngine:
             self._finalize(job, JobStatus.SUCCEEDED, result=JobResult(images=images, timings=timings))
 
     def _store_images(self, job: Job, images: list[GeneratedImage]) -> list[StoredImage]:
-        # Encoding (zlib for PNG) releases the GIL: a batch's images are encoded side by side.
-        if len(images) > 1:
-            return list(_encoder_pool().map(lambda image: self._store_image(job, image), images))
-        return [self._store_image(job, image) for image in images]
-
-    def _store_image(self, job: Job, image: GeneratedImage) -> StoredImage:
-        if image.nsfw or image.image is None:
-            return StoredImage(seed=image.seed, nsfw=image.nsfw, info=dict(image.info))  # flagged: never written
-        width, height = image.image.width, image.image.height
-        meta = file_metadata(job.request, seed=image.seed, width=width, height=height, info=image.info, job_id=job.id)
-        saved = self.outputs.save(image.image, job.request.output_format, meta)
-        return StoredImage(
-            seed=image.seed,
-            filename=saved.name,
-            mime_type=saved.mime_type,
-            width=width,
-            height=height,
-            info=dict(image.info),
-        )
+        return store_images(self.outputs, job, images)  # engine/images.py: shared with the workers
 
     # -- state changes -------------------------------------------------------------------------
     def _finalize(

@@ -38,7 +38,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -80,6 +80,13 @@ _PRIVATE_HINT = "set SD_WEBHOOK_ALLOW_PRIVATE=true or list the host in SD_WEBHOO
 
 class WebhookRefusedError(Exception):
     pass
+
+
+class JobRecorder(Protocol):
+    """Where a delivery's outcome (`job.webhook`) is written: the job store (engine/store.py), or in a
+    cluster nothing (the replica that delivered writes it to Redis afterwards)."""
+
+    def update(self, job: Job) -> None: ...
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -268,7 +275,7 @@ class WebhookSender:
         """The state stored with a job that ends with a callback, in the same write as its end."""
         return {"status": "pending", "attempts": 0, "last_error": None}
 
-    def schedule(self, job: Job, store: JobStore) -> None:
+    def schedule(self, job: Job, store: JobRecorder) -> None:
         """Deliver in the background (once per job); the task's outcome is always retrieved."""
         if job.id in self._tasks or not job.callback_url:
             return
@@ -306,7 +313,7 @@ class WebhookSender:
             await asyncio.gather(*tasks, return_exceptions=True)
         await self._client.aclose()
 
-    async def deliver(self, job: Job, store: JobStore) -> None:
+    async def deliver(self, job: Job, store: JobRecorder) -> None:
         """POST the job body; retry transient failures with backoff and jitter; record the outcome.
         Resumes from the attempts already recorded with the job."""
         if not job.callback_url:
@@ -331,7 +338,7 @@ class WebhookSender:
             f" error={state['last_error']}" if state["last_error"] else "",
         )
 
-    async def _attempts(self, job: Job, url: str, state: dict[str, Any], store: JobStore) -> None:
+    async def _attempts(self, job: Job, url: str, state: dict[str, Any], store: JobRecorder) -> None:
         max_attempts = self.settings.webhook_max_attempts
         if state["attempts"] >= max_attempts:  # the process stopped after the last attempt
             state["status"] = "failed"

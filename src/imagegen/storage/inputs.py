@@ -21,7 +21,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("imagegen.inputs")
 
-INPUTS_SUBDIR = "inputs"
 _NAME = re.compile(r"^([0-9a-f]{64})\.png$")
 #: Inputs younger than this are kept even when no job refers to them (see the module docstring).
 GRACE_SECONDS = 3600.0
@@ -47,8 +46,8 @@ class InputMissingError(InvalidParameterError):
 
 
 class InputStore:
-    def __init__(self, data_dir: Path) -> None:
-        root = Path(data_dir) / INPUTS_SUBDIR
+    def __init__(self, root: Path) -> None:
+        """`root`: Settings.inputs_dir (SD_DATA_DIR/inputs; in a cluster, a folder every node shares)."""
         root.mkdir(parents=True, exist_ok=True)
         self.root = Path(os.path.realpath(root))
 
@@ -121,7 +120,7 @@ class InputPruneTask:
     """Runs `InputStore.prune` in a worker thread at start-up and every `interval` seconds, keeping
     what `in_use()` names (the hashes unfinished jobs refer to)."""
 
-    def __init__(self, store: InputStore, in_use: Callable[[], set[str]], interval: float) -> None:
+    def __init__(self, store: InputStore, in_use: Callable[[], Awaitable[set[str]]], interval: float) -> None:
         self.store = store
         self.in_use = in_use
         self.interval = interval
@@ -137,8 +136,8 @@ class InputPruneTask:
                 await self._task
             self._task = None
 
-    def run_once(self) -> list[str]:
-        removed = self.store.prune(self.in_use())
+    async def run_once(self) -> list[str]:
+        removed = await asyncio.to_thread(self.store.prune, await self.in_use())
         if removed:
             log.info("retention: deleted %d unused input image(s)", len(removed))
         return removed
@@ -146,8 +145,8 @@ class InputPruneTask:
     async def _run(self) -> None:
         while True:
             try:
-                # in_use() reads the engine's jobs on the event loop; the file work happens in a thread.
-                in_use = self.in_use()
+                # in_use() reads the engine's jobs (in a cluster, from Redis); the file work happens in a thread.
+                in_use = await self.in_use()
                 removed = await asyncio.to_thread(self.store.prune, in_use)
                 if removed:
                     log.info("retention: deleted %d unused input image(s)", len(removed))

@@ -1,12 +1,16 @@
 """The output store: server-chosen file names, metadata in the files, safe serving.
 
-Names come from the server only and match one strict pattern. Serving a name first checks the
-pattern, then resolves the real path (symlinks included) and checks it lies inside the output root,
-the way Starlette's StaticFiles does, so no encoded, absolute or symlinked name escapes the folder.
+`ImageStore` is the small interface the engines write through (save, read, remove), so that an
+object store can follow the folder (docs/scale-out.md); `OutputStore` is the folder, SD_OUTPUT_DIR,
+which in a cluster every node shares. Names come from the server only and match one strict pattern.
+Serving a name first checks the pattern, then resolves the real path (symlinks included) and checks
+it lies inside the output root, the way Starlette's StaticFiles does, so no encoded, absolute or
+symlinked name escapes the folder.
 """
 
 from __future__ import annotations
 
+import abc
 import io
 import os
 import re
@@ -45,7 +49,25 @@ class SavedFile:
     data: bytes
 
 
-class OutputStore:
+class ImageStore(abc.ABC):
+    """Where generated images are written and read back, by the name the store gave them."""
+
+    @abc.abstractmethod
+    def save(self, image: Any, output_format: str, meta: dict[str, Any]) -> SavedFile:
+        """Encode with the metadata embedded and store under a new name; the stored file."""
+
+    @abc.abstractmethod
+    def read(self, name: str) -> bytes:
+        """The stored bytes; NotFoundError when there is no such image."""
+
+    @abc.abstractmethod
+    def remove(self, name: str) -> None:
+        """Delete a stored image; nothing when it is already gone."""
+
+
+class OutputStore(ImageStore):
+    """A folder (SD_OUTPUT_DIR) of files written atomically under server-chosen names."""
+
     def __init__(self, root: Path) -> None:
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)  # the mode applies when it is created here
@@ -100,6 +122,15 @@ class OutputStore:
         if os.path.commonpath([candidate, str(self.root)]) != str(self.root) or not os.path.isfile(candidate):
             raise NotFoundError("no such image")
         return Path(candidate)
+
+    def read(self, name: str) -> bytes:
+        return self.resolve(name).read_bytes()
+
+    def remove(self, name: str) -> None:
+        try:
+            self.resolve(name).unlink()
+        except (NotFoundError, FileNotFoundError):
+            pass
 
     @staticmethod
     def mime_type(path: Path) -> str:

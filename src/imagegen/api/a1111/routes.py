@@ -226,8 +226,8 @@ async def scripts() -> dict[str, list[str]]:
 @router.get("/progress", response_model=A1111Progress)
 async def progress(services: ServicesDep) -> dict[str, Any]:
     """The running job's progress (the longest-running one when several run); 0 and job_count 0 when idle."""
-    running = services.engine.running()
-    job_count = len(running) + services.engine.queued_count()
+    running = await services.engine.running()
+    job_count = len(running) + int((await services.engine.stats())["queued"])
     state: dict[str, Any] = {
         "skipped": False,
         "interrupted": False,
@@ -264,7 +264,7 @@ async def progress(services: ServicesDep) -> dict[str, Any]:
 @router.post("/interrupt")
 async def interrupt(services: ServicesDep) -> dict[str, Any]:
     """Cancel the running job(s), as A1111's Interrupt button does; queued jobs go on. Answers {}."""
-    for job in services.engine.running():
+    for job in await services.engine.running():
         with contextlib.suppress(ConflictError, NotFoundError):  # it ended meanwhile
             await services.engine.cancel(job.id, reason="interrupted (POST /sdapi/v1/interrupt)")
     return {}

@@ -207,7 +207,7 @@ class FluxApiBackend(ImageBackend):
     @property
     def inputs(self) -> InputStore:
         if self._inputs is None:
-            self._inputs = InputStore(self.settings.data_dir)
+            self._inputs = InputStore(self.settings.inputs_dir)
         return self._inputs
 
     # -- lifecycle -------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ class LocalPipelineBackend(ImageBackend):
     def inputs(self) -> InputStore:
         """The input store of SD_DATA_DIR, where a request's images are read from."""
         if self._inputs is None:
-            self._inputs = InputStore(self.settings.data_dir)
+            self._inputs = InputStore(self.settings.inputs_dir)
         return self._inputs
 
     # -- lifecycle -------------------------------------------------------------------------------
