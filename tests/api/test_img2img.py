@@ -5,6 +5,7 @@ needs them and pruned after."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import sqlite3
@@ -117,14 +118,15 @@ def test_inputs_are_kept_while_a_job_needs_them_then_pruned(serve: Callable[...,
     services = client.app.state.services  # type: ignore[attr-defined]
     held = client.post("/api/jobs", json={"prompt": "hang", "images": [b64(gradient(16, 16))]}).json()["id"]
     queued = client.post("/api/jobs", json={"prompt": "x", "images": [b64(gradient(24, 24))]}).json()["id"]
-    in_use = services.engine.inputs_in_use()
+    # The engine's answer reads its own memory only: a loop of this thread's own can ask it.
+    in_use = asyncio.run(services.engine.inputs_in_use())
     assert len(in_use) == 2
     assert services.inputs.prune(in_use, grace=0) == []  # both jobs still need theirs
     holder["backend"].release()
     for job_id in (held, queued):
         while client.get(f"/api/jobs/{job_id}").json()["status"] in ("queued", "running"):
             pass
-    assert services.engine.inputs_in_use() == set()
+    assert asyncio.run(services.engine.inputs_in_use()) == set()
     assert sorted(services.inputs.prune(set(), grace=0)) == sorted(in_use)
     assert services.inputs.names() == []
 

@@ -93,7 +93,12 @@ def test_a_job_whose_worker_dies_too_often_fails_with_a_reason(cluster: Deployer
 def test_a_job_is_finalized_once_even_if_two_workers_ran_it(cluster: Deployer, receiver: tuple[Receiver, str]) -> None:
     hook, url = receiver
     d = cluster(
-        fake={"step_delay": 0.05}, workers=2, worker_lease_seconds=LEASE, webhook_backoff=0.05, log_level="info"
+        fake={"step_delay": 0.05},
+        workers=2,
+        worker_lease_seconds=LEASE,
+        webhook_backoff=0.05,
+        webhook_allow_private=True,
+        log_level="info",
     )
     job = submit(d.client, prompt="twice", seed=3, steps=60, callback_url=f"{url}/hook")
     events: list[dict[str, Any]] = []
@@ -226,7 +231,7 @@ def test_sse_on_another_replica_shows_every_step(cluster: Deployer) -> None:
 
 def test_webhooks_are_delivered_once_whichever_replica(cluster: Deployer, receiver: tuple[Receiver, str]) -> None:
     hook, url = receiver
-    d = cluster(worker_lease_seconds=LEASE, webhook_backoff=0.05)
+    d = cluster(worker_lease_seconds=LEASE, webhook_backoff=0.05, webhook_allow_private=True)
     other = d.add_replica()
     ids = [
         submit(client, prompt=f"hook {index}", steps=1, callback_url=f"{url}/hook")["id"]
