@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -65,6 +66,32 @@ def test_uncached_hub_model_offline_explains_what_to_do(serve: Callable[..., htt
     client = serve(model_id="someone/not-cached-model", ready=False)
     reason = _wait_state(client, "error")["backends"]["sd"]["reason"]
     assert "not in the model cache" in reason and "SD_HUGGINGFACE_TOKEN" in reason
+
+
+def test_a_backend_that_cannot_load_offline_is_not_ready_before_any_request(
+    serve: Callable[..., httpx.Client], tmp_path: Path
+) -> None:
+    """Not the default (nothing loads it at start): its state comes from the model cache, read without
+    downloading, while HF_HUB_OFFLINE is set (as in every test)."""
+    client = serve(flux_model_id="someone/flux-not-cached", model_dir=tmp_path / "models", safety_checker=False)
+    flux = client.get("/health").json()["backends"]["flux-local"]
+    assert flux["state"] == "error"
+    assert flux["reason"] == (
+        "'someone/flux-not-cached' is not in the model cache (SD_MODEL_DIR) and HF_HUB_OFFLINE is set: "
+        "run `imagegen models pull someone/flux-not-cached` where the network works, then start again"
+    )
+    assert client.get("/health").status_code == 200  # the default backend (sd) is what readiness follows
+
+    # `imagegen models pull` where the network works fills the cache (here: the cache layout by hand);
+    # A1111's refresh-checkpoints makes the service look again at once.
+    repo = tmp_path / "models" / "models--someone--flux-not-cached"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "model_index.json").write_text('{"_class_name": "Flux2KleinPipeline"}')
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    assert client.post("/sdapi/v1/refresh-checkpoints").status_code == 200
+    flux = client.get("/health").json()["backends"]["flux-local"]
+    assert flux["state"] == "ready" and flux["reason"] == "not loaded; loads on the first request"
 
 
 def _wait_state(client: httpx.Client, state: str, timeout: float = 60) -> dict[str, Any]:

@@ -49,15 +49,16 @@ def raw_format(accept: str | None, body: Txt2ImgRequest) -> str | None:
         wanted = _IMAGE_TYPES.get(media)
         if wanted is None:
             continue
+        # One image whatever the image type asked for (image/* included): a second one would be dropped.
+        if body.num_images != 1:
+            raise NotAcceptableError(
+                "a raw image response carries one image: set num_images to 1 or accept JSON", param="num_images"
+            )
         if wanted == "*":
             return body.output_format
         if "output_format" in body.model_fields_set and body.output_format != wanted:
             raise NotAcceptableError(
                 f"Accept asks for {media} but output_format is {body.output_format}", param="output_format"
-            )
-        if body.num_images != 1:
-            raise NotAcceptableError(
-                "a raw image response carries one image: set num_images to 1 or accept JSON", param="num_images"
             )
         return wanted
     return None

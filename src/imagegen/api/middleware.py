@@ -233,11 +233,15 @@ class _BodyTooLarge(StarletteHTTPException):
 
 class BodyGuardMiddleware:
     """Refuses bodies over SD_MAX_BODY_BYTES (413, before parsing) and non-JSON bodies on state-changing
-    methods (415): a plain HTML form cannot post here, which closes the CSRF door."""
+    methods (415): a plain HTML form cannot post here, which closes the CSRF door.
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    `unread_paths`: routes that never read their body (they answer 501 for a feature the service does
+    not have): whatever its type, the caller hears that, not that its upload should have been JSON."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, unread_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.unread_paths = unread_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -262,7 +266,7 @@ class BodyGuardMiddleware:
                 return
         else:
             length = 0
-        if length > 0 or chunked:
+        if (length > 0 or chunked) and scope["path"] not in self.unread_paths:
             content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
             if content_type != "application/json" and not content_type.endswith("+json"):
                 await send_error(

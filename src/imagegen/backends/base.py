@@ -218,6 +218,10 @@ class ImageBackend(abc.ABC):
         health = self.health()
         return Availability(health.state, health.reason)
 
+    def refresh(self) -> None:
+        """Forget what was learnt from disk about the models (configs, cache state): A1111's
+        refresh-checkpoints after a model was pulled into the cache. The allowlist itself is settings."""
+
     async def start(self) -> None:
         """Begin loading (in the background) when `preload` is set."""
 

@@ -74,9 +74,17 @@ def device_executor() -> ThreadPoolExecutor:
         return _device_executor
 
 
+#: How long the answer to "are the model's files in the cache?" is reused (availability is read for
+#: every job admitted and every /health probe; `imagegen models pull` may fill the cache meanwhile).
+CACHE_CHECK_SECONDS = 2.0
+
+
 class LocalPipelineBackend(ImageBackend):
     lane = "local"
     concurrency = 1
+    #: Whether the model needs the standalone safety checker (SD_SAFETY_CHECKER_ID); None: its own
+    #: model_index.json says (SD 1.x models ship a checker of their own).
+    standalone_checker: bool | None = None
 
     def __init__(self, settings: Settings, model_id: str) -> None:
         super().__init__(settings)
@@ -93,6 +101,7 @@ class LocalPipelineBackend(ImageBackend):
         self._last_used = 0.0  # monotonic time of the last load or pipeline call
         self._last_unload: tuple[str, float] | None = None  # (reason, monotonic time)
         self._unloads = 0
+        self._uncached: tuple[str, float, list[str]] | None = None  # (model, monotonic time, missing repos)
 
     def attach_device_manager(self, manager: DeviceManager) -> None:
         """Share the device with the other local backends of this app (see device_manager.py)."""
@@ -257,6 +266,32 @@ class LocalPipelineBackend(ImageBackend):
         await asyncio.get_running_loop().run_in_executor(None, self.unload, "the service stopped")
 
     # -- health ----------------------------------------------------------------------------------
+    def uncached_models(self) -> list[str]:
+        """The hub repositories a load of the current model needs that are not in the cache (the model,
+        its standalone safety checker): a few file lookups, remembered for CACHE_CHECK_SECONDS."""
+        from imagegen.backends.local.support import uncached_hub_models
+
+        model = self.model_id
+        memo = self._uncached
+        if memo is not None and memo[0] == model and time.monotonic() - memo[1] < CACHE_CHECK_SECONDS:
+            return memo[2]
+        missing = uncached_hub_models(model, self.settings, standalone_checker=self.standalone_checker)
+        self._uncached = (model, time.monotonic(), missing)
+        return missing
+
+    def refresh(self) -> None:
+        """Look at the model cache again at the next health check (after `imagegen models pull`)."""
+        self._uncached = None
+
+    def _offline_problem(self) -> str | None:
+        """Why the model cannot load now without trying: HF_HUB_OFFLINE and files missing from the cache."""
+        from imagegen.backends.local.support import hub_offline, uncached_reason
+
+        if not hub_offline():
+            return None
+        missing = self.uncached_models()
+        return uncached_reason(missing, f"imagegen models pull {self.model_id}") if missing else None
+
     def availability(self) -> Availability:
         """The state without the report (no memory probe): what admission reads for every job."""
         if self._deps_missing:
@@ -266,6 +301,11 @@ class LocalPipelineBackend(ImageBackend):
             return Availability(BackendState.LOADING, f"loading {self.model_id}")
         if state is LoadState.FAILED:
             return Availability(BackendState.ERROR, self._failure or "load failed")
+        if state is LoadState.UNLOADED:
+            # Offline and not cached: the first request would only fail; say so before it is sent.
+            problem = self._offline_problem()
+            if problem is not None:
+                return Availability(BackendState.ERROR, problem)
         # Unloaded is ready too: the model loads on the first request.
         return Availability(
             BackendState.READY, f"{self.model_id} {'loaded' if state is LoadState.READY else 'not loaded'}"

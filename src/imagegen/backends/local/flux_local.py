@@ -97,10 +97,16 @@ _BUILTIN_CONFIGS: dict[str, tuple[dict[str, Any] | None, ...]] = {
 
 class FluxLocalBackend(LocalPipelineBackend):
     id = Backend.FLUX_LOCAL.value
+    standalone_checker = True  # FLUX models ship no safety checker
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, settings.flux_model_id)
         self._peeked: FluxProfile | None = None
+
+    def refresh(self) -> None:
+        """Read the model's configs again (they may have been pulled into the cache since)."""
+        super().refresh()
+        self._peeked = None
 
     # -- what the model accepts: from its configs on disk, exact once loaded ----------------------
     def profile(self) -> FluxProfile:
