@@ -113,6 +113,14 @@ class Settings(BaseSettings):
         "or a checker folder), for models that ship none.",
     )
 
+    preview_interval: float = Field(
+        0.5,
+        ge=0,
+        le=3600,
+        description="Seconds between two live previews of a running local job (the current latents as a small "
+        "JPEG: the page, the job's event stream with ?previews=true, A1111's current_image). 0: no previews.",
+    )
+
     # --- flux-local ----------------------------------------------------------------------------
     flux_model_id: str = Field(
         DEFAULT_FLUX_MODEL,

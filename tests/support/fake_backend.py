@@ -10,12 +10,14 @@ the prompt inject behaviour, so a test (or a server in another process) needs no
   "crash"   raises an unexpected exception (a bug)
   "nsfw"    the image is flagged by the "safety checker"
   "fatal"   the backend breaks for good (a lost device): it raises and its health turns to error
+Like the local backends it sends live previews (small JPEGs) when the run context asks for them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +41,18 @@ def expected_pixels(prompt: str, seed: int, width: int, height: int) -> Image.Im
 def seed_of(image: Image.Image) -> int:
     rgb = image.convert("RGB")
     return int.from_bytes(bytes(rgb.getpixel((index, 0))[0] for index in range(4)), "little")
+
+
+def preview_jpeg(request: GenerationRequest, step: int) -> bytes:
+    """The fake's live preview of a request at a step: its first image at an eighth of the size (at least
+    8 px), in JPEG as the local backends send them, with the step in its red channel."""
+    small = expected_pixels(request.prompt, request.seeds[0], request.width, request.height).resize(
+        (max(8, request.width // 8), max(8, request.height // 8))
+    )
+    small.paste((min(255, step * 16), 0, 0), (0, 0, small.width, small.height // 2))
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
 
 
 class FakeBackend(ImageBackend):
@@ -136,6 +150,8 @@ class FakeBackend(ImageBackend):
         for step in range(steps):
             await asyncio.sleep(delay)
             ctx.report_step(step + 1, steps)
+            if ctx.preview_due(step + 1, steps):
+                ctx.report_preview(step + 1, steps, [preview_jpeg(request, step + 1) for request in batch])
             ctx.check()
         results = []
         for request in batch:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from imagegen.api import presenters
@@ -15,7 +16,7 @@ from imagegen.api.deps import ServicesDep, base_url, request_id
 from imagegen.api.dialects import Dialect, documented_errors
 from imagegen.api.schemas import ErrorResponse, JobAccepted, JobCreateRequest, JobList, JobOut
 from imagegen.api.translation import defaults_for
-from imagegen.engine.jobs import Job, JobStatus
+from imagegen.engine.jobs import Job, JobStatus, Preview
 from imagegen.errors import NotFoundError
 from imagegen.services import Services
 
@@ -122,10 +123,28 @@ _STREAM_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _preview_data(preview: Preview) -> dict[str, Any]:
+    return {
+        "step": preview.step,
+        "total": preview.total,
+        "mime_type": preview.mime_type,
+        "b64": base64.b64encode(preview.data).decode("ascii"),
+    }
+
+
 @router.get("/api/jobs/{job_id}/events", response_class=EventSourceResponse, responses=_STREAM_ERRORS)
-async def job_events(job: JobDep, request: Request, services: ServicesDep) -> AsyncIterator[ServerSentEvent]:
-    """Live progress as Server-Sent Events: `queued` (position), `running`, `progress` (each step), then
-    one final `succeeded` | `failed` | `cancelled` carrying the job body; the stream then ends."""
+async def job_events(
+    job: JobDep,
+    request: Request,
+    services: ServicesDep,
+    previews: Annotated[
+        bool, Query(description="Also send `preview` events: a small JPEG of the current latents, base64.")
+    ] = False,
+) -> AsyncIterator[ServerSentEvent]:
+    """Live progress as Server-Sent Events: `queued` (position), `running`, `progress` (each step, with
+    `eta_seconds` from the measured step rate), with `previews=true` also `preview` (`step`, `total`,
+    `mime_type`, bare base64 `b64`; every SD_PREVIEW_INTERVAL seconds on local backends), then one final
+    `succeeded` | `failed` | `cancelled` carrying the job body; the stream then ends."""
     engine = services.engine
     queue = services.events.subscribe(job.id)
     try:
@@ -139,6 +158,8 @@ async def job_events(job: JobDep, request: Request, services: ServicesDep) -> As
             )
         else:
             yield ServerSentEvent(event="running", data={"status": "running", **current.progress()})
+            if previews and current.preview is not None:
+                yield ServerSentEvent(event="preview", data=_preview_data(current.preview))
         while True:
             event = await queue.get()
             if event.final:
@@ -147,6 +168,26 @@ async def job_events(job: JobDep, request: Request, services: ServicesDep) -> As
                     id=str(event.id), event=event.event, data=_body(final, services, request, include_b64=False)
                 )
                 return
+            if event.event == "preview" and not previews:
+                continue
             yield ServerSentEvent(id=str(event.id), event=event.event, data=event.data)
     finally:
         services.events.unsubscribe(job.id, queue)
+
+
+@router.get(
+    "/api/jobs/{job_id}/preview",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}, **_ERRORS},
+)
+def job_preview(job: JobDep) -> Response:
+    """The latest live preview of a running job (a small JPEG of its current latents); 404 when there is
+    none (queued, finished, a backend without previews, or none made yet)."""
+    preview = job.preview
+    if preview is None:
+        raise NotFoundError("no preview: the job is not running on a local backend, or none was made yet")
+    return Response(
+        preview.data,
+        media_type=preview.mime_type,
+        headers={"Cache-Control": "no-store", "X-Step": str(preview.step), "X-Total-Steps": str(preview.total)},
+    )

@@ -168,6 +168,9 @@ class ProgressOut(BaseModel):
     step: int
     total: int
     fraction: float
+    eta_seconds: float | None = Field(
+        None, description="Seconds to the last step at the step rate measured in this run; null until known."
+    )
 
 
 class JobResultOut(BaseModel):

@@ -125,10 +125,18 @@ class BackendHealth:
         return data
 
 
-class RunContext:
-    """Given to `generate`: progress reporting, cancellation and the deadline of a batch.
+#: A batch's live previews: (step, total steps, one encoded image or None per request of the batch).
+#: The images are JPEG bytes (PREVIEW_MIME_TYPE), small: of the latent resolution.
+PREVIEW_MIME_TYPE = "image/jpeg"
+PreviewCallback = Callable[[int, int, Sequence[bytes | None]], None]
 
-    Thread-safe; local backends call it from their worker thread between denoising steps.
+
+class RunContext:
+    """Given to `generate`: progress reporting, live previews, cancellation and the deadline of a batch.
+
+    Thread-safe; local backends call it from their worker thread between denoising steps. Everything
+    it carries out of the backend is plain data (step numbers, image bytes), so the same calls work
+    whether the backend runs in this process or in another one.
     """
 
     def __init__(
@@ -136,10 +144,17 @@ class RunContext:
         job_ids: Sequence[str],
         deadline: float,
         on_progress: Callable[[int, int], None] | None = None,
+        *,
+        on_preview: PreviewCallback | None = None,
+        preview_interval: float = 0.0,
     ) -> None:
         self.job_ids = list(job_ids)
         self.deadline = deadline
         self._on_progress = on_progress
+        self._on_preview = on_preview
+        #: Seconds between two previews (0: no previews). The first comes after one interval.
+        self.preview_interval = preview_interval
+        self._last_preview = time.monotonic()
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
 
@@ -159,6 +174,20 @@ class RunContext:
     def report_step(self, step: int, total: int) -> None:
         if self._on_progress is not None:
             self._on_progress(step, total)
+
+    def preview_due(self, step: int, total: int) -> bool:
+        """Whether to make a preview after this step: previews are wanted, one interval has passed since
+        the last (or the start), and this is not the last step (the image itself comes next). A time
+        rule, not a step count: its cost stays a small share of the device's time at any step rate."""
+        if self._on_preview is None or self.preview_interval <= 0 or step >= total:
+            return False
+        return time.monotonic() - self._last_preview >= self.preview_interval
+
+    def report_preview(self, step: int, total: int, previews: Sequence[bytes | None]) -> None:
+        """One encoded image (or None) per request of the batch, in order."""
+        self._last_preview = time.monotonic()
+        if self._on_preview is not None:
+            self._on_preview(step, total, list(previews))
 
     def check(self) -> None:
         """Raise when the batch must stop now: everyone cancelled or the deadline passed."""

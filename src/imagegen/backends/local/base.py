@@ -13,7 +13,7 @@ import importlib.util
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -55,6 +55,8 @@ class LoadedPipeline:
         self.dtype = dtype
         self.safety = safety
         self.details = details
+        #: latents -> preview images, fitted on this pipeline's VAE (backends/local/previews.py); None: off
+        self.previewer: Any = None
 
 
 _device_executor: ThreadPoolExecutor | None = None
@@ -124,6 +126,11 @@ class LocalPipelineBackend(ImageBackend):
         """One pipeline call for the whole batch; returns float images (N, H, W, 3) in [0, 1]."""
         raise NotImplementedError
 
+    def preview_layout(self, loaded: LoadedPipeline) -> str | None:
+        """How the pipeline's denoising loop lays out its latents (previews.SD, FLUX1, FLUX2); None: no
+        previews for it."""
+        return None
+
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         # The device manager is started by the registry that owns it, once for all local backends.
@@ -180,6 +187,12 @@ class LocalPipelineBackend(ImageBackend):
                 metrics.record_model_load(self.id, None, ok=False)
                 release_memory()
                 raise BackendUnavailableError(f"backend '{self.id}' failed to load: {self._failure}") from None
+            if self.settings.preview_interval > 0:
+                layout = self.preview_layout(loaded)
+                if layout is not None:
+                    from imagegen.backends.local.previews import calibrate
+
+                    loaded.previewer = calibrate(loaded.pipe, layout)
             self._load_seconds = time.monotonic() - started
             self._loaded = loaded
             self._last_used = time.monotonic()
@@ -441,15 +454,38 @@ class LocalPipelineBackend(ImageBackend):
         return results
 
     @staticmethod
-    def step_callback(ctx: RunContext, total_steps: int):  # type: ignore[no-untyped-def]
-        """diffusers' callback_on_step_end: report progress, stop between steps when asked.
+    def batch_preview(loaded: LoadedPipeline, batch: Sequence[GenerationRequest]) -> Any:
+        """What the step callback needs to preview this batch (previews.BatchPreview), or None."""
+        if loaded.previewer is None:
+            return None
+        from imagegen.backends.local.previews import BatchPreview
+
+        first = batch[0]
+        return BatchPreview.of(loaded.previewer, [request.num_images for request in batch], first.width, first.height)
+
+    @staticmethod
+    def step_callback(
+        ctx: RunContext, total_steps: int, preview: Any = None
+    ) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
+        """diffusers' callback_on_step_end: report progress, a live preview when one is due (`preview`:
+        a previews.BatchPreview), stop between steps when asked.
 
         Raising stops the pipeline at once and leaves it usable (setting `_interrupt` would still
         decode and return an image, which a cancelled job must not get)."""
+        state = {"preview": preview}
 
-        def callback(pipe, step, timestep, kwargs):  # type: ignore[no-untyped-def]
+        def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             total = getattr(pipe, "_num_timesteps", None) or total_steps
             ctx.report_step(step + 1, total)
+            previewer = state["preview"]
+            if previewer is not None and ctx.preview_due(step + 1, total) and kwargs.get("latents") is not None:
+                try:
+                    images = previewer.render(kwargs["latents"])
+                except Exception:  # a preview must never fail a generation (logged with its traceback)
+                    log.warning("live preview failed (%s); none more in this call", type(pipe).__name__, exc_info=True)
+                    state["preview"] = None
+                else:
+                    ctx.report_preview(step + 1, total, images)
             ctx.check()
             return kwargs
 

@@ -253,6 +253,12 @@ class FluxLocalBackend(LocalPipelineBackend):
             details["cpu_offload_note"] = "SD_FLUX_CPU_OFFLOAD needs a GPU or MPS device; ignored on cpu"
         return LoadedPipeline(pipe, device, dtype, safety, details)
 
+    def preview_layout(self, loaded: LoadedPipeline) -> str | None:
+        from imagegen.backends.local.previews import FLUX1, FLUX2
+
+        profile: FluxProfile = loaded.details["profile"]
+        return FLUX2 if profile.pipeline_class == KLEIN else FLUX1
+
     # -- generation ------------------------------------------------------------------------------
     def run_pipeline(self, loaded: LoadedPipeline, batch: Sequence[GenerationRequest], ctx: RunContext) -> Any:
         import torch
@@ -282,6 +288,6 @@ class FluxLocalBackend(LocalPipelineBackend):
                 generator=cpu_generators(seeds),
                 max_sequence_length=profile.max_sequence_length,
                 output_type="np",
-                callback_on_step_end=self.step_callback(ctx, steps),
+                callback_on_step_end=self.step_callback(ctx, steps, self.batch_preview(loaded, batch)),
             )
         return output.images

@@ -126,6 +126,11 @@ class StableDiffusionBackend(LocalPipelineBackend):
         }
         return LoadedPipeline(pipe, device, dtype, safety, details)
 
+    def preview_layout(self, loaded: LoadedPipeline) -> str | None:
+        from imagegen.backends.local.previews import SD
+
+        return SD  # SD 1.x/2.x and SDXL: (batch, channels, height, width) latents
+
     # -- generation ------------------------------------------------------------------------------
     def run_pipeline(self, loaded: LoadedPipeline, batch: Sequence[GenerationRequest], ctx: RunContext) -> Any:
         import torch
@@ -158,6 +163,6 @@ class StableDiffusionBackend(LocalPipelineBackend):
                 guidance_scale=first.guidance_scale,
                 generator=cpu_generators(seeds),
                 output_type="np",
-                callback_on_step_end=self.step_callback(ctx, first.steps or 1),
+                callback_on_step_end=self.step_callback(ctx, first.steps or 1, self.batch_preview(loaded, batch)),
             )
         return output.images
