@@ -95,12 +95,12 @@ class Settings(BaseSettings):
     model_id: str = Field(
         DEFAULT_SD_MODEL,
         min_length=1,
-        description="Model of the sd backend: hub id, local folder, or built-in tiny-sd / tiny-sdxl.",
+        description="Model of the sd backend: hub id, local folder, or built-in tiny-sd / tiny-sd-512 / tiny-sdxl.",
     )
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated extra models (hub ids, local folders, tiny-sd / tiny-sdxl) the sd backend may "
-        "switch to when a request names one, besides SD_MODEL_ID. The allowlist: a request can select only "
+        description="Comma-separated extra models (hub ids, local folders, tiny-sd / tiny-sd-512 / tiny-sdxl) the sd "
+        "backend may switch to when a request names one, besides SD_MODEL_ID. The allowlist: a request can select only "
         "these, never make the service download anything else.",
     )
     model_dir: Path = Field(Path("./models"), description="Hugging Face cache and built-in tiny models.")

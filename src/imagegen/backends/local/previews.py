@@ -52,21 +52,52 @@ class LatentPreviewer:
 
     def render(self, latents: Any, indices: Sequence[int], width: int, height: int) -> list[bytes]:
         """JPEG bytes for the images at `indices` of a batch's latents (a request's first image each)."""
+        import numpy as np
         import torch
 
+        images = []
         with torch.no_grad():
-            chosen = latents[list(indices)]
-            features = self._features(chosen, width, height)  # (k, h, w, F)
-            weights = self.weights.to(features.device)
-            bias = self.bias.to(features.device)
-            rgb = torch.matmul(features.float(), weights) + bias
-            pixels = (rgb.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).cpu().numpy()
-        return [_jpeg(image) for image in pixels]
+            for index in indices:
+                # A slice, not latents[indices]: advanced indexing copies, a slice is a view.
+                one = latents[index : index + 1]
+                if one.device.type == "cpu":
+                    images.append(self._colours_on_host(one.float().numpy(), width, height))
+                else:
+                    images.append(self._colours_on_device(one, width, height))
+        encoded = []
+        for colours in images:  # (3, h, w) floats
+            pixels = np.clip(colours * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            encoded.append(_jpeg(np.ascontiguousarray(pixels.transpose(1, 2, 0))))
+        return encoded
 
-    def _features(self, latents: Any, width: int, height: int) -> Any:
-        """(k, h, w, features) from the loop's latents."""
+    def _colours_on_device(self, latents: Any, width: int, height: int) -> Any:
+        """(3, h, w) colours on the host, computed on the latents' device (one small copy back)."""
+        import torch
+
+        one = latents.float()
+        weights = self.weights.to(one.device)
+        bias = self.bias.to(one.device)
         if self.layout == SD:
-            return latents.permute(0, 2, 3, 1)
+            # Channels first, as the loop holds them: a permuted copy would cost more than the product.
+            rgb = torch.einsum("kchw,cr->krhw", one, weights) + bias[None, :, None, None]
+        else:
+            rgb = (torch.matmul(self._tokens(one, width, height), weights) + bias).permute(0, 3, 1, 2)
+        return rgb[0].cpu().numpy()
+
+    def _colours_on_host(self, latents: Any, width: int, height: int) -> Any:
+        """The same on CPU, in numpy's single-threaded loops: torch's CPU kernels for tensors this size
+        start a thread team, which costs tens of milliseconds while the pipeline keeps the cores busy."""
+        import numpy as np
+
+        weights = self.weights.cpu().numpy()
+        bias = self.bias.cpu().numpy()
+        if self.layout == SD:
+            return np.einsum("chw,cr->rhw", latents[0], weights) + bias[:, None, None]
+        tokens = self._tokens(latents, width, height)[0]  # (h, w, features)
+        return np.einsum("hwf,fr->rhw", tokens, weights) + bias[:, None, None]
+
+    def _tokens(self, latents: Any, width: int, height: int) -> Any:
+        """(k, h, w, features) from FLUX's packed tokens (k, h * w, features)."""
         count, tokens, channels = latents.shape
         rows = height // (self.vae_scale_factor * 2)
         columns = width // (self.vae_scale_factor * 2)

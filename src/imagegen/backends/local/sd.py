@@ -51,7 +51,7 @@ class StableDiffusionBackend(LocalPipelineBackend):
                 "pipeline_class": "StableDiffusionXLPipeline"
                 if model == tiny_models.TINY_SDXL
                 else "StableDiffusionPipeline",
-                "native_size": 64,
+                "native_size": 512 if model == tiny_models.TINY_SD_512 else 64,
             }
         return {}
 
