@@ -119,6 +119,19 @@ def test_backends_listing(sd_client: httpx.Client) -> None:
     assert caps["size_multiple"] == 8 and caps["default_size"] == [64, 64]
     assert "euler_a" in caps["schedulers"] and "dpmpp_2m_karras" in caps["schedulers"]
     assert caps["max_width"] == 2048 and caps["max_steps"] == 150
+    assert sd["default_model"] == "tiny-sd" and sd["model_capabilities"] is None  # one model: nothing to pick
+    flux_api = by_id["flux-api"]  # several models: each one's capabilities, for the page's model picker
+    assert flux_api["default_model"] == "flux-2-klein-4b"
+    assert set(flux_api["model_capabilities"]) == set(flux_api["capabilities"]["models"])
+
+
+def test_each_model_of_a_backend_has_its_capabilities(serve: Callable[..., httpx.Client]) -> None:
+    client = serve(models=["tiny-sdxl"])
+    sd = next(item for item in client.get("/api/backends").json()["backends"] if item["id"] == "sd")
+    assert sd["capabilities"]["models"] == ["tiny-sd", "tiny-sdxl"] and sd["default_model"] == "tiny-sd"
+    per_model = sd["model_capabilities"]
+    assert (per_model["tiny-sd"]["default_steps"], per_model["tiny-sd"]["default_guidance"]) == (25, 7.5)
+    assert (per_model["tiny-sdxl"]["default_steps"], per_model["tiny-sdxl"]["default_guidance"]) == (30, 5.0)
 
 
 def test_info_reports_versions_devices_limits_and_no_secrets(serve: Callable[..., httpx.Client]) -> None:

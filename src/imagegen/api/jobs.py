@@ -79,9 +79,12 @@ def list_jobs(
     backend: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     before: Annotated[float | None, Query(ge=0, le=1e11, description="Only jobs created before (unix time).")] = None,
+    prompt: Annotated[
+        str | None, Query(min_length=1, max_length=200, description="Only jobs whose prompt contains this text.")
+    ] = None,
 ) -> dict[str, Any]:
     """Recent jobs, newest first, without image data (follow each image's url)."""
-    jobs = services.engine.list_jobs(status=status, backend=backend, limit=limit, before=before)
+    jobs = services.engine.list_jobs(status=status, backend=backend, limit=limit, before=before, prompt=prompt)
     return {
         "jobs": [_body(job, services, request, include_b64=False) for job in jobs],
         "next_before": jobs[-1].created_at if len(jobs) == limit else None,

@@ -234,7 +234,11 @@ class HealthResponse(BaseModel):
 class BackendOut(BackendHealthOut):
     id: str
     default: bool
-    capabilities: dict[str, Any]
+    default_model: str = Field(description="The model a request naming none gets.")
+    capabilities: dict[str, Any] = Field(description="What the default model accepts.")
+    model_capabilities: dict[str, dict[str, Any]] | None = Field(
+        None, description="Each offered model's capabilities, when the backend offers more than one."
+    )
 
 
 class BackendsResponse(BaseModel):
