@@ -39,7 +39,8 @@ SECURITY_HEADERS = [
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key == name:
-            return value.decode("latin-1")
+            decoded: str = value.decode("latin-1")
+            return decoded
     return None
 
 
@@ -97,7 +98,7 @@ def route_template(scope: Scope) -> str:
     state = getattr(scope.get("app"), "state", None)
     for regex, template, _ in getattr(state, "route_templates", ()):
         if regex.match(scope.get("path", "")):
-            return template
+            return str(template)
     return "unmatched"
 
 

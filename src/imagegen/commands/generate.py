@@ -33,7 +33,7 @@ def _fail(message: str, code: int = 1) -> int:
 
 def output_format(args: argparse.Namespace) -> str:
     if args.format:
-        return args.format
+        return str(args.format)
     if args.out:
         suffix = Path(args.out).suffix.lower()
         if suffix not in FORMAT_BY_SUFFIX:
@@ -276,8 +276,8 @@ def _remote(args: argparse.Namespace, body: dict[str, Any]) -> int:
             return _fail(f"lost the connection to {base} while job {job_id} ran: {type(error).__name__}", 1)
         bar.close()
         if job.get("status") != "succeeded":
-            error = job.get("error") or {}
-            return _fail(f"job {job_id} {job.get('status')}: {error.get('type')}: {error.get('message')}")
+            failure = job.get("error") or {}
+            return _fail(f"job {job_id} {job.get('status')}: {failure.get('type')}: {failure.get('message')}")
         written = 0
         for index, image in enumerate((job.get("result") or {}).get("images", [])):
             if image.get("nsfw") or not image.get("filename"):
@@ -305,7 +305,7 @@ def _follow(client: Any, job_id: str, bar: ProgressBar) -> dict[str, Any]:
                 elif line.startswith("data:"):
                     data.append(line[5:].lstrip())
                 elif line == "" and data:
-                    payload = json.loads("\n".join(data))
+                    payload: dict[str, Any] = json.loads("\n".join(data))
                     if event in FINAL:
                         return payload
                     if event == "progress":
@@ -317,7 +317,7 @@ def _follow(client: Any, job_id: str, bar: ProgressBar) -> dict[str, Any]:
     while True:
         response = client.get(f"/api/jobs/{job_id}", params={"include_images": "false"})
         response.raise_for_status()
-        job = response.json()
+        job: dict[str, Any] = response.json()
         if job["status"] in FINAL:
             return job
         progress = job.get("progress") or {}

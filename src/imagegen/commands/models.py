@@ -246,7 +246,7 @@ def run_list(args: argparse.Namespace) -> int:
         settings = _settings()
     except SettingsError as error:
         return _fail(str(error), 2)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for model in configured_models(settings):
         kind = source_kind(model.model_id, model.used_by)
         cached, size = cache_state(settings.model_dir, model.model_id, kind)

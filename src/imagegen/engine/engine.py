@@ -390,9 +390,9 @@ class JobEngine:
 
     # -- workers -------------------------------------------------------------------------------
     async def _worker(self, lane: Lane) -> None:
-        while not (self._stopping or self.draining):
+        while not self._should_stop():
             await lane.wait()
-            if self._stopping or self.draining:
+            if self._should_stop():  # set while this worker waited
                 return
             batch = lane.pop_batch(self._max_batch_images)
             if not batch:
@@ -412,6 +412,10 @@ class JobEngine:
                             await self._run_batch(backend, [job])
             finally:
                 lane.busy -= 1
+
+    def _should_stop(self) -> bool:
+        # A method, not the expression: a type checker would take the attributes as unchanged across the await.
+        return self._stopping or self.draining
 
     def _max_batch_images(self, job: Job) -> int:
         backend = self.registry.get(job.backend)
@@ -519,7 +523,7 @@ class JobEngine:
                 )
                 self._finalize(job, JobStatus.FAILED, error=GenerationFailedError(message))
                 continue
-            if job.final:
+            if job.status.final:  # cancelled while its images were written
                 continue
             queued_ms = round(((job.started_at or job.created_at) - job.created_at) * 1000, 1)
             timings = Timings(queued_ms=queued_ms, generation_ms=round(seconds * 1000, 1), batch_size=len(batch))

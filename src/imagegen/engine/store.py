@@ -185,7 +185,8 @@ class SQLiteJobStore(JobStore):
         before: float | None = None,
         prompt: str | None = None,
     ) -> list[Job]:
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[object] = []
         if status is not None:
             clauses.append("status=?")
             params.append(status.value)

@@ -431,7 +431,8 @@ class LocalPipelineBackend(ImageBackend):
             )
         if loaded.safety is None:
             return [False] * len(images)
-        return loaded.safety.check(images)
+        flags: list[bool] = loaded.safety.check(images)
+        return flags
 
     def _split(self, batch: list[GenerationRequest], images: Any, flags: list[bool]) -> list[list[GeneratedImage]]:
         from PIL import Image

@@ -112,7 +112,8 @@ class FluxLocalBackend(LocalPipelineBackend):
     def profile(self) -> FluxProfile:
         loaded = self._loaded  # read once: the device manager may unload it from another thread
         if loaded is not None:
-            return loaded.details["profile"]
+            loaded_profile: FluxProfile = loaded.details["profile"]
+            return loaded_profile
         if self._peeked is not None:
             return self._peeked
         configs, on_disk = self._configs_on_disk()
@@ -272,6 +273,7 @@ class FluxLocalBackend(LocalPipelineBackend):
         prompts = [request.prompt for request in batch for _ in request.seeds]
         # A fresh scheduler per call: schedulers carry per-call state (timesteps, step index).
         pipe.scheduler = type(pipe.scheduler).from_config(loaded.details["scheduler_config"])
+        guidance: float | None
         if profile.guidance == "none":
             # The value the model card uses; klein warns about anything > 1 and then ignores it.
             guidance = 1.0 if profile.pipeline_class == KLEIN else 0.0

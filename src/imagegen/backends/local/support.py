@@ -104,9 +104,10 @@ class ModelSource:
         if path is None or not path.is_file():
             return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            loaded = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
+        return loaded if isinstance(loaded, dict) else None
 
 
 def model_source(model_id: str, settings: Settings) -> ModelSource:

@@ -20,6 +20,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 TINY_SD = "tiny-sd"
 TINY_SD_512 = "tiny-sd-512"
@@ -35,7 +36,7 @@ BUILTIN_SUBDIR = "builtin"
 _build_lock = threading.Lock()
 
 
-def _clip_tokenizer():  # type: ignore[no-untyped-def]
+def _clip_tokenizer() -> Any:
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
@@ -51,7 +52,7 @@ def _clip_tokenizer():  # type: ignore[no-untyped-def]
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def _clip_text_config(tokenizer, **overrides):  # type: ignore[no-untyped-def]
+def _clip_text_config(tokenizer: Any, **overrides: Any) -> Any:
     from transformers import CLIPTextConfig
 
     values = dict(
@@ -70,7 +71,7 @@ def _clip_text_config(tokenizer, **overrides):  # type: ignore[no-untyped-def]
     return CLIPTextConfig(**values)
 
 
-def _safety_checker(flag_all: bool):  # type: ignore[no-untyped-def]
+def _safety_checker(flag_all: bool) -> tuple[Any, Any]:
     """A tiny CLIP safety checker. Random weights never flag (thresholds start at 1.0 and a flag
     needs cosine > threshold); a weight of -2.0 makes every image flagged."""
     import torch
@@ -106,7 +107,7 @@ def _safety_checker(flag_all: bool):  # type: ignore[no-untyped-def]
     return checker, processor
 
 
-def _ddim():  # type: ignore[no-untyped-def]
+def _ddim() -> Any:
     from diffusers import DDIMScheduler
 
     # steps_offset=1 matches real SD configs (and silences the "outdated config" warning).
@@ -120,7 +121,7 @@ def _ddim():  # type: ignore[no-untyped-def]
     )
 
 
-def _tiny_vae(blocks: int = 2):  # type: ignore[no-untyped-def]
+def _tiny_vae(blocks: int = 2) -> Any:
     from diffusers import AutoencoderKL
 
     # Two blocks: a scale factor of 2; four blocks: 8, as real SD VAEs have.
@@ -163,7 +164,8 @@ def build_tiny_sd(
         norm_num_groups=2,
     )
     checker, processor = _safety_checker(flag_all) if with_safety_checker else (None, None)
-    pipe = StableDiffusionPipeline(
+    # Any: diffusers declares save_pretrained on a mixin mypy does not see through.
+    pipe: Any = StableDiffusionPipeline(
         vae=_tiny_vae(vae_blocks),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -218,7 +220,7 @@ def build_tiny_sdxl(target: Path) -> None:
         timestep_spacing="leading",
         steps_offset=1,
     )
-    pipe = StableDiffusionXLPipeline(
+    pipe: Any = StableDiffusionXLPipeline(
         vae=_tiny_vae(),
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
@@ -253,7 +255,7 @@ _QWEN_CHAT_TEMPLATE = (
 )
 
 
-def _qwen_tokenizer():  # type: ignore[no-untyped-def]
+def _qwen_tokenizer() -> Any:
     """A byte-level BPE tokenizer with Qwen's special tokens and chat template (no merges)."""
     from tokenizers import pre_tokenizers
     from transformers import Qwen2Tokenizer
@@ -269,7 +271,7 @@ def _qwen_tokenizer():  # type: ignore[no-untyped-def]
     return tokenizer
 
 
-def _t5_tokenizer():  # type: ignore[no-untyped-def]
+def _t5_tokenizer() -> Any:
     """A unigram T5 tokenizer over printable ASCII (bare and word-initial pieces)."""
     import string
 
@@ -282,7 +284,7 @@ def _t5_tokenizer():  # type: ignore[no-untyped-def]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
-def _poison(module) -> None:  # type: ignore[no-untyped-def]
+def _poison(module: Any) -> None:
     """Fill every floating-point weight with NaN: a model that can only produce NaN pixels."""
     import torch
 
@@ -334,7 +336,7 @@ def build_tiny_flux2_klein(target: Path, *, distilled: bool = True, nan_vae: boo
         guidance_embeds=False,
     )
     # Two blocks: a scale factor of 2 (the real one has 8); sample_size is the VAE's tile size.
-    vae = AutoencoderKLFlux2(
+    vae: Any = AutoencoderKLFlux2(
         sample_size=64,
         in_channels=3,
         out_channels=3,
@@ -349,7 +351,7 @@ def build_tiny_flux2_klein(target: Path, *, distilled: bool = True, nan_vae: boo
     )
     if nan_vae:
         _poison(vae.decoder)
-    pipe = Flux2KleinPipeline(
+    pipe: Any = Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
         text_encoder=text_encoder,
@@ -383,20 +385,20 @@ def build_tiny_flux(
     tokenizer = _clip_tokenizer()
     tokenizer_2 = _t5_tokenizer()
     text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=max(len(tokenizer_2), t5_vocab_rows or 0),
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
+    # A dict: T5Config takes decoder_start_token_id through **kwargs, which its stubs do not declare.
+    t5_config: dict[str, Any] = dict(
+        vocab_size=max(len(tokenizer_2), t5_vocab_rows or 0),
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
     )
+    text_encoder_2 = T5EncoderModel(T5Config(**t5_config))
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=4,
@@ -409,7 +411,7 @@ def build_tiny_flux(
         axes_dims_rope=[4, 4, 8],  # sums to the head dim
         guidance_embeds=guidance_embeds,
     )
-    vae = AutoencoderKL(
+    vae: Any = AutoencoderKL(
         sample_size=64,
         in_channels=3,
         out_channels=3,
@@ -426,7 +428,7 @@ def build_tiny_flux(
     )
     if nan_vae:
         _poison(vae.decoder)
-    pipe = FluxPipeline(
+    pipe: Any = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
         text_encoder=text_encoder,
