@@ -175,6 +175,9 @@ class LocalPipelineBackend(ImageBackend):
             try:
                 with manager.loading(self) if manager is not None else contextlib.nullcontext():
                     loaded = self.load_pipeline()
+                    # Part of the load, inside the device manager's turn: another backend's load must not
+                    # start while this one is loaded but not yet marked so.
+                    loaded.previewer = self._calibrate_previews(loaded)
             except Exception as error:
                 from imagegen.backends.local.support import describe_load_error, release_memory
 
@@ -187,12 +190,6 @@ class LocalPipelineBackend(ImageBackend):
                 metrics.record_model_load(self.id, None, ok=False)
                 release_memory()
                 raise BackendUnavailableError(f"backend '{self.id}' failed to load: {self._failure}") from None
-            if self.settings.preview_interval > 0:
-                layout = self.preview_layout(loaded)
-                if layout is not None:
-                    from imagegen.backends.local.previews import calibrate
-
-                    loaded.previewer = calibrate(loaded.pipe, layout)
             self._load_seconds = time.monotonic() - started
             self._loaded = loaded
             self._last_used = time.monotonic()
@@ -208,6 +205,18 @@ class LocalPipelineBackend(ImageBackend):
             )
             metrics.record_model_load(self.id, self._load_seconds, ok=True)
             return loaded
+
+    def _calibrate_previews(self, loaded: LoadedPipeline) -> Any:
+        """The live-preview map of a freshly loaded pipeline (previews.calibrate), or None: previews off
+        (SD_PREVIEW_INTERVAL=0), a pipeline without a known latent layout, or a calibration that failed."""
+        if self.settings.preview_interval <= 0:
+            return None
+        layout = self.preview_layout(loaded)
+        if layout is None:
+            return None
+        from imagegen.backends.local.previews import calibrate
+
+        return calibrate(loaded.pipe, layout)
 
     def unload(self, reason: str = "unloaded on request", *, wait_for_call: bool = False) -> bool:
         """Drop the pipeline and return its memory; the next request loads it again.
