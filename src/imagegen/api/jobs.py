@@ -122,7 +122,7 @@ _STREAM_ERRORS: dict[int | str, dict[str, Any]] = {
         "description": "Error",
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
     }
-    for code in (401, 404)
+    for code in (401, 404, 422)  # 422: a query parameter that is not valid (previews=maybe)
 }
 
 
