@@ -6,13 +6,15 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # CPU build of torch unless a CUDA GPU is present (override: make install TORCH_SPEC='torch==2.13.0').
 TORCH_SPEC ?= torch==2.13.0
-DEMO_ENV := SD_MODEL_ID=tiny-sd SD_FLUX_MODEL_ID=tiny-flux2-klein SD_DEFAULT_BACKEND=sd SD_HOST=127.0.0.1 SD_MODEL_DIR=./models SD_OUTPUT_DIR=./outputs SD_DATA_DIR=./data HF_HUB_OFFLINE=1
+# tiny-sd-512: random weights, and SD's real VAE factor, so the README's 512x512 examples take seconds on a
+# CPU (tests/ops/test_readme.py runs them against exactly this configuration).
+DEMO_ENV := SD_MODEL_ID=tiny-sd-512 SD_FLUX_MODEL_ID=tiny-flux2-klein SD_DEFAULT_BACKEND=sd SD_HOST=127.0.0.1 SD_MODEL_DIR=./models SD_OUTPUT_DIR=./outputs SD_DATA_DIR=./data HF_HUB_OFFLINE=1
 
 .PHONY: install demo run test test-fast bench lint format audit clean help
 
 help:
 	@echo "make install   create $(VENV) and install imagegen with the local backends and test tools"
-	@echo "make demo      start the service offline with the built-in tiny model on http://127.0.0.1:7860"
+	@echo "make demo      start the service offline with a built-in tiny model on http://127.0.0.1:7860"
 	@echo "make run       start the service with the settings from the environment / .env"
 	@echo "make test      run the test suite"
 	@echo "make bench     run the benchmarks and print one table of ratios"
@@ -30,7 +32,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	@echo "imagegen demo: tiny built-in model, offline, on http://127.0.0.1:7860 (Ctrl+C to stop)"
+	@echo "imagegen demo: built-in tiny models (random weights: the images are noise), offline, on http://127.0.0.1:7860 (Ctrl+C to stop)"
 	@echo "try: curl -s http://127.0.0.1:7860/api/txt2img -H 'Content-Type: application/json' -d '{\"prompt\":\"a red fox\",\"seed\":1}'"
 	$(DEMO_ENV) $(VENV)/bin/imagegen serve
 

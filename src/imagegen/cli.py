@@ -4,23 +4,10 @@ by the commands that need them."""
 from __future__ import annotations
 
 import argparse
-import errno
-import socket
 import sys
 from collections.abc import Callable
 
 from imagegen import __version__
-
-
-def _port_in_use(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as error:
-            return error.errno == errno.EADDRINUSE
-    return False
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -39,13 +26,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for problem in findings.errors:
             print(f"imagegen: cannot start: {problem}", file=sys.stderr)
         return 1
-    if _port_in_use(settings.host, settings.port):
-        print(
-            f"imagegen: port {settings.port} is already in use (a previous instance?). Find the process with "
-            f"`lsof -ti:{settings.port}` or `ss -ltnp 'sport = :{settings.port}'`, stop it, or choose "
-            "another port with --port / SD_PORT.",
-            file=sys.stderr,
-        )
+    if preflight.port_in_use(settings.host, settings.port):
+        print(f"imagegen: {preflight.port_in_use_message(settings.port)}", file=sys.stderr)
         return 1
 
     import uvicorn
@@ -101,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("prompt", help="what to draw")
     generate.add_argument("--backend", help="sd, flux-local or flux-api (default: SD_DEFAULT_BACKEND / the server's)")
+    generate.add_argument(
+        "--model",
+        help="the backend's model: in this process any model id its setting takes (hub id, folder, built-in); "
+        "with --url one the server offers (`imagegen models list --url URL`)",
+    )
     generate.add_argument("--seed", type=int, help="seed (default: random; printed in the file's metadata)")
     generate.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     generate.add_argument("--width", type=int, help="width in pixels (default: the model's)")
@@ -147,9 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list or pre-download models (SD_MODEL_DIR)")
     model_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     listing = model_commands.add_parser(
-        "list", help="configured models, what SD_MODEL_DIR holds, and (with --url) what a service has loaded"
+        "list",
+        help="the models these settings configure and what SD_MODEL_DIR holds; with --url, a running service's models",
     )
-    listing.add_argument("--url", help="a running service, to show what it has loaded")
+    listing.add_argument(
+        "--url", help="a running service: list the models it offers (its backends, default, state, what is loaded)"
+    )
     listing.add_argument("--api-key", help="the service's key (default: SD_API_KEY)")
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(func=_lazy("imagegen.commands.models:run_list"))
@@ -211,11 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=_lazy("imagegen.commands.worker"))
 
     prune = commands.add_parser(
-        "prune", help="delete old stored images now (SD_OUTPUT_RETENTION_DAYS / SD_OUTPUT_MAX_GB, or the options)"
+        "prune",
+        help="delete old stored images now (SD_OUTPUT_RETENTION_DAYS / SD_OUTPUT_MAX_GB, or the options)",
+        description="Delete stored images in SD_OUTPUT_DIR beyond the retention limits (the options, else "
+        "SD_OUTPUT_RETENTION_DAYS and SD_OUTPUT_MAX_GB), oldest first. Images written in the last 5 minutes are "
+        "never deleted, whatever the limits (a caller may still be downloading one, a webhook delivering it): "
+        "they are listed as kept, with that reason. Only the service's own image files are considered.",
     )
     prune.add_argument("--days", type=_positive, help="delete images older than this many days")
     prune.add_argument("--max-gb", type=_positive, help="then delete the oldest until at most this many GB remain")
     prune.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    prune.add_argument("-v", "--verbose", action="store_true", help="also list every image kept within the limits")
     prune.set_defaults(func=_lazy("imagegen.commands.prune"))
     return parser
 

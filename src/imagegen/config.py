@@ -118,12 +118,12 @@ class Settings(BaseSettings):
     model_id: str = Field(
         DEFAULT_SD_MODEL,
         min_length=1,
-        description="Model of the sd backend: hub id, local folder, or built-in tiny-sd / tiny-sdxl.",
+        description="Model of the sd backend: hub id, local folder, or built-in tiny-sd / tiny-sd-512 / tiny-sdxl.",
     )
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated extra models (hub ids, local folders, tiny-sd / tiny-sdxl) the sd backend may "
-        "switch to when a request names one, besides SD_MODEL_ID. The allowlist: a request can select only "
+        description="Comma-separated extra models (hub ids, local folders, tiny-sd / tiny-sd-512 / tiny-sdxl) the sd "
+        "backend may switch to when a request names one, besides SD_MODEL_ID. The allowlist: a request can select only "
         "these, never make the service download anything else.",
     )
     model_dir: Path = Field(Path("./models"), description="Hugging Face cache and built-in tiny models.")
@@ -149,6 +149,13 @@ class Settings(BaseSettings):
         le=64,
         description="Most LoRA adapters kept loaded per pipeline (least recently used dropped first); "
         "switching between loaded ones costs no load. At least SD_MAX_LORAS.",
+    )
+    preview_interval: float = Field(
+        0.5,
+        ge=0,
+        le=3600,
+        description="Seconds between two live previews of a running local job (the current latents as a small "
+        "JPEG: the page, the job's event stream with ?previews=true, A1111's current_image). 0: no previews.",
     )
 
     # --- flux-local ----------------------------------------------------------------------------

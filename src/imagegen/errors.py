@@ -141,6 +141,18 @@ class ClientClosedRequestError(ServiceError):
     error_type = "client_closed_request"
 
 
+class NotSupportedError(ServiceError):
+    """A route clients of a compatibility dialect probe for a feature this service does not have
+    (A1111's upscalers and interrogation, OpenAI's variations): 501, which no retry changes."""
+
+    status_code = 501
+    error_type = "not_supported"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        # OpenAI's SDKs retry every 5xx unless told not to.
+        super().__init__(message, param=param, headers={"x-should-retry": "false"})
+
+
 class GenerationFailedError(ServiceError):
     """The pipeline produced no usable image (NaN or black output, an unexpected library error)."""
 

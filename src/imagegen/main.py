@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from imagegen import __version__, preflight
 from imagegen.api import docs, generate, health, images, jobs, loras, presenters, web
 from imagegen.api import metrics as metrics_api
+from imagegen.api.a1111 import probes as a1111_probes
 from imagegen.api.a1111 import routes as a1111
 from imagegen.api.errors import install_error_handlers
 from imagegen.api.middleware import (
@@ -25,6 +28,7 @@ from imagegen.api.middleware import (
     RequestContextMiddleware,
     collect_route_templates,
 )
+from imagegen.api.openai import probes as openai_probes
 from imagegen.api.openai import routes as openai_images
 from imagegen.api.openapi import install_openapi
 from imagegen.api.schemas import NATIVE_ERRORS
@@ -66,6 +70,28 @@ def _install_drain_on_signal(engine: Engine) -> list[tuple[int, Any]]:
     return restored
 
 
+async def _warn_when_public(wait: float = 30.0) -> None:
+    """Warn when the service listens on an address other machines can reach while no key is set.
+
+    The addresses are read from the process's own listening sockets once the server has bound them
+    (the lifespan starts before binding, and `uvicorn imagegen.main:app --host ...` gives the app no
+    other way to know its address): SD_HOST alone would be wrong under uvicorn's --host."""
+    deadline = time.monotonic() + wait
+    addresses: list[tuple[str, int]] = []
+    while time.monotonic() < deadline:
+        addresses = await asyncio.to_thread(preflight.listening_addresses)
+        if addresses:
+            break
+        await asyncio.sleep(0.1)
+    public = preflight.public_addresses(addresses)
+    if public:
+        log.warning(
+            "SECURITY: listening on %s without SD_API_KEY: anyone who can reach this port can generate images "
+            "and read outputs. Set SD_API_KEY (or bind to 127.0.0.1).",
+            ", ".join(public),
+        )
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -94,13 +120,12 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.binds_publicly and settings.api_key is None:
-            log.warning(
-                "SECURITY: listening on %s without SD_API_KEY: anyone who can reach port %d can generate "
-                "images and read outputs. Set SD_API_KEY (or bind to 127.0.0.1).",
-                settings.host,
-                settings.port,
-            )
+        # uvicorn's own bind error ("address already in use") becomes the message `imagegen serve` gives.
+        port_hint = preflight.PortInUseHint()
+        logging.getLogger("uvicorn.error").addFilter(port_hint)
+        exposure = (
+            asyncio.create_task(_warn_when_public(), name="public-address-check") if settings.api_key is None else None
+        )
         findings = preflight.check(settings)
         for problem in findings.errors:
             log.error("START-UP: %s", problem)
@@ -112,6 +137,9 @@ def create_app(
         try:
             yield
         finally:
+            if exposure is not None:
+                exposure.cancel()
+            logging.getLogger("uvicorn.error").removeFilter(port_hint)
             for signum, previous in restored:
                 signal.signal(signum, previous)
             await services.stop()
@@ -141,7 +169,9 @@ def create_app(
         metrics_api.router,
         # Drop-in compatibility: the A1111 (/sdapi/v1) and OpenAI Images (/v1) dialects.
         a1111.router,
+        a1111_probes.router,
         openai_images.router,
+        openai_probes.router,
         web.make_router(assets, auth_required=settings.api_key is not None),
         docs.make_router(app.title, app.openapi_url or "/openapi.json"),
     )
@@ -161,6 +191,7 @@ def create_app(
         upload_paths=UPLOAD_PATHS,
         multipart_paths=MULTIPART_PATHS,
         allowed_origins=settings.cors_origins,
+        unread_paths=a1111_probes.UNREAD_PATHS | openai_probes.UNREAD_PATHS,
     )
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), public_paths=public)

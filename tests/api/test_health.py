@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -67,6 +68,32 @@ def test_uncached_hub_model_offline_explains_what_to_do(serve: Callable[..., htt
     assert "not in the model cache" in reason and "SD_HUGGINGFACE_TOKEN" in reason
 
 
+def test_a_backend_that_cannot_load_offline_is_not_ready_before_any_request(
+    serve: Callable[..., httpx.Client], tmp_path: Path
+) -> None:
+    """Not the default (nothing loads it at start): its state comes from the model cache, read without
+    downloading, while HF_HUB_OFFLINE is set (as in every test)."""
+    client = serve(flux_model_id="someone/flux-not-cached", model_dir=tmp_path / "models", safety_checker=False)
+    flux = client.get("/health").json()["backends"]["flux-local"]
+    assert flux["state"] == "error"
+    assert flux["reason"] == (
+        "'someone/flux-not-cached' is not in the model cache (SD_MODEL_DIR) and HF_HUB_OFFLINE is set: "
+        "run `imagegen models pull someone/flux-not-cached` where the network works, then start again"
+    )
+    assert client.get("/health").status_code == 200  # the default backend (sd) is what readiness follows
+
+    # `imagegen models pull` where the network works fills the cache (here: the cache layout by hand);
+    # A1111's refresh-checkpoints makes the service look again at once.
+    repo = tmp_path / "models" / "models--someone--flux-not-cached"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "model_index.json").write_text('{"_class_name": "Flux2KleinPipeline"}')
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    assert client.post("/sdapi/v1/refresh-checkpoints").status_code == 200
+    flux = client.get("/health").json()["backends"]["flux-local"]
+    assert flux["state"] == "ready" and flux["reason"] == "not loaded; loads on the first request"
+
+
 def _wait_state(client: httpx.Client, state: str, timeout: float = 60) -> dict[str, Any]:
     import time
 
@@ -92,6 +119,19 @@ def test_backends_listing(sd_client: httpx.Client) -> None:
     assert caps["size_multiple"] == 8 and caps["default_size"] == [64, 64]
     assert "euler_a" in caps["schedulers"] and "dpmpp_2m_karras" in caps["schedulers"]
     assert caps["max_width"] == 2048 and caps["max_steps"] == 150
+    assert sd["default_model"] == "tiny-sd" and sd["model_capabilities"] is None  # one model: nothing to pick
+    flux_api = by_id["flux-api"]  # several models: each one's capabilities, for the page's model picker
+    assert flux_api["default_model"] == "flux-2-klein-4b"
+    assert set(flux_api["model_capabilities"]) == set(flux_api["capabilities"]["models"])
+
+
+def test_each_model_of_a_backend_has_its_capabilities(serve: Callable[..., httpx.Client]) -> None:
+    client = serve(models=["tiny-sdxl"])
+    sd = next(item for item in client.get("/api/backends").json()["backends"] if item["id"] == "sd")
+    assert sd["capabilities"]["models"] == ["tiny-sd", "tiny-sdxl"] and sd["default_model"] == "tiny-sd"
+    per_model = sd["model_capabilities"]
+    assert (per_model["tiny-sd"]["default_steps"], per_model["tiny-sd"]["default_guidance"]) == (25, 7.5)
+    assert (per_model["tiny-sdxl"]["default_steps"], per_model["tiny-sdxl"]["default_guidance"]) == (30, 5.0)
 
 
 def test_info_reports_versions_devices_limits_and_no_secrets(serve: Callable[..., httpx.Client]) -> None:

@@ -110,7 +110,7 @@ def test_job_lifecycle_body_and_links(fake_client) -> None:
     assert body["status_url"].endswith(f"/api/jobs/{body['id']}")
     assert body["events_url"].endswith(f"/api/jobs/{body['id']}/events")
     done = wait_status(client, body["id"], {"succeeded"})
-    assert done["progress"] == {"step": 4, "total": 4, "fraction": 1.0}
+    assert done["progress"] == {"step": 4, "total": 4, "fraction": 1.0, "eta_seconds": None}  # no ETA once done
     assert done["created_at"] <= done["started_at"] <= done["finished_at"]
     assert [image["seed"] for image in done["result"]["images"]] == [5, 6]
     assert all(image["b64"] for image in done["result"]["images"])
@@ -163,6 +163,26 @@ def test_listing_with_filters(fake_client) -> None:
     older = client.get("/api/jobs", params={"limit": 2, "before": page["next_before"]}).json()["jobs"]
     assert {job["id"] for job in older}.isdisjoint({job["id"] for job in page["jobs"]})
     assert client.get("/api/jobs", params={"status": "bogus"}).status_code == 422
+
+
+def test_listing_by_prompt_text(fake_client) -> None:
+    """The gallery's filter: jobs whose prompt contains the text, in any case; the text is never a pattern."""
+    client, _ = fake_client()
+    prompts = ["A Red Fox", "a blue ÄPFEL", "100% red", "snake_case", "plain"]
+    ids = {prompt: submit(client, prompt=prompt)["id"] for prompt in prompts}
+    for job_id in ids.values():
+        wait_status(client, job_id, {"succeeded"})
+
+    def found(text: str) -> list[str]:
+        jobs = client.get("/api/jobs", params={"prompt": text, "status": "succeeded"}).json()["jobs"]
+        return sorted(job["parameters"]["prompt"] for job in jobs)
+
+    assert found("red") == ["100% red", "A Red Fox"]
+    assert found("äpfel") == ["a blue ÄPFEL"]
+    assert found("%") == ["100% red"] and found("_") == ["snake_case"] and found("e_c") == ["snake_case"]
+    assert found("r_d") == [] and found("%red") == []
+    assert client.get("/api/jobs", params={"prompt": ""}).status_code == 422
+    assert client.get("/api/jobs", params={"prompt": "x" * 201}).status_code == 422
 
 
 def test_cancel_a_queued_job_at_once(fake_client) -> None:

@@ -472,3 +472,31 @@ def test_a_delivery_still_retrying_when_the_process_dies_is_resumed_after_restar
 
 def sign_body(body: bytes) -> str:
     return "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+
+
+def test_a_delivery_that_gives_up_is_a_warning_with_iso_timestamps(
+    client: httpx.Client, receiver: tuple[Receiver, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A caller (an n8n Wait node) now waits forever: the operator must see it at the default level;
+    and the delivery's time reads like every other timestamp of the job."""
+    import logging
+
+    hook, url = receiver
+    hook.script = [404]
+    logger = logging.getLogger("imagegen")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="imagegen"):
+            lost = client.post("/api/jobs", json={"prompt": "lost", "callback_url": f"{url}/hook"}).json()
+            failed = wait_webhook(client, lost["id"])  # the script's 404: not retried
+            ok = client.post("/api/jobs", json={"prompt": "ok", "callback_url": f"{url}/hook"}).json()
+            delivered = wait_webhook(client, ok["id"])
+    finally:
+        logger.removeHandler(caplog.handler)
+    lines = {record.getMessage(): record.levelname for record in caplog.records if "webhook" in record.getMessage()}
+    assert lines[f"job={delivered['id']} webhook delivered attempts=1"] == "INFO"
+    assert lines[f"job={failed['id']} webhook failed attempts=1 error=HTTP 404"] == "WARNING"
+    for body in (delivered, failed):
+        stamp = body["webhook"]["finished_at"]
+        assert isinstance(stamp, str) and len(stamp) == len(body["finished_at"]) and stamp.endswith("Z")
+        assert stamp >= body["finished_at"]

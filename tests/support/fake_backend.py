@@ -14,12 +14,14 @@ the prompt inject behaviour, so a test (or a server in another process) needs no
 It does img2img and inpainting the way the real backends start them: the request's input images are
 read from the input store (SD_DATA_DIR/inputs), so a job whose inputs are gone fails as it would there;
 each image's info names the init image it was conditioned on (`conditioned_on`, its content hash).
+Like the local backends it sends live previews (small JPEGs) when the run context asks for them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 import threading
 import time
@@ -47,6 +49,18 @@ def expected_pixels(prompt: str, seed: int, width: int, height: int) -> Image.Im
 def seed_of(image: Image.Image) -> int:
     rgb = image.convert("RGB")
     return int.from_bytes(bytes(rgb.getpixel((index, 0))[0] for index in range(4)), "little")
+
+
+def preview_jpeg(request: GenerationRequest, step: int) -> bytes:
+    """The fake's live preview of a request at a step: its first image at an eighth of the size (at least
+    8 px), in JPEG as the local backends send them, with the step in its red channel."""
+    small = expected_pixels(request.prompt, request.seeds[0], request.width, request.height).resize(
+        (max(8, request.width // 8), max(8, request.height // 8))
+    )
+    small.paste((min(255, step * 16), 0, 0), (0, 0, small.width, small.height // 2))
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
 
 
 class FakeBackend(ImageBackend):
@@ -156,6 +170,8 @@ class FakeBackend(ImageBackend):
                 with open(self.step_log, "a") as log:
                     log.write(f"{','.join(ctx.job_ids)} {step + 1} {time.time():.6f}\n")
             ctx.report_step(step + 1, steps)
+            if ctx.preview_due(step + 1, steps):
+                ctx.report_preview(step + 1, steps, [preview_jpeg(request, step + 1) for request in batch])
             ctx.check()
         results = []
         for request in batch:

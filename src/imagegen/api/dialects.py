@@ -40,6 +40,7 @@ _OPENAI_CODES = {
     "content_moderated": "content_policy_violation",
     "invalid_parameter": "invalid_value",
     "payment_required": "insufficient_quota",
+    "not_supported": "unsupported",
 }
 #: To an OpenAI client a backend that is not configured is a model this server does not have: the
 #: answer OpenAI gives for an unknown model (404 model_not_found), which its SDKs do not retry.
@@ -47,6 +48,8 @@ _OPENAI_BY_TYPE = {"backend_not_configured": (404, "model_not_found")}
 
 
 def _openai_type(status: int) -> str:
+    if status == 501:
+        return "invalid_request_error"  # the request asks for what this server does not offer
     if status == 401:
         return "invalid_request_error"  # what OpenAI itself answers for a wrong key (code invalid_api_key)
     if status == 402:
@@ -101,6 +104,7 @@ _MEANINGS = {
     502: "Upstream (BFL) error",
     503: "Backend loading or failed to load, out of memory, the service shutting down, or in a cluster no worker "
     "for the backend (backend_unavailable) or the job queue unreachable (queue_unavailable): retry later",
+    501: "Not supported by this service (a feature of the dialect it does not offer)",
     504: "Deadline exceeded",
 }
 _OPENAI_MEANINGS = {

@@ -54,18 +54,17 @@ def raw_format(accept: str | None, body: Txt2ImgRequest) -> OutputFormat | None:
     for _, _, media in sorted(ranked):
         if media in ("application/json", "*/*", "application/*"):
             return None
-        if media == "image/*":
-            return body.output_format
-        wanted = _IMAGE_TYPES.get(media)
+        wanted = body.output_format if media == "image/*" else _IMAGE_TYPES.get(media)
         if wanted is None:
             continue
-        if "output_format" in body.model_fields_set and body.output_format != wanted:
-            raise NotAcceptableError(
-                f"Accept asks for {media} but output_format is {body.output_format}", param="output_format"
-            )
+        # One image whatever the image type asked for (image/* included): a second one would be dropped.
         if body.num_images != 1:
             raise NotAcceptableError(
                 "a raw image response carries one image: set num_images to 1 or accept JSON", param="num_images"
+            )
+        if "output_format" in body.model_fields_set and body.output_format != wanted:
+            raise NotAcceptableError(
+                f"Accept asks for {media} but output_format is {body.output_format}", param="output_format"
             )
         return wanted
     return None

@@ -88,15 +88,20 @@ def backends(services: ServicesDep) -> dict[str, Any]:
     """Every backend: availability, model, device, dtype, capabilities and limits."""
     listed = []
     for backend in services.registry:
-        listed.append(
-            {
-                "id": backend.id,
-                "default": backend.id == services.registry.default_id,
-                **backend.health().to_dict(),
-                **backend.info(),
-                "capabilities": backend.capabilities().to_dict(),
+        capabilities = backend.capabilities()
+        entry = {
+            "id": backend.id,
+            "default": backend.id == services.registry.default_id,
+            **backend.health().to_dict(),
+            **backend.info(),
+            "default_model": backend.default_model_id(),
+            "capabilities": capabilities.to_dict(),
+        }
+        if len(capabilities.models) > 1:  # sizes and defaults differ per model (an SDXL beside an SD 1.5)
+            entry["model_capabilities"] = {
+                model: backend.capabilities_for(model).to_dict() for model in capabilities.models
             }
-        )
+        listed.append(entry)
     return {"default": services.registry.default_id, "backends": listed}
 
 

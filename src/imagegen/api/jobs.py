@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from imagegen.api import presenters
@@ -17,7 +18,7 @@ from imagegen.api.dialects import Dialect, documented_errors
 from imagegen.api.generate import stored_inputs
 from imagegen.api.schemas import ErrorResponse, JobAccepted, JobCreateRequest, JobList, JobOut
 from imagegen.api.translation import defaults_for
-from imagegen.engine.jobs import Job, JobStatus
+from imagegen.engine.jobs import Job, JobStatus, Preview
 from imagegen.errors import NotFoundError
 from imagegen.services import Services
 
@@ -82,9 +83,12 @@ async def list_jobs(
     backend: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     before: Annotated[float | None, Query(ge=0, le=1e11, description="Only jobs created before (unix time).")] = None,
+    prompt: Annotated[
+        str | None, Query(min_length=1, max_length=200, description="Only jobs whose prompt contains this text.")
+    ] = None,
 ) -> dict[str, Any]:
     """Recent jobs, newest first, without image data (follow each image's url)."""
-    jobs = await services.engine.list_jobs(status=status, backend=backend, limit=limit, before=before)
+    jobs = await services.engine.list_jobs(status=status, backend=backend, limit=limit, before=before, prompt=prompt)
     return {
         "jobs": [await _body(job, services, request, include_b64=False) for job in jobs],
         "next_before": jobs[-1].created_at if len(jobs) == limit else None,
@@ -122,14 +126,32 @@ _STREAM_ERRORS: dict[int | str, dict[str, Any]] = {
         "description": "Error",
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
     }
-    for code in (401, 404)
+    for code in (401, 404, 422)  # 422: a query parameter that is not valid (previews=maybe)
 }
 
 
+def _preview_data(preview: Preview) -> dict[str, Any]:
+    return {
+        "step": preview.step,
+        "total": preview.total,
+        "mime_type": preview.mime_type,
+        "b64": base64.b64encode(preview.data).decode("ascii"),
+    }
+
+
 @router.get("/api/jobs/{job_id}/events", response_class=EventSourceResponse, responses=_STREAM_ERRORS)
-async def job_events(job: JobDep, request: Request, services: ServicesDep) -> AsyncIterator[ServerSentEvent]:
-    """Live progress as Server-Sent Events: `queued` (position), `running`, `progress` (each step), then
-    one final `succeeded` | `failed` | `cancelled` carrying the job body; the stream then ends."""
+async def job_events(
+    job: JobDep,
+    request: Request,
+    services: ServicesDep,
+    previews: Annotated[
+        bool, Query(description="Also send `preview` events: a small JPEG of the current latents, base64.")
+    ] = False,
+) -> AsyncIterator[ServerSentEvent]:
+    """Live progress as Server-Sent Events: `queued` (position), `running`, `progress` (each step, with
+    `eta_seconds` from the measured step rate), with `previews=true` also `preview` (`step`, `total`,
+    `mime_type`, bare base64 `b64`; every SD_PREVIEW_INTERVAL seconds on local backends), then one final
+    `succeeded` | `failed` | `cancelled` carrying the job body; the stream then ends."""
     engine = services.engine
     queue = services.events.subscribe(job.id)
     try:
@@ -145,6 +167,8 @@ async def job_events(job: JobDep, request: Request, services: ServicesDep) -> As
             )
         else:
             yield ServerSentEvent(event="running", data={"status": "running", **current.progress()})
+            if previews and current.preview is not None:
+                yield ServerSentEvent(event="preview", data=_preview_data(current.preview))
         while True:
             event = await queue.get()
             if event.final:
@@ -153,6 +177,26 @@ async def job_events(job: JobDep, request: Request, services: ServicesDep) -> As
                     id=str(event.id), event=event.event, data=await _body(final, services, request, include_b64=False)
                 )
                 return
+            if event.event == "preview" and not previews:
+                continue
             yield ServerSentEvent(id=str(event.id), event=event.event, data=event.data)
     finally:
         services.events.unsubscribe(job.id, queue)
+
+
+@router.get(
+    "/api/jobs/{job_id}/preview",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}, **_ERRORS},
+)
+def job_preview(job: JobDep) -> Response:
+    """The latest live preview of a running job (a small JPEG of its current latents); 404 when there is
+    none (queued, finished, a backend without previews, or none made yet)."""
+    preview = job.preview
+    if preview is None:
+        raise NotFoundError("no preview: the job is not running on a local backend, or none was made yet")
+    return Response(
+        preview.data,
+        media_type=preview.mime_type,
+        headers={"Cache-Control": "no-store", "X-Step": str(preview.step), "X-Total-Steps": str(preview.total)},
+    )

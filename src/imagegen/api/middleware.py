@@ -305,7 +305,9 @@ class BodyGuardMiddleware:
     route keeps SD_MAX_BODY_BYTES. Multipart bodies are accepted on `multipart_paths` only (OpenAI's
     /v1/images/edits, which its SDK posts as a form), and only when the request carries no Origin or
     one of this service (its own host, or SD_CORS_ORIGINS): a cross-site HTML form, which a browser
-    would send with its cached Basic credentials, is refused (403)."""
+    would send with its cached Basic credentials, is refused (403). `unread_paths`: routes that never
+    read their body (they answer 501 for a feature the service does not have): whatever its type, the
+    caller hears that, not that its upload should have been JSON."""
 
     def __init__(
         self,
@@ -317,6 +319,7 @@ class BodyGuardMiddleware:
         upload_paths: Iterable[str] = (),
         multipart_paths: Iterable[str] = (),
         allowed_origins: Iterable[str] = (),
+        unread_paths: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
@@ -325,6 +328,7 @@ class BodyGuardMiddleware:
         self.upload_paths = frozenset(upload_paths)
         self.multipart_paths = frozenset(multipart_paths)
         self.allowed_origins = frozenset(filter(None, (_origin_host(origin) for origin in allowed_origins)))
+        self.unread_paths = unread_paths
 
     def _limit(self, path: str) -> tuple[int, str]:
         if path in self.upload_paths:
@@ -361,7 +365,7 @@ class BodyGuardMiddleware:
                 return
         else:
             length = 0
-        if length > 0 or chunked:
+        if (length > 0 or chunked) and scope["path"] not in self.unread_paths:
             content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
             multipart = content_type == "multipart/form-data" and path in self.multipart_paths
             if multipart and not self._same_site(scope):

@@ -8,9 +8,10 @@ the backend's `resolve`, with messages that name the parameter.
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any, Literal
+import re
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from imagegen.api.dialects import Dialect, documented_errors
 from imagegen.api.translation import RequestDefaults, Target
@@ -35,6 +36,31 @@ class LoraIn(BaseModel):
     weight: float = Field(1.0, ge=-10, le=10, allow_inf_nan=False, description="0: no effect; 1: as trained.")
 
 
+_INTEGER_TEXT = re.compile(r"-?[0-9]{1,20}")
+_DECIMAL_TEXT = re.compile(r"-?[0-9]{1,20}(\.[0-9]{1,20})?")
+
+
+def _integer_text(value: Any) -> Any:
+    """ "2" -> 2: n8n's HTTP Request node sends numbers as strings when the body's fields are filled one
+    by one. Only plain decimal digits; everything else (and every other type) meets the strict check."""
+    if isinstance(value, str) and _INTEGER_TEXT.fullmatch(value.strip()):
+        return int(value.strip())
+    return value
+
+
+def _decimal_text(value: Any) -> Any:
+    """ "7.5" -> 7.5 (see _integer_text); no exponents, inf or nan."""
+    if isinstance(value, str) and _DECIMAL_TEXT.fullmatch(value.strip()):
+        return float(value.strip())
+    return value
+
+
+#: Numbers that may arrive as numeric strings (the native routes' only coercion; booleans, lists and
+#: the rest stay strict).
+IntegerField = Annotated[int, BeforeValidator(_integer_text)]
+DecimalField = Annotated[float, BeforeValidator(_decimal_text)]
+
+
 class Txt2ImgRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -50,15 +76,17 @@ class Txt2ImgRequest(BaseModel):
         None, max_length=64, description="sd | flux-local | flux-api; absent: SD_DEFAULT_BACKEND."
     )
     model: str | None = Field(None, max_length=256, description="A model the backend offers; absent: its default.")
-    width: int | None = Field(None, ge=1, le=_HARD_MAX_SIDE, description="Absent: the model's native size.")
-    height: int | None = Field(None, ge=1, le=_HARD_MAX_SIDE)
-    steps: int | None = Field(None, ge=1, le=1000, description="Denoising steps; absent: the model's default.")
-    guidance_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
-    seed: int | None = Field(None, ge=-1, le=SEED_MAX, description="Absent or -1: random. The seed used is returned.")
-    num_images: int = Field(1, ge=1, le=64)
+    width: IntegerField | None = Field(None, ge=1, le=_HARD_MAX_SIDE, description="Absent: the model's native size.")
+    height: IntegerField | None = Field(None, ge=1, le=_HARD_MAX_SIDE)
+    steps: IntegerField | None = Field(None, ge=1, le=1000, description="Denoising steps; absent: the model's default.")
+    guidance_scale: DecimalField | None = Field(None, ge=0, le=100, allow_inf_nan=False)
+    seed: IntegerField | None = Field(
+        None, ge=-1, le=SEED_MAX, description="Absent or -1: random. The seed used is returned."
+    )
+    num_images: IntegerField = Field(1, ge=1, le=64)
     scheduler: str | None = Field(None, max_length=64, description="One of GET /api/backends' schedulers.")
     output_format: Literal["png", "jpeg", "webp"] = "png"
-    safety_tolerance: int | None = Field(
+    safety_tolerance: IntegerField | None = Field(
         None, ge=0, le=6, description="flux-api only: BFL moderation tolerance, 0 strictest."
     )
     loras: list[LoraIn] | None = Field(
@@ -165,7 +193,7 @@ class JobCreateRequest(ImageInputFields, Txt2ImgRequest):
     callback_url: str | None = Field(
         None, max_length=2048, description="POSTed the final job body, signed (X-Imagegen-Signature)."
     )
-    priority: int = Field(0, ge=-10, le=10, description="Higher runs first; equal priorities run in order.")
+    priority: IntegerField = Field(0, ge=-10, le=10, description="Higher runs first; equal priorities run in order.")
 
 
 # --- responses ------------------------------------------------------------------------------------
@@ -244,6 +272,9 @@ class ProgressOut(BaseModel):
     step: int
     total: int
     fraction: float
+    eta_seconds: float | None = Field(
+        None, description="Seconds to the last step at the step rate measured in this run; null until known."
+    )
 
 
 class JobResultOut(BaseModel):
@@ -319,7 +350,11 @@ class HealthResponse(BaseModel):
 class BackendOut(BackendHealthOut):
     id: str
     default: bool
-    capabilities: dict[str, Any]
+    default_model: str = Field(description="The model a request naming none gets.")
+    capabilities: dict[str, Any] = Field(description="What the default model accepts.")
+    model_capabilities: dict[str, dict[str, Any]] | None = Field(
+        None, description="Each offered model's capabilities, when the backend offers more than one."
+    )
 
 
 class BackendsResponse(BaseModel):

@@ -142,10 +142,18 @@ class BackendHealth:
         return data
 
 
-class RunContext:
-    """Given to `generate`: progress reporting, cancellation and the deadline of a batch.
+#: A batch's live previews: (step, total steps, one encoded image or None per request of the batch).
+#: The images are JPEG bytes (PREVIEW_MIME_TYPE), small: of the latent resolution.
+PREVIEW_MIME_TYPE = "image/jpeg"
+PreviewCallback = Callable[[int, int, Sequence[bytes | None]], None]
 
-    Thread-safe; local backends call it from their worker thread between denoising steps.
+
+class RunContext:
+    """Given to `generate`: progress reporting, live previews, cancellation and the deadline of a batch.
+
+    Thread-safe; local backends call it from their worker thread between denoising steps. Everything
+    it carries out of the backend is plain data (step numbers, image bytes), so the same calls work
+    whether the backend runs in this process or in another one.
     """
 
     def __init__(
@@ -153,10 +161,17 @@ class RunContext:
         job_ids: Sequence[str],
         deadline: float,
         on_progress: Callable[[int, int], None] | None = None,
+        *,
+        on_preview: PreviewCallback | None = None,
+        preview_interval: float = 0.0,
     ) -> None:
         self.job_ids = list(job_ids)
         self.deadline = deadline
         self._on_progress = on_progress
+        self._on_preview = on_preview
+        #: Seconds between two previews (0: no previews). The first comes after one interval.
+        self.preview_interval = preview_interval
+        self._last_preview = time.monotonic()
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
 
@@ -176,6 +191,20 @@ class RunContext:
     def report_step(self, step: int, total: int) -> None:
         if self._on_progress is not None:
             self._on_progress(step, total)
+
+    def preview_due(self, step: int, total: int) -> bool:
+        """Whether to make a preview after this step: previews are wanted, one interval has passed since
+        the last (or the start), and this is not the last step (the image itself comes next). A time
+        rule, not a step count: its cost stays a small share of the device's time at any step rate."""
+        if self._on_preview is None or self.preview_interval <= 0 or step >= total:
+            return False
+        return time.monotonic() - self._last_preview >= self.preview_interval
+
+    def report_preview(self, step: int, total: int, previews: Sequence[bytes | None]) -> None:
+        """One encoded image (or None) per request of the batch, in order."""
+        self._last_preview = time.monotonic()
+        if self._on_preview is not None:
+            self._on_preview(step, total, list(previews))
 
     def check(self) -> None:
         """Raise when the batch must stop now: everyone cancelled or the deadline passed."""
@@ -236,6 +265,10 @@ class ImageBackend(abc.ABC):
         something (memory probes) override this with a cheap answer."""
         health = self.health()
         return Availability(health.state, health.reason)
+
+    def refresh(self) -> None:
+        """Forget what was learnt from disk about the models (configs, cache state): A1111's
+        refresh-checkpoints after a model was pulled into the cache. The allowlist itself is settings."""
 
     async def start(self) -> None:
         """Begin loading (in the background) when `preload` is set."""

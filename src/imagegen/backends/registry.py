@@ -96,6 +96,11 @@ class BackendRegistry:
         for backend in self:
             await backend.close()
 
+    def refresh(self) -> None:
+        """Every backend looks at its models on disk again (A1111's refresh-checkpoints)."""
+        for backend in self:
+            backend.refresh()
+
     def get(self, backend_id: str | None) -> ImageBackend:
         """The named backend, or the default one; an unknown id is a 422 listing the known ids."""
         key = backend_id or self.default_id

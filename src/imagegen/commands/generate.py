@@ -119,7 +119,42 @@ def run(args: argparse.Namespace) -> int:
         settings = load_settings()
     except SettingsError as error:
         return _fail(str(error), 2)
-    return asyncio.run(_in_process(args, body, settings, images, mask))
+    return asyncio.run(_in_process(args, body, with_model(settings, args.backend, args.model), images, mask))
+
+
+#: The setting that names a local backend's model: `--model` in this process replaces it for this run.
+MODEL_SETTINGS = {"sd": "model_id", "flux-local": "flux_model_id"}
+
+
+def with_model(settings: Any, backend: str | None, model: str | None) -> Any:
+    """The settings with --model as the chosen local backend's model (the operator runs this process: any
+    model it could configure, not only the allowlist a service offers its clients). flux-api's models
+    are BFL's: --model is then a request's model, checked against SD_BFL_MODELS."""
+    setting = MODEL_SETTINGS.get(backend or settings.default_backend.value)
+    if model is None or setting is None:
+        return settings
+    return settings.model_copy(update={setting: model})
+
+
+def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """(whether a TCP connection to the Hugging Face endpoint opens within `timeout`, its host). Only
+    asked when a model must be downloaded: huggingface_hub would otherwise retry for half a minute."""
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        from huggingface_hub import constants
+
+        endpoint = urlsplit(constants.ENDPOINT)
+    except Exception:  # noqa: BLE001 - huggingface_hub missing: the load reports it
+        return True, "huggingface.co"
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True, host
+    except OSError:
+        return False, host
 
 
 # -- in this process --------------------------------------------------------------------------------
@@ -160,10 +195,16 @@ async def _in_process(
     engine, events, outputs = services.engine, services.events, services.outputs
     bar = ProgressBar("generate", enabled=not args.quiet)
     try:
-        await services.start()
         backend = services.registry.get(args.backend)
-        if backend.health().state is BackendState.LOADING:
-            bar.note(f"loading {backend.health().model} (first use: a download may take minutes)")
+        # Before anything loads: a model that cannot come from the cache or the hub fails now, in about a
+        # second, with what to do (not after half a minute of hub retries in a loading thread).
+        problem = _cannot_load(backend, bar)
+        if problem is not None:
+            return _fail(problem)
+        await services.start()
+        available = backend.availability()
+        if available.state is BackendState.ERROR:
+            return _fail(f"backend '{backend.id}' cannot run: {available.reason}")
         params = GenerationParams(**{key: value for key, value in body.items() if key != "backend"})
         if images:
             # Decoded and stored as the service does it (api/uploads.py): the same checks, the same store.
@@ -196,6 +237,27 @@ async def _in_process(
         return _fail(f"{error.error_type}: {error.message}", 2 if error.status_code < 500 else 1)
     finally:
         await services.stop(grace=0)
+
+
+def _cannot_load(backend: Any, bar: ProgressBar) -> str | None:
+    """Why the backend's model cannot load here (not cached, and the hub is off or unreachable), or None;
+    says so when a download is about to start."""
+    from imagegen.backends.local.base import LocalPipelineBackend
+    from imagegen.backends.local.support import hub_offline, uncached_reason
+
+    if not isinstance(backend, LocalPipelineBackend):
+        return None
+    missing = backend.uncached_models()
+    if not missing:
+        return None
+    pull = f"imagegen models pull {backend.model_id}"
+    if hub_offline():
+        return uncached_reason(missing, pull)
+    reachable, host = hub_reachable()
+    if not reachable:
+        return uncached_reason(missing, pull, why=f"the Hugging Face hub ({host}) cannot be reached")
+    bar.note(f"downloading {', '.join(missing)} into SD_MODEL_DIR (first use: this may take minutes)")
+    return None
 
 
 def _write_local(args: argparse.Namespace, result: JobResult | None, root: Path) -> int:
@@ -250,6 +312,8 @@ def _remote(args: argparse.Namespace, body: dict[str, Any]) -> int:
 
     if args.backend:
         body["backend"] = args.backend
+    if args.model:
+        body["model"] = args.model  # one of the server's models (`imagegen models list --url`)
     key = api_key(args)
     headers = {"X-API-Key": key} if key else {}
     base = args.url.rstrip("/")

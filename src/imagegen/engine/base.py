@@ -83,8 +83,10 @@ class Engine(abc.ABC):
         backend: str | None = None,
         limit: int = 50,
         before: float | None = None,
+        prompt: str | None = None,
     ) -> list[Job]:
-        """Jobs newest first (`before`: created before that unix time)."""
+        """Jobs newest first (`before`: created before that unix time; `prompt`: only jobs whose prompt
+        contains this text, in any case)."""
 
     @abc.abstractmethod
     async def inputs_in_use(self) -> set[str]:

@@ -10,6 +10,7 @@ which report progress back through `call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import bisect
 import itertools
 import logging
@@ -19,14 +20,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from imagegen.backends.base import ImageBackend, RunContext
+from imagegen.backends.base import PREVIEW_MIME_TYPE, ImageBackend, RunContext
 from imagegen.backends.registry import BackendRegistry
 from imagegen.config import Settings
 from imagegen.engine.base import Engine
 from imagegen.engine.batching import max_images, select_batch
 from imagegen.engine.events import JobEvents
 from imagegen.engine.images import store_images
-from imagegen.engine.jobs import Job, JobStatus, new_job_id
+from imagegen.engine.jobs import Job, JobStatus, Preview, new_job_id
 from imagegen.engine.results import JobResult, StoredImage, Timings
 from imagegen.engine.store import JobStore
 from imagegen.errors import (
@@ -334,9 +335,10 @@ class JobEngine(Engine):
         backend: str | None = None,
         limit: int = 50,
         before: float | None = None,
+        prompt: str | None = None,
     ) -> list[Job]:
         # The store has every job; active ones are fresher in memory (live progress).
-        found = self.store.list_jobs(status=status, backend=backend, limit=limit, before=before)
+        found = self.store.list_jobs(status=status, backend=backend, limit=limit, before=before, prompt=prompt)
         return [self._active.get(job.id, job) for job in found]
 
     async def wait(self, job_id: str) -> Job:
@@ -411,6 +413,8 @@ class JobEngine(Engine):
             job.attempts += 1
             job.step = 0
             job.total_steps = job.request.denoising_steps or 0
+            job.step_clock = None
+            job.preview = None
             self.store.update(job)
             self.events.publish(job.id, "running", {"status": "running", "batch_size": len(batch)})
         log.info(
@@ -424,6 +428,8 @@ class JobEngine(Engine):
             [job.id for job in batch],
             deadline=time.monotonic() + self.settings.job_timeout,
             on_progress=lambda step, total: self._progress_from_thread(batch, step, total),
+            on_preview=lambda step, total, previews: self._preview_from_thread(batch, step, total, previews),
+            preview_interval=self.settings.preview_interval,
         )
         for index, job in enumerate(batch):
             self._contexts[job.id] = (ctx, index)
@@ -520,6 +526,7 @@ class JobEngine(Engine):
         job.status = status
         job.finished_at = time.time()
         job.result = result
+        job.preview = None  # a preview is of a running job only
         job.error = None if error is None else {**error.to_dict(), "status_code": error.status_code}
         if job.callback_url and self.webhooks is not None:
             # Stored with the final state, in the same write: a crash from here on cannot lose it.
@@ -569,6 +576,22 @@ class JobEngine(Engine):
         for job in batch:
             if job.final:
                 continue
-            job.step = step
-            job.total_steps = total
+            job.record_step(step, total)
             self.events.publish(job.id, "progress", job.progress())
+
+    def _preview_from_thread(self, batch: list[Job], step: int, total: int, previews: Sequence[bytes | None]) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._on_preview, batch, step, total, previews)
+
+    def _on_preview(self, batch: list[Job], step: int, total: int, previews: Sequence[bytes | None]) -> None:
+        """Keep each job's latest preview (A1111's current_image, GET .../preview) and send it to its
+        event streams; base64 once, whatever the number of listeners."""
+        for job, data in zip(batch, previews, strict=False):
+            if job.final or data is None:
+                continue
+            job.preview = Preview(step, total, data, PREVIEW_MIME_TYPE)
+            if self.events.listeners(job.id):
+                encoded = base64.b64encode(data).decode("ascii")
+                self.events.publish(
+                    job.id, "preview", {"step": step, "total": total, "mime_type": PREVIEW_MIME_TYPE, "b64": encoded}
+                )

@@ -67,8 +67,9 @@ class JobStore(abc.ABC):
         backend: str | None = None,
         limit: int = 50,
         before: float | None = None,
+        prompt: str | None = None,
     ) -> list[Job]:
-        """Newest first."""
+        """Newest first; `prompt`: only jobs whose prompt contains this text (any case)."""
 
     @abc.abstractmethod
     def unfinished(self) -> list[Job]:
@@ -109,6 +110,10 @@ def _load(value: str | None) -> Any:
     return None if value is None else json.loads(value)
 
 
+def _casefold(value: object) -> str | None:
+    return value.casefold() if isinstance(value, str) else None
+
+
 class SQLiteJobStore(JobStore):
     """SQLite in WAL mode: readers never block the writer, and a crash loses nothing committed."""
 
@@ -122,6 +127,8 @@ class SQLiteJobStore(JobStore):
         # NORMAL in WAL mode: a process crash loses nothing; only power loss may drop the last commits.
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA busy_timeout=5000")
+        # SQLite's lower() and LIKE fold ASCII only: prompts are matched with Python's casefold.
+        self._conn.create_function("casefold", 1, _casefold, deterministic=True)
         self._conn.executescript(SCHEMA)
 
     def _row(self, job: Job) -> tuple[Any, ...]:
@@ -201,9 +208,10 @@ class SQLiteJobStore(JobStore):
         backend: str | None = None,
         limit: int = 50,
         before: float | None = None,
+        prompt: str | None = None,
     ) -> list[Job]:
         clauses: list[str] = []
-        params: list[str | float] = []
+        params: list[object] = []
         if status is not None:
             clauses.append("status=?")
             params.append(status.value)
@@ -213,6 +221,11 @@ class SQLiteJobStore(JobStore):
         if before is not None:
             clauses.append("created_at<?")
             params.append(before)
+        if prompt:
+            # The text is a value, never a pattern: % and _ match only themselves.
+            escaped = prompt.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            clauses.append("casefold(json_extract(request, '$.prompt')) LIKE ? ESCAPE '\\'")
+            params.append(f"%{escaped.casefold()}%")
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._lock:
             rows = self._conn.execute(

@@ -330,7 +330,9 @@ class WebhookSender:
         state["finished_at"] = time.time()
         job.webhook = state
         store.update(job)
-        log.info(
+        # A delivery that gave up leaves a caller (an n8n Wait node) waiting: worth an operator's attention.
+        log.log(
+            logging.INFO if state["status"] == "delivered" else logging.WARNING,
             "job=%s webhook %s attempts=%d%s",
             job.id,
             state["status"],

@@ -117,6 +117,43 @@ def _one_line(value: Any) -> str:
     return _CONTROL.sub(" ", str(value))
 
 
+_FIELD = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_a1111_parameters(text: str) -> dict[str, Any]:
+    """The fields of an A1111 "parameters" text (what A1111's PNG info shows): `Prompt`, `Negative
+    prompt`, then each `Key: value` of the last line as text, `Size` split into `Size-1` and `Size-2`
+    (integers). Text that is not in this format gives {"Prompt": text}. Nothing is evaluated."""
+    lines = text.strip().split("\n")
+    fields_line = ""
+    if len(_FIELD.findall(lines[-1])) >= 3:  # "Steps: 20, Sampler: ..., Seed: 1": A1111's last line
+        fields_line = lines.pop()
+    prompt: list[str] = []
+    negative: list[str] = []
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            negative.append(line[len("Negative prompt:") :].strip())
+        elif negative:
+            negative.append(line)  # a negative prompt over several lines
+        else:
+            prompt.append(line)
+    found: dict[str, Any] = {"Prompt": "\n".join(prompt).strip()}
+    if negative:
+        found["Negative prompt"] = "\n".join(negative).strip()
+    for key, value in _FIELD.findall(fields_line):
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"') and len(value) > 1:
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        found[key.strip()] = value
+    size = re.fullmatch(r"(\d+)x(\d+)", str(found.get("Size", "")))
+    if size:
+        found["Size-1"], found["Size-2"] = int(size.group(1)), int(size.group(2))
+    return found
+
+
 def _clean(value: Any) -> str:
     # Values are single-line and comma-separated in this format.
     return _one_line(value).replace(",", " ")

@@ -1,4 +1,5 @@
-// One result image, large, with its seed and parameters: "Copy seed", "Reuse seed", "Download".
+// One result image, large, with its seed and parameters: "Copy seed", "Reuse seed", "Use these settings",
+// "Download" (and "Delete" where the caller offers it: the gallery's viewer).
 // A flagged image (nsfw) has no pixels at all: it is shown as a labelled placeholder.
 
 import { imageBlobUrl } from "./api.js";
@@ -34,7 +35,7 @@ export class BlobUrls {
   }
 }
 
-export function renderImage(job, image, { blobs, onReuseSeed, onUseAsInput }) {
+export function renderImage(job, image, { blobs, onReuseSeed, onUseAsInput, onUseSettings, onDelete }) {
   const seedText = String(image.seed);
   const actions = h("div", { class: "image-actions" },
     h("button", { type: "button", onclick: async () => {
@@ -46,6 +47,8 @@ export function renderImage(job, image, { blobs, onReuseSeed, onUseAsInput }) {
       }
     } }, "Copy seed"),
     onReuseSeed && h("button", { type: "button", onclick: () => onReuseSeed(image.seed) }, "Reuse seed"),
+    onUseSettings && h("button", { type: "button", class: "use-settings", onclick: () => onUseSettings(job, image) },
+      "Use these settings"),
   );
   const caption = h("figcaption", {},
     h("p", { class: "seed" }, "Seed ", h("strong", { class: "seed-value" }, seedText)),
@@ -68,6 +71,7 @@ export function renderImage(job, image, { blobs, onReuseSeed, onUseAsInput }) {
   if (onUseAsInput) {
     actions.append(h("button", { type: "button", class: "use-input", onclick: () => onUseAsInput(image.filename) }, "Use as input"));
   }
+  if (onDelete) actions.append(h("button", { type: "button", class: "danger", onclick: () => onDelete(job, image) }, "Delete"));
   const figure = h("figure", { class: "result loading" }, h("div", { class: "frame" }, img), caption);
   blobs.load(image.filename).then((url) => {
     img.src = url;

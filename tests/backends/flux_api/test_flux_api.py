@@ -197,7 +197,7 @@ def test_403_is_the_same_key_error(flux_service: Service, bfl: RunningFake) -> N
 
 def test_out_of_credits_is_402(flux_service: Service, bfl: RunningFake) -> None:
     bfl.fake.credits = 0
-    client = flux_service(bfl)
+    client = flux_service(bfl, ready=False)  # an empty account is not ready (test_flux_api_service.py)
     assert error_of(txt2img(client), 402, "payment_required") == "BFL account out of credits"
 
 

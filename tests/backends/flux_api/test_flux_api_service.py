@@ -164,6 +164,35 @@ def test_a_rejected_key_shows_in_health(flux_service: Service, bfl: RunningFake)
     assert available.state is BackendState.ERROR and available.accepts_jobs
 
 
+def test_an_empty_account_is_not_ready_until_topped_up(
+    flux_service: Service, start_fake: Callable[..., RunningFake]
+) -> None:
+    bfl = start_fake(credits=0)
+    client = flux_service(bfl, ready=False, bfl_key_check_interval=0.2)
+    wait_until(lambda: client.get("/health").json()["backends"]["flux-api"]["key_check"] == "no_credits")
+    health = client.get("/health")
+    assert health.status_code == 503  # flux-api is the default backend: readiness fails
+    state = health.json()["backends"]["flux-api"]
+    assert state["state"] == "error" and state["reason"].startswith("BFL account out of credits: add credits")
+    # Jobs are still taken and answered 402 (what a client of an empty account should hear) ...
+    response = txt2img(client)
+    assert response.status_code == 402 and response.json()["error"]["type"] == "payment_required"
+    # ... and the next key check sees the credits back.
+    bfl.fake.credits = 50
+    wait_until(lambda: client.get("/health").status_code == 200)
+    assert client.get("/health").json()["backends"]["flux-api"]["state"] == "ready"
+
+
+def test_a_wrong_key_with_an_empty_account_is_still_a_wrong_key(
+    flux_service: Service, start_fake: Callable[..., RunningFake]
+) -> None:
+    bfl = start_fake(credits=0)
+    client = flux_service(bfl, bfl_api_key="bfl_wrong-key", ready=False)
+    wait_until(lambda: client.get("/health").json()["backends"]["flux-api"]["key_check"] == "rejected")
+    state = client.get("/health").json()["backends"]["flux-api"]
+    assert state["state"] == "error" and state["reason"] == "BFL key rejected: check SD_BFL_API_KEY"
+
+
 def test_an_endpoint_without_credits_route_stays_ready(flux_service: Service, bfl: RunningFake) -> None:
     bfl.fake.inject("credits", 404, body={"detail": "Not Found"})
     client = flux_service(bfl)

@@ -8,6 +8,7 @@ Every txt2img and img2img is a job of the engine (queue limits, progress, cancel
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import time
 from datetime import UTC, datetime
@@ -224,8 +225,9 @@ async def scripts() -> dict[str, list[str]]:
 
 
 @router.get("/progress", response_model=A1111Progress)
-async def progress(services: ServicesDep) -> dict[str, Any]:
-    """The running job's progress (the longest-running one when several run); 0 and job_count 0 when idle."""
+async def progress(services: ServicesDep, skip_current_image: bool = False) -> dict[str, Any]:
+    """The running job's progress (the longest-running one when several run), its ETA from the measured
+    step rate and its live preview (`current_image`, base64 JPEG); 0 and job_count 0 when idle."""
     running = await services.engine.running()
     job_count = len(running) + int((await services.engine.stats())["queued"])
     state: dict[str, Any] = {
@@ -251,12 +253,17 @@ async def progress(services: ServicesDep) -> dict[str, Any]:
         sampling_step=done["step"],
         sampling_steps=done["total"],
     )
+    eta = job.eta_seconds()
+    if eta is None:  # no step rate yet: A1111's own estimate, the time so far scaled by what is left
+        eta = round(elapsed / fraction - elapsed, 3) if fraction > 0 else 0.0
+    preview = job.preview
     return {
         "progress": fraction,
-        # A1111's estimate: the time so far scaled by what is left.
-        "eta_relative": round(elapsed / fraction - elapsed, 3) if fraction > 0 else 0.0,
+        "eta_relative": eta,
         "state": state,
-        "current_image": None,
+        "current_image": None
+        if preview is None or skip_current_image
+        else base64.b64encode(preview.data).decode("ascii"),
         "textinfo": f"{job.backend}: step {done['step']} of {done['total']}",
     }
 

@@ -223,7 +223,11 @@ class A1111Progress(BaseModel):
     progress: float = Field(description="0..1: the running job's denoising progress; 0 when idle.")
     eta_relative: float = Field(description="Estimated seconds until the running job ends.")
     state: dict[str, Any]
-    current_image: str | None = Field(None, description="Always null: no previews are decoded.")
+    current_image: str | None = Field(
+        None,
+        description="The running job's live preview (base64 JPEG of its current latents, local backends); null "
+        "before the first one, with skip_current_image=true, or when idle.",
+    )
     textinfo: str | None = None
 
 

@@ -280,9 +280,18 @@ class FluxApiBackend(ImageBackend):
     def availability(self) -> Availability:
         if self._key is None:
             return Availability(BackendState.NOT_CONFIGURED, "SD_BFL_API_KEY is not set")
-        if self._key.current().state == "rejected":
+        state = self._key.current().state
+        if state == "rejected":
             # A misconfiguration only the operator can fix: not ready, like a model that failed to load.
             return Availability(BackendState.ERROR, KEY_REJECTED)
+        if state == "no_credits":
+            # Every request would answer 402 until the account is topped up: not ready (a readiness probe
+            # takes it out of rotation while it is the default). Jobs are still taken: the next key check,
+            # or a request that BFL accepts, sees the credits back.
+            return Availability(
+                BackendState.ERROR,
+                f"{OUT_OF_CREDITS}: add credits at https://api.bfl.ai/ (requests answer 402 until then)",
+            )
         return Availability(BackendState.READY, f"BFL API at {self._api_host()}")
 
     def health(self) -> BackendHealth:
@@ -301,12 +310,11 @@ class FluxApiBackend(ImageBackend):
         if check.checked_at is not None:
             details["key_checked_seconds_ago"] = round(time.monotonic() - check.checked_at, 1)
         host = details["api_host"]
-        if available.state is not BackendState.READY:  # the key was rejected
+        if available.state is not BackendState.READY:  # the key was rejected, or the account is empty
             return BackendHealth(available.state, available.reason, model=model, device="cloud", details=details)
-        # Everything else stays ready: an empty account or a flaky credits call is no reason to restart
-        # the service; requests then answer 402 or their own error.
+        # Everything else stays ready: a flaky or missing credits call is no reason to take the service
+        # out of rotation; requests then answer their own error.
         reason = {
-            "no_credits": f"BFL API at {host}; {OUT_OF_CREDITS} (requests answer 402 until it is topped up)",
             "ok": f"BFL API at {host}" + (f"; {check.credits:g} credits" if check.credits is not None else ""),
             "unchecked": f"BFL API at {host}; key not checked yet",
             "disabled": f"BFL API at {host}; key not checked (SD_BFL_KEY_CHECK=false)",

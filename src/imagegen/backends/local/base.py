@@ -71,6 +71,8 @@ class LoadedPipeline:
         #: Pipelines for the other modes (img2img, inpaint), made from this one on first use: they
         #: share its components (from_pipe), so they cost no second copy of the weights.
         self.derived: dict[str, Any] = {}
+        #: latents -> preview images, fitted on this pipeline's VAE (backends/local/previews.py); None: off
+        self.previewer: Any = None
 
 
 _device_executor: ThreadPoolExecutor | None = None
@@ -90,9 +92,17 @@ def device_executor() -> ThreadPoolExecutor:
         return _device_executor
 
 
+#: How long the answer to "are the model's files in the cache?" is reused (availability is read for
+#: every job admitted and every /health probe; `imagegen models pull` may fill the cache meanwhile).
+CACHE_CHECK_SECONDS = 2.0
+
+
 class LocalPipelineBackend(ImageBackend):
     lane = "local"
     concurrency = 1
+    #: Whether the model needs the standalone safety checker (SD_SAFETY_CHECKER_ID); None: its own
+    #: model_index.json says (SD 1.x models ship a checker of their own).
+    standalone_checker: bool | None = None
 
     def __init__(self, settings: Settings, model_id: str) -> None:
         super().__init__(settings)
@@ -110,6 +120,7 @@ class LocalPipelineBackend(ImageBackend):
         self._last_unload: tuple[str, float] | None = None  # (reason, monotonic time)
         self._unloads = 0
         self._inputs: InputStore | None = None
+        self._uncached: tuple[str, float, list[str]] | None = None  # (model, monotonic time, missing repos)
 
     def attach_device_manager(self, manager: DeviceManager) -> None:
         """Share the device with the other local backends of this app (see device_manager.py)."""
@@ -141,6 +152,11 @@ class LocalPipelineBackend(ImageBackend):
         if self._inputs is None:
             self._inputs = InputStore(self.settings.inputs_dir)
         return self._inputs
+
+    def preview_layout(self, loaded: LoadedPipeline) -> str | None:
+        """How the pipeline's denoising loop lays out its latents (previews.SD, FLUX1, FLUX2); None: no
+        previews for it."""
+        return None
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -186,6 +202,9 @@ class LocalPipelineBackend(ImageBackend):
             try:
                 with manager.loading(self) if manager is not None else contextlib.nullcontext():
                     loaded = self.load_pipeline()
+                    # Part of the load, inside the device manager's turn: another backend's load must not
+                    # start while this one is loaded but not yet marked so.
+                    loaded.previewer = self._calibrate_previews(loaded)
             except Exception as error:
                 from imagegen.backends.local.support import describe_load_error, release_memory
 
@@ -213,6 +232,18 @@ class LocalPipelineBackend(ImageBackend):
             )
             metrics.record_model_load(self.id, self._load_seconds, ok=True)
             return loaded
+
+    def _calibrate_previews(self, loaded: LoadedPipeline) -> Any:
+        """The live-preview map of a freshly loaded pipeline (previews.calibrate), or None: previews off
+        (SD_PREVIEW_INTERVAL=0), a pipeline without a known latent layout, or a calibration that failed."""
+        if self.settings.preview_interval <= 0:
+            return None
+        layout = self.preview_layout(loaded)
+        if layout is None:
+            return None
+        from imagegen.backends.local.previews import calibrate
+
+        return calibrate(loaded.pipe, layout)
 
     def unload(self, reason: str = "unloaded on request", *, wait_for_call: bool = False) -> bool:
         """Drop the pipeline and return its memory; the next request loads it again.
@@ -284,6 +315,32 @@ class LocalPipelineBackend(ImageBackend):
         await asyncio.get_running_loop().run_in_executor(None, self.unload, "the service stopped")
 
     # -- health ----------------------------------------------------------------------------------
+    def uncached_models(self) -> list[str]:
+        """The hub repositories a load of the current model needs that are not in the cache (the model,
+        its standalone safety checker): a few file lookups, remembered for CACHE_CHECK_SECONDS."""
+        from imagegen.backends.local.support import uncached_hub_models
+
+        model = self.model_id
+        memo = self._uncached
+        if memo is not None and memo[0] == model and time.monotonic() - memo[1] < CACHE_CHECK_SECONDS:
+            return memo[2]
+        missing = uncached_hub_models(model, self.settings, standalone_checker=self.standalone_checker)
+        self._uncached = (model, time.monotonic(), missing)
+        return missing
+
+    def refresh(self) -> None:
+        """Look at the model cache again at the next health check (after `imagegen models pull`)."""
+        self._uncached = None
+
+    def _offline_problem(self) -> str | None:
+        """Why the model cannot load now without trying: HF_HUB_OFFLINE and files missing from the cache."""
+        from imagegen.backends.local.support import hub_offline, uncached_reason
+
+        if not hub_offline():
+            return None
+        missing = self.uncached_models()
+        return uncached_reason(missing, f"imagegen models pull {self.model_id}") if missing else None
+
     def availability(self) -> Availability:
         """The state without the report (no memory probe): what admission reads for every job."""
         if self._deps_missing:
@@ -293,6 +350,11 @@ class LocalPipelineBackend(ImageBackend):
             return Availability(BackendState.LOADING, f"loading {self.model_id}")
         if state is LoadState.FAILED:
             return Availability(BackendState.ERROR, self._failure or "load failed")
+        if state is LoadState.UNLOADED:
+            # Offline and not cached: the first request would only fail; say so before it is sent.
+            problem = self._offline_problem()
+            if problem is not None:
+                return Availability(BackendState.ERROR, problem)
         # Unloaded is ready too: the model loads on the first request.
         return Availability(
             BackendState.READY, f"{self.model_id} {'loaded' if state is LoadState.READY else 'not loaded'}"
@@ -454,15 +516,36 @@ class LocalPipelineBackend(ImageBackend):
         return results
 
     @staticmethod
-    def step_callback(ctx: RunContext, total_steps: int) -> StepCallback:
-        """diffusers' callback_on_step_end: report progress, stop between steps when asked.
+    def batch_preview(loaded: LoadedPipeline, batch: Sequence[GenerationRequest]) -> Any:
+        """What the step callback needs to preview this batch (previews.BatchPreview), or None."""
+        if loaded.previewer is None:
+            return None
+        from imagegen.backends.local.previews import BatchPreview
+
+        first = batch[0]
+        return BatchPreview.of(loaded.previewer, [request.num_images for request in batch], first.width, first.height)
+
+    @staticmethod
+    def step_callback(ctx: RunContext, total_steps: int, preview: Any = None) -> StepCallback:
+        """diffusers' callback_on_step_end: report progress, a live preview when one is due (`preview`:
+        a previews.BatchPreview), stop between steps when asked.
 
         Raising stops the pipeline at once and leaves it usable (setting `_interrupt` would still
         decode and return an image, which a cancelled job must not get)."""
+        state = {"preview": preview}
 
         def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             total = getattr(pipe, "_num_timesteps", None) or total_steps
             ctx.report_step(step + 1, total)
+            previewer = state["preview"]
+            if previewer is not None and ctx.preview_due(step + 1, total) and kwargs.get("latents") is not None:
+                try:
+                    images = previewer.render(kwargs["latents"])
+                except Exception:  # a preview must never fail a generation (logged with its traceback)
+                    log.warning("live preview failed (%s); none more in this call", type(pipe).__name__, exc_info=True)
+                    state["preview"] = None
+                else:
+                    ctx.report_preview(step + 1, total, images)
             ctx.check()
             return kwargs
 

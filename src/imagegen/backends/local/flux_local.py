@@ -115,10 +115,16 @@ _BUILTIN_CONFIGS: dict[str, tuple[dict[str, Any] | None, ...]] = {
 
 class FluxLocalBackend(LocalPipelineBackend):
     id = Backend.FLUX_LOCAL.value
+    standalone_checker = True  # FLUX models ship no safety checker
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, settings.flux_model_id)
         self._peeked: FluxProfile | None = None
+
+    def refresh(self) -> None:
+        """Read the model's configs again (they may have been pulled into the cache since)."""
+        super().refresh()
+        self._peeked = None
 
     # -- what the model accepts: from its configs on disk, exact once loaded ----------------------
     def profile(self) -> FluxProfile:
@@ -288,6 +294,12 @@ class FluxLocalBackend(LocalPipelineBackend):
             details["cpu_offload_note"] = "SD_FLUX_CPU_OFFLOAD needs a GPU or MPS device; ignored on cpu"
         return LoadedPipeline(pipe, device, dtype, safety, details)
 
+    def preview_layout(self, loaded: LoadedPipeline) -> str | None:
+        from imagegen.backends.local.previews import FLUX1, FLUX2
+
+        profile: FluxProfile = loaded.details["profile"]
+        return FLUX2 if profile.pipeline_class == KLEIN else FLUX1
+
     # -- generation ------------------------------------------------------------------------------
     def pipeline_for(self, loaded: LoadedPipeline, mode: Mode) -> Any:
         """The loaded pipeline (txt2img, klein's reference editing), or one made from it with
@@ -345,7 +357,7 @@ class FluxLocalBackend(LocalPipelineBackend):
                 generator=cpu_generators(seeds),
                 max_sequence_length=profile.max_sequence_length,
                 output_type="np",
-                callback_on_step_end=self.step_callback(ctx, total),
+                callback_on_step_end=self.step_callback(ctx, total, self.batch_preview(loaded, batch)),
                 **arguments,
             )
         return output.images

@@ -67,7 +67,7 @@ class StableDiffusionBackend(LocalPipelineBackend):
                 "pipeline_class": "StableDiffusionXLPipeline"
                 if model == tiny_models.TINY_SDXL
                 else "StableDiffusionPipeline",
-                "native_size": 64,
+                "native_size": 512 if model == tiny_models.TINY_SD_512 else 64,
                 "unet_in_channels": 4,
             }
         if model in self._peeked:
@@ -196,6 +196,11 @@ class StableDiffusionBackend(LocalPipelineBackend):
         }
         return LoadedPipeline(pipe, device, dtype, safety, details)
 
+    def preview_layout(self, loaded: LoadedPipeline) -> str | None:
+        from imagegen.backends.local.previews import SD
+
+        return SD  # SD 1.x/2.x and SDXL: (batch, channels, height, width) latents
+
     # -- generation ------------------------------------------------------------------------------
     def pipeline_for(self, loaded: LoadedPipeline, mode: Mode) -> Any:
         """The loaded pipeline for txt2img; for img2img and inpaint one made from it with `from_pipe`
@@ -252,7 +257,9 @@ class StableDiffusionBackend(LocalPipelineBackend):
                 guidance_scale=first.guidance_scale,
                 generator=cpu_generators(seeds),
                 output_type="np",
-                callback_on_step_end=self.step_callback(ctx, first.denoising_steps or 1),
+                callback_on_step_end=self.step_callback(
+                    ctx, first.denoising_steps or 1, self.batch_preview(loaded, batch)
+                ),
                 **arguments,
             )
         return output.images

@@ -372,7 +372,9 @@ class RedisJobEngine(Engine):
         backend: str | None = None,
         limit: int = 50,
         before: float | None = None,
+        prompt: str | None = None,
     ) -> list[Job]:
+        wanted = prompt.casefold() if prompt else None
         newest = f"({before!r}" if before is not None else "+inf"
         chunk = max(limit, 100)
         offset = 0
@@ -398,7 +400,11 @@ class RedisJobEngine(Engine):
                         expired.append(job_id)
                         continue
                     job = job_from_fields(fields)
-                    if (status is None or job.status is status) and (backend is None or job.backend == backend):
+                    if (
+                        (status is None or job.status is status)
+                        and (backend is None or job.backend == backend)
+                        and (wanted is None or wanted in job.request.prompt.casefold())
+                    ):
                         found.append(job)
                 if expired:
                     await self.conn.zrem(self.keys.jobs, *expired)
