@@ -42,7 +42,7 @@ def test_img2img_answers_like_txt2img(sd_client: httpx.Client) -> None:
     assert decoded(again["images"][0]).tobytes() == decoded(image).tobytes()  # same pixels and seed, either form
     assert again["parameters"]["images"] == parameters["images"]  # stored once, by content
     job = sd_client.get(f"/api/jobs/{answer['id']}").json()
-    assert job["progress"] == {"step": 6, "total": 6, "fraction": 1.0}  # int(8 x 0.75) steps ran
+    assert job["progress"] == {"step": 6, "total": 6, "fraction": 1.0, "eta_seconds": None}  # int(8 x 0.75) steps ran
 
 
 def test_inpainting_and_raw_answer(sd_client: httpx.Client) -> None:

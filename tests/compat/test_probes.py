@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import httpx
 import openai
@@ -35,9 +36,12 @@ def test_png_info_reads_what_the_service_embeds(service: Service, api: webuiapi.
     ).json()
     png = base64.b64decode(made["images"][0]["b64"])
     answer = service.http.post("/sdapi/v1/png-info", json={"image": "data:image/png;base64," + _b64(png)}).json()
-    assert answer["info"].startswith("a red fox\nin the snow\nNegative prompt: blurry\nSteps: 3")
+    # The prompt's line break is a space in the parameters text (a prompt cannot spoof a field line);
+    # the exact prompt is in the imagegen chunk.
+    assert answer["info"].startswith("a red fox in the snow\nNegative prompt: blurry\nSteps: 3")
     fields = answer["parameters"]
-    assert fields["Prompt"] == "a red fox\nin the snow" and fields["Negative prompt"] == "blurry"
+    assert fields["Prompt"] == "a red fox in the snow" and fields["Negative prompt"] == "blurry"
+    assert json.loads(answer["items"]["imagegen"])["prompt"] == "a red fox\nin the snow"
     assert (fields["Seed"], fields["Steps"], fields["Model"]) == ("42", "3", "tiny-sd")
     assert (fields["Size-1"], fields["Size-2"]) == (64, 64)
     assert '"seed": 42' in answer["items"]["imagegen"]

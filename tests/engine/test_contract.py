@@ -63,7 +63,7 @@ def test_a_job_from_submit_to_its_image(deploy: Deployer) -> None:
     assert accepted["status"] == "queued" and accepted["status_url"].endswith(accepted["id"])
     done = wait_status(d.client, accepted["id"], {"succeeded"})
     assert done["attempts"] == 1 and done["error"] is None and done["queue_position"] is None
-    assert done["progress"] == {"step": 4, "total": 4, "fraction": 1.0}
+    assert done["progress"] == {"step": 4, "total": 4, "fraction": 1.0, "eta_seconds": None}
     assert done["created_at"] <= done["started_at"] <= done["finished_at"]
     full = d.client.get(f"/api/jobs/{accepted['id']}").json()
     for image, seed in zip(full["result"]["images"], (5, 6), strict=True):

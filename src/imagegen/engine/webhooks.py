@@ -320,8 +320,9 @@ class WebhookSender:
             return
         state: dict[str, Any] = {**self.pending_state(), **(job.webhook or {})}
         state["status"] = "pending"
+        detail: str | None = None
         try:
-            await self._attempts(job, job.callback_url, state, store)
+            detail = await self._attempts(job, job.callback_url, state, store)
         except asyncio.CancelledError:
             raise  # shutdown: the stored state stays pending, and the next start resumes it
         except Exception:
@@ -331,21 +332,25 @@ class WebhookSender:
         job.webhook = state
         store.update(job)
         # A delivery that gave up leaves a caller (an n8n Wait node) waiting: worth an operator's attention.
+        # The operator's log names the receiver's answer (HTTP 404); the job's record keeps the generic
+        # public text, so that a key holder cannot probe private addresses through it.
+        error = detail or state["last_error"]
         log.log(
             logging.INFO if state["status"] == "delivered" else logging.WARNING,
             "job=%s webhook %s attempts=%d%s",
             job.id,
             state["status"],
             state["attempts"],
-            f" error={state['last_error']}" if state["last_error"] else "",
+            f" error={error}" if state["status"] != "delivered" and error else "",
         )
 
-    async def _attempts(self, job: Job, url: str, state: dict[str, Any], store: JobRecorder) -> None:
+    async def _attempts(self, job: Job, url: str, state: dict[str, Any], store: JobRecorder) -> str | None:
+        """Deliver until done or given up; returns what the last failed attempt met (for the log)."""
         max_attempts = self.settings.webhook_max_attempts
         if state["attempts"] >= max_attempts:  # the process stopped after the last attempt
             state["status"] = "failed"
             state["last_error"] = state["last_error"] or DELIVERY_FAILED
-            return
+            return None
         # The body carries the images in base64: built off the event loop.
         rendered = await asyncio.to_thread(self.render, job)
         body = json.dumps(rendered, separators=(",", ":")).encode("utf-8")
@@ -362,14 +367,15 @@ class WebhookSender:
                 self._sending.discard(job.id)
             if outcome.delivered:
                 state.update(status="delivered", last_error=None)
-                return
+                return None
             state["last_error"] = outcome.public
             log.info("job=%s webhook attempt %d/%d: %s", job.id, attempt, max_attempts, outcome.detail)
             if not outcome.retry or attempt == max_attempts:
                 state["status"] = "failed"
-                return
+                return outcome.detail
             job.webhook = dict(state)
             store.update(job)  # a restart resumes from this attempt count
+        return None
 
     def _headers(self, job: Job, body: bytes) -> dict[str, str]:
         headers = {
