@@ -99,7 +99,7 @@ def _encoders() -> dict[str, Any]:
 
 
 @contextmanager
-def _baseline_src(ref: str) -> Iterator[Path]:
+def baseline_src(ref: str) -> Iterator[Path]:
     """src/ of `ref`, exported to a temporary folder (nothing in any worktree changes)."""
     with tempfile.TemporaryDirectory(prefix="bench-before-") as folder:
         archive = subprocess.run(["git", "archive", ref, "src"], cwd=ROOT, capture_output=True, check=True).stdout
@@ -134,7 +134,7 @@ def _http(before: str | None) -> dict[str, dict[str, list[float]]]:
     with ExitStack() as stack:
         services = {"after": _service(work / "after", None)}
         if before is not None:
-            services["before"] = _service(work / "before", stack.enter_context(_baseline_src(before)))
+            services["before"] = _service(work / "before", stack.enter_context(baseline_src(before)))
         clients: dict[str, httpx.Client] = {}
         for name, service in services.items():
             stack.enter_context(service)
