@@ -7,6 +7,11 @@ default flux-api settings (polling included), and this load generator. Side by s
 - service: the same generation through POST /api/txt2img (HTTP edge, job engine, backend, polling,
   download, decode, encode, store, response).
 Requests alternate direct/service so drift affects both alike. Overhead = median(service - direct).
+
+With BENCH_BEFORE=<git ref> the 24-concurrent figure is also measured for that ref's src/ (a second
+service process, the same fake settings) in the same run, rounds alternating with this checkout's, and
+reported as `concurrent_24_vs_one_before`: how a change moved the figure on the same machine at the
+same moment (BENCH_FLUX_API_ONLY_BEFORE_AFTER=1: only that figure, a few minutes shorter).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from typing import Any
 
 import httpx
 
-from tests.support.process import FAKE_BFL, SERVE, ServiceProcess
+from bench.bench_fast_path import baseline_src
+from tests.support.process import FAKE_BFL, ROOT, SERVE, ServiceProcess
 
 KEY = "bfl_bench-key"
 GENERATION_S = 1.0
@@ -33,9 +39,10 @@ PROMPT = "a lighthouse at dawn, oil painting"
 
 
 @contextmanager
-def _processes(report_progress: bool) -> Iterator[tuple[str, str]]:
-    """(fake BFL URL, service URL), each in its own process."""
+def _processes(report_progress: bool, src: Path | None = None) -> Iterator[tuple[str, str]]:
+    """(fake BFL URL, service URL), each in its own process; the service runs `src` when given."""
     work = Path(tempfile.mkdtemp(prefix="bench-flux-api-"))
+    code = {} if src is None else {"PYTHONPATH": os.pathsep.join([str(src), str(ROOT)])}
     options = ["--key", KEY, "--generation-time", str(GENERATION_S), "--max-active", "24"]
     if not report_progress:
         options.append("--no-progress")
@@ -47,6 +54,7 @@ def _processes(report_progress: bool) -> Iterator[tuple[str, str]]:
             SD_DEFAULT_BACKEND="flux-api",
             SD_BFL_API_URL=fake.url,
             SD_BFL_API_KEY=KEY,
+            **code,
         )
         with service:
             yield fake.url, service.url
@@ -137,7 +145,53 @@ async def _measure(report_progress: bool, pairs: int, throughput: bool) -> dict[
             return result
 
 
+async def _concurrent_before_after(before: Path) -> dict[str, list[float]]:
+    """24 concurrent / one at 1024x1024 for this checkout and for `before`, rounds alternating."""
+    with _processes(True) as (fake_after, after_url), _processes(True, before) as (fake_before, before_url):
+        del fake_after, fake_before
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        found: dict[str, list[float]] = {"after": [], "before": [], "after_one": [], "before_one": []}
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            for url in (after_url, before_url):
+                await _service(client, url, 0)
+            for round_ in range(3):
+                for name, url in (("after", after_url), ("before", before_url)):
+                    found[f"{name}_one"].append(await _service(client, url, 700 + round_))
+                    started = time.perf_counter()
+                    await asyncio.gather(
+                        *(_service(client, url, 9000 * (round_ + 1) + index) for index in range(CONCURRENT))
+                    )
+                    found[name].append(time.perf_counter() - started)
+        return found
+
+
+def _before_rows(ref: str) -> list[dict[str, Any]]:
+    with baseline_src(ref) as src:
+        found = asyncio.run(_concurrent_before_after(src))
+    rows = []
+    for name in ("after", "before"):
+        ratio = statistics.median(found[name]) / statistics.median(found[f"{name}_one"])
+        rows.append(
+            {
+                "metric": f"concurrent_24_vs_one_{name}",
+                "value": ratio,
+                "unit": "x",
+                "target": "<= 1.3x" if name == "after" else None,
+                "met": ratio <= 1.3 if name == "after" else None,
+                "detail": (
+                    f"{'this checkout' if name == 'after' else 'src/ of ' + ref}: {CONCURRENT} concurrent "
+                    f"1024x1024 (rounds {', '.join(f'{wall:.2f}' for wall in found[name])} s) / one alone "
+                    f"({', '.join(f'{wall:.2f}' for wall in found[name + '_one'])} s); rounds alternate between "
+                    "the two services, each with its own fake BFL"
+                ),
+            }
+        )
+    return rows
+
+
 def run() -> list[dict[str, Any]]:
+    if os.environ.get("BENCH_FLUX_API_ONLY_BEFORE_AFTER") and os.environ.get("BENCH_BEFORE"):
+        return _before_rows(os.environ["BENCH_BEFORE"])  # just the side-by-side figure
     load_before = os.getloadavg()[0]
     measured = asyncio.run(_measure(report_progress=True, pairs=PAIRS, throughput=True))
     blind = asyncio.run(_measure(report_progress=False, pairs=5, throughput=False))
@@ -212,7 +266,7 @@ def run() -> list[dict[str, Any]]:
                 f"({small_single:.2f} s): the service's own scaling without per-pixel CPU work"
             ),
         },
-    ]
+    ] + (_before_rows(os.environ["BENCH_BEFORE"]) if os.environ.get("BENCH_BEFORE") else [])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The values a generation is made of, shared by every layer: the loose parameters a dialect
 produces (`GenerationParams`), the validated request a backend runs and a job stores
-(`GenerationRequest`), and one generated image (`GeneratedImage`). Plain values: no I/O, no torch.
+(`GenerationRequest`), and one generated image (`GeneratedImage`: pixels, or `EncodedImage` bytes as a
+cloud API delivered them). Plain values: no I/O, no torch.
 
 Image-conditioned requests (img2img, inpainting, reference editing) carry their input images as
 `InputImage` references: the content hash of a file in the input store (storage/inputs.py) and its
@@ -143,11 +144,29 @@ class GenerationRequest(BaseModel):
         )
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image that arrives already encoded (BFL's download): its bytes as delivered, their format and
+    size (read from the header, checked before it got here). Stored as it is, metadata inserted."""
+
+    data: bytes = field(repr=False)
+    format: OutputFormat
+    width: int
+    height: int
+
+
 @dataclass
 class GeneratedImage:
-    """One output image. A flagged image carries no pixels: it is never returned as content."""
+    """One output image: pixels (`image`), or bytes already encoded (`encoded`), or neither when it was
+    flagged (a flagged image is never returned as content)."""
 
     seed: int
     image: Image | None
     nsfw: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    encoded: EncodedImage | None = None
+
+    @property
+    def withheld(self) -> bool:
+        """Flagged, or nothing to store: never written, never returned."""
+        return self.nsfw or (self.image is None and self.encoded is None)

@@ -10,6 +10,8 @@ the prompt inject behaviour, so a test (or a server in another process) needs no
   "crash"   raises an unexpected exception (a bug)
   "nsfw"    the image is flagged by the "safety checker"
   "fatal"   the backend breaks for good (a lost device): it raises and its health turns to error
+  "noise"   the image is random noise (the seed still in its first pixels): what a real render costs to
+            encode, at its worst (bench/bench_fast_path.py)
 
 It does img2img and inpainting the way the real backends start them: the request's input images are
 read from the input store (SD_DATA_DIR/inputs), so a job whose inputs are gone fails as it would there;
@@ -43,6 +45,20 @@ def expected_pixels(prompt: str, seed: int, width: int, height: int) -> Image.Im
     # The seed, little-endian, in the first 4 pixels' red channel.
     for index, byte in enumerate(int(seed).to_bytes(4, "little")):
         image.putpixel((index, 0), (byte, digest[3], digest[4]))
+    return image
+
+
+_NOISE: dict[tuple[int, int], bytes] = {}
+
+
+def noise_pixels(seed: int, width: int, height: int) -> Image.Image:
+    """Random noise (made once per size, so that making it costs no time per request) with the seed in
+    the first pixels like `expected_pixels`."""
+    if (width, height) not in _NOISE:
+        _NOISE[(width, height)] = os.urandom(width * height * 3)
+    image = Image.frombytes("RGB", (width, height), _NOISE[(width, height)])
+    for index, byte in enumerate(int(seed).to_bytes(4, "little")):
+        image.putpixel((index, 0), (byte, 0, 0))
     return image
 
 
@@ -178,7 +194,13 @@ class FakeBackend(ImageBackend):
             images = []
             for seed in request.seeds:
                 nsfw = "nsfw" in request.prompt
-                pixels = None if nsfw else expected_pixels(request.prompt, seed, request.width, request.height)
+                pixels: Image.Image | None = None
+                if nsfw:
+                    pass
+                elif "noise" in request.prompt:
+                    pixels = noise_pixels(seed, request.width, request.height)
+                else:
+                    pixels = expected_pixels(request.prompt, seed, request.width, request.height)
                 images.append(GeneratedImage(seed=seed, image=pixels, nsfw=nsfw, info=dict(info)))
             results.append(images)
         return results

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 
-from imagegen.api import presenters, uploads
+from imagegen.api import answers, presenters, uploads
 from imagegen.api.deps import ServicesDep, base_url, request_id
 from imagegen.api.dialects import Dialect, documented_errors
 from imagegen.api.schemas import ErrorResponse, ImageInputFields, Img2ImgRequest, Txt2ImgRequest, Txt2ImgResponse
@@ -111,9 +110,13 @@ async def _generate(
         image = job.result.images[0] if job.result is not None and job.result.images else None
         if image is None or image.filename is None:
             raise ContentModeratedError("the safety checker flagged the image; no content is returned")
-        path = services.outputs.resolve(image.filename)
+        # The fastest answer: the encoder's bytes as they are (no base64, no JSON, no second read);
+        # only a result that did not come from this process's encoder reads the file (off the loop).
+        content = image.data
+        if content is None:
+            content = await asyncio.to_thread(services.outputs.resolve(image.filename).read_bytes)
         return Response(
-            content=await asyncio.to_thread(path.read_bytes),  # file I/O off the event loop
+            content=content,
             media_type=image.mime_type,
             headers={
                 "Content-Disposition": f'inline; filename="{image.filename}"',
@@ -121,8 +124,6 @@ async def _generate(
                 "X-Job-Id": job.id,
             },
         )
-    # Reading and base64-encoding the images happens off the event loop (several MB for big images).
-    answer = await asyncio.to_thread(
-        presenters.txt2img_body, job, services.outputs, base_url(request, services.settings), request_id(request)
-    )
-    return JSONResponse(answer)
+    # base64 and JSON of the images (several MB for big images) are built off the event loop.
+    base, rid = base_url(request, services.settings), request_id(request)
+    return await answers.json_answer(lambda: presenters.txt2img_body(job, services.outputs, base, rid))

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from imagegen.api import presenters
+from imagegen.api import answers, presenters
 from imagegen.api.deps import ServicesDep, base_url, request_id
 from imagegen.api.dialects import Dialect, documented_errors
 from imagegen.api.generate import stored_inputs
@@ -101,9 +101,15 @@ async def get_job(
     request: Request,
     services: ServicesDep,
     include_images: Annotated[bool, Query(description="Include each image's base64 data.")] = True,
-) -> dict[str, Any]:
+) -> Response:
     """A job's state, queue position, progress, and its result or error."""
-    return await _body(job, services, request, include_b64=include_images)
+    position = await services.engine.queue_position(job)
+    base = base_url(request, services.settings)
+    # With the images: base64 and JSON of several MB, built off the event loop.
+    return await answers.json_answer(
+        lambda: presenters.job_body(job, services.outputs, base, queue_position=position, include_b64=include_images),
+        model=JobOut,
+    )
 
 
 @router.post("/api/jobs/{job_id}/cancel", response_model=JobOut, responses={**_ERRORS, 409: {"model": ErrorResponse}})

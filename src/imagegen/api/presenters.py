@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import base64
 from datetime import UTC, datetime
 from typing import Any
+
+import pybase64
 
 from imagegen.engine.jobs import Job
 from imagegen.engine.results import StoredImage
@@ -47,15 +48,26 @@ def image_url(image: StoredImage, base: str) -> str | None:
     return None if image.filename is None else f"{base}/api/images/{image.filename}"
 
 
-def image_b64(image: StoredImage, outputs: OutputStore) -> str | None:
-    """The file's bytes in base64; None for a flagged image, or a file pruned since (the job record
+def image_bytes(image: StoredImage, outputs: OutputStore) -> bytes | None:
+    """The stored file's bytes: those the encoder kept (a result fresh from this process's engine),
+    else read from the output store (a result read back from the job store, or from a cluster's
+    worker: the shared folder). None for a flagged image, or a file pruned since (the job record
     outlives its files)."""
     if image.filename is None:
         return None
+    if image.data is not None:
+        return image.data
     try:
-        return base64.b64encode(outputs.resolve(image.filename).read_bytes()).decode("ascii")
+        return outputs.resolve(image.filename).read_bytes()
     except (NotFoundError, OSError):
         return None
+
+
+def image_b64(image: StoredImage, outputs: OutputStore) -> str | None:
+    """The file's bytes in base64 (pybase64: SIMD, about 10x the standard library); None when
+    `image_bytes` has none."""
+    data = image_bytes(image, outputs)
+    return None if data is None else pybase64.b64encode(data).decode("ascii")
 
 
 def image_body(image: StoredImage, outputs: OutputStore, base: str, *, include_b64: bool) -> dict[str, Any]:

@@ -31,6 +31,11 @@ class StoredImage:
     height: int | None = None
     #: What the backend reported about this image (BFL: bfl_task_id, bfl_seed, bfl_cost).
     info: dict[str, Any] = field(default_factory=dict)
+    #: The stored file's bytes, kept from the encoder for the answer (no second read of the file). Only
+    #: in memory, on the result object the engine hands the waiting route and the webhook: never
+    #: persisted (`to_dict` leaves it out), so it lives as long as that answer is being built. None
+    #: on a result read back from the job store: the file is read then.
+    data: bytes | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.nsfw and self.filename is not None:

@@ -31,7 +31,6 @@ import functools
 import hashlib
 import hmac
 import ipaddress
-import json
 import logging
 import re
 import socket
@@ -42,6 +41,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
+import orjson
 
 from imagegen.config import Settings
 from imagegen.engine.jobs import Job
@@ -351,9 +351,9 @@ class WebhookSender:
             state["status"] = "failed"
             state["last_error"] = state["last_error"] or DELIVERY_FAILED
             return None
-        # The body carries the images in base64: built off the event loop.
-        rendered = await asyncio.to_thread(self.render, job)
-        body = json.dumps(rendered, separators=(",", ":")).encode("utf-8")
+        # The body carries the images in base64 (several MB): built and serialised (orjson, compact)
+        # off the event loop.
+        body = await asyncio.to_thread(lambda: orjson.dumps(self.render(job)))
         headers = self._headers(job, body)
         first = state["attempts"] + 1
         for attempt in range(first, max_attempts + 1):

@@ -6,6 +6,11 @@ which in a cluster every node shares. Names come from the server only and match 
 Serving a name first checks the pattern, then resolves the real path (symlinks included) and checks
 it lies inside the output root, the way Starlette's StaticFiles does, so no encoded, absolute or
 symlinked name escapes the folder.
+
+Encoding: PNGs from pixels go through storage/png_writer.py (ISA-L deflate, 15x Pillow's level 1 on a
+1024x1024 image); JPEG and WebP through Pillow. Bytes that arrive encoded (BFL's results) are stored
+as delivered with the metadata inserted (storage/embedding.py), never decoded and re-encoded. The
+stored bytes come back in `SavedFile.data` so that the answer needs no second read of the file.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from imagegen.errors import NotFoundError
+from imagegen.generation import EncodedImage
 
 FORMATS: dict[str, tuple[str, str, str]] = {
     # output_format -> (extension, MIME type, Pillow format)
@@ -57,6 +63,11 @@ class ImageStore(abc.ABC):
         """Encode with the metadata embedded and store under a new name; the stored file."""
 
     @abc.abstractmethod
+    def save_encoded(self, encoded: EncodedImage, meta: dict[str, Any]) -> SavedFile:
+        """Store bytes already encoded in `encoded.format` under a new name, the metadata inserted
+        without decoding them; ValueError when that cannot be done (the caller decodes them instead)."""
+
+    @abc.abstractmethod
     def read(self, name: str) -> bytes:
         """The stored bytes; NotFoundError when there is no such image."""
 
@@ -81,12 +92,14 @@ class OutputStore(ImageStore):
     @staticmethod
     def encode(image: Any, output_format: str, meta: dict[str, Any]) -> bytes:
         """Encode a PIL image with the generation parameters embedded."""
-        from imagegen.storage import metadata
+        from imagegen.storage import metadata, png_writer
 
         _, _, pil_format = FORMATS[output_format]
         buffer = io.BytesIO()
         if output_format == "png":
-            # Level 1: about twice as fast as the default on photographs, files ~15% larger.
+            if png_writer.supported(image):  # RGB, RGBA, L: everything the backends produce
+                return png_writer.encode_png(image, metadata.png_info(meta))
+            # Any other mode (a palette, 16-bit): Pillow, level 1.
             image.save(buffer, format=pil_format, pnginfo=metadata.png_info(meta), compress_level=1)
         else:
             rgb = image.convert("RGB")
@@ -101,7 +114,15 @@ class OutputStore(ImageStore):
 
     def save(self, image: Any, output_format: str, meta: dict[str, Any]) -> SavedFile:
         """Encode and write atomically (temp file + rename), so a half-written file is never served."""
-        data = self.encode(image, output_format, meta)
+        return self._write(self.encode(image, output_format, meta), output_format)
+
+    def save_encoded(self, encoded: EncodedImage, meta: dict[str, Any]) -> SavedFile:
+        """Store delivered bytes with the metadata inserted (no pixel decoded), atomically as `save`."""
+        from imagegen.storage.embedding import embed
+
+        return self._write(embed(encoded.data, encoded.format, meta), encoded.format)
+
+    def _write(self, data: bytes, output_format: str) -> SavedFile:
         name = self.new_name(output_format)
         fd, temp = tempfile.mkstemp(prefix=".tmp-", dir=self.root)
         try:

@@ -45,7 +45,8 @@ async def test_flux2_references_are_sent_as_input_images(
         results = await generate(backend, images=tuple(refs), seed=5)
     finally:
         await backend.close()
-    assert results[0][0].image.size == (320, 256)
+    delivered = results[0][0].encoded  # BFL's bytes as delivered, checked, never decoded
+    assert delivered is not None and (delivered.width, delivered.height) == (320, 256)
     body = bfl.fake.submits[0]["body"]
     assert [name for name in body if name.startswith("input_image")] == [
         "input_image",
@@ -95,7 +96,8 @@ async def test_a_mask_goes_to_fill_at_the_image_size(bfl: RunningFake, bfl_setti
     assert submit["model"] == FILL_MODEL
     assert sent_image(submit["body"]["image"]).size == (384, 288) == sent_image(submit["body"]["mask"]).size
     assert "width" not in submit["body"]
-    assert results[0][0].image.size == (384, 288)
+    delivered = results[0][0].encoded  # BFL's bytes as delivered, checked, never decoded
+    assert delivered is not None and (delivered.width, delivered.height) == (384, 288)
 
 
 async def test_inputs_leave_re_encoded_without_the_uploads_metadata(

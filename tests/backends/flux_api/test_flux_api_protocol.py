@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import struct
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -16,12 +17,13 @@ import pytest
 from PIL import Image
 
 from imagegen.backends.base import RunContext
-from imagegen.backends.bfl.backend import FluxApiBackend, decode_image
+from imagegen.backends.bfl.backend import FluxApiBackend, check_result
 from imagegen.backends.bfl.client import is_bfl_api_url, parse_progress, retry_after_seconds
 from imagegen.backends.bfl.models import FILL, FILL_MODEL, MODELS
 from imagegen.config import BflModel, Settings, SettingsError, load_settings
 from imagegen.errors import JobCancelledError, ServiceError, UpstreamError
 from imagegen.generation import GenerationParams
+from imagegen.storage import png_writer
 from tests.backends.flux_api.conftest import CANARY_KEY, RunningFake
 from tests.support.fake_bfl import DEFAULT_KEY, MODEL_RULES
 from tests.support.process import FAKE_BFL, ServiceProcess
@@ -76,16 +78,40 @@ def test_the_model_table_the_settings_and_the_fake_agree() -> None:
         assert rules.max_references == fake.get("references", 0), name
 
 
-def test_decode_refuses_what_is_not_a_png_jpeg_or_webp() -> None:
+def test_check_refuses_what_is_not_a_png_jpeg_or_webp() -> None:
     with pytest.raises(UpstreamError):
-        decode_image(b"GIF89a not really")
+        check_result(b"GIF89a not really")
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, format="GIF")
     with pytest.raises(UpstreamError):
-        decode_image(buffer.getvalue())
+        check_result(buffer.getvalue())
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, format="PNG")
-    assert decode_image(buffer.getvalue()).size == (8, 8)
+    checked = check_result(buffer.getvalue())
+    assert checked.image is None and checked.encoded is not None  # kept as delivered, not decoded
+    assert (checked.encoded.format, checked.encoded.width, checked.encoded.height) == ("png", 8, 8)
+    assert checked.encoded.data == buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_check_refuses_a_truncated_or_damaged_result_without_decoding_it(fmt: str) -> None:
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 48), 40).convert("RGB").save(buffer, format=fmt)
+    data = buffer.getvalue()
+    with pytest.raises(UpstreamError, match="not a valid PNG, JPEG or WebP"):
+        check_result(data[: len(data) // 2])  # a download cut short
+    if fmt == "PNG":
+        damaged = bytearray(data)
+        damaged[len(data) // 2] ^= 0xFF  # one flipped byte inside IDAT: its CRC no longer matches
+        with pytest.raises(UpstreamError, match="not a valid PNG, JPEG or WebP"):
+            check_result(bytes(damaged))
+    assert check_result(data + b"\0" * 16).encoded is not None  # padding after the end marker is harmless
+
+
+def test_check_refuses_an_image_far_larger_than_any_answer() -> None:
+    header = b"\x89PNG\r\n\x1a\n" + png_writer.chunk(b"IHDR", struct.pack(">IIBBBBB", 5000, 5000, 8, 2, 0, 0, 0))
+    with pytest.raises(UpstreamError, match="far larger"):
+        check_result(header + png_writer.chunk(b"IEND", b""))
 
 
 # -- the backend against the fake ---------------------------------------------------------------------

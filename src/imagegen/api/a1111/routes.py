@@ -14,9 +14,9 @@ import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Request, Response
 
-from imagegen.api import model_catalog
+from imagegen.api import answers, model_catalog
 from imagegen.api.a1111 import translate as a1111_translate
 from imagegen.api.a1111.samplers import SAMPLERS, SCHEDULE_TYPES
 from imagegen.api.a1111.schemas import (
@@ -47,7 +47,7 @@ router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], responses=A1111_ERRORS)
 
 
 @router.post("/txt2img", response_model=A1111Txt2ImgResponse)
-async def txt2img(body: A1111Txt2ImgRequest, request: Request, services: ServicesDep) -> dict[str, Any]:
+async def txt2img(body: A1111Txt2ImgRequest, request: Request, services: ServicesDep) -> Response:
     """A1111 txt2img: generate and wait; `images` are bare base64 PNGs, `info` a JSON string."""
     plan = a1111_translate.plan(body, services.registry, services.settings)  # its errors name A1111 fields
     job = await run_job(
@@ -59,12 +59,14 @@ async def txt2img(body: A1111Txt2ImgRequest, request: Request, services: Service
     )
     if job.status is not JobStatus.CANCELLED:  # interrupted: A1111 answers 200, with what it has
         raise_for_job(job)
-    # Reading and base64-encoding the images happens off the event loop.
-    return await asyncio.to_thread(a1111_translate.response_body, body, job, plan, services.outputs)
+    # base64 and JSON of the images are built off the event loop.
+    return await answers.json_answer(
+        lambda: a1111_translate.response_body(body, job, plan, services.outputs), model=A1111Txt2ImgResponse
+    )
 
 
 @router.post("/img2img", response_model=A1111Txt2ImgResponse)
-async def img2img(body: A1111Img2ImgRequest, request: Request, services: ServicesDep) -> dict[str, Any]:
+async def img2img(body: A1111Img2ImgRequest, request: Request, services: ServicesDep) -> Response:
     """A1111 img2img: init_images (and mask: inpainting), denoising_strength, resize_mode; answered like
     txt2img. Options this service does not have are listed in info.ignored_parameters."""
 
@@ -79,7 +81,9 @@ async def img2img(body: A1111Img2ImgRequest, request: Request, services: Service
     job = await run_job(services, request, plan.params, plan.backend_id, on_error=rename)
     if job.status is not JobStatus.CANCELLED:
         raise_for_job(job)
-    return await asyncio.to_thread(a1111_translate.response_body, body, job, plan, services.outputs)
+    return await answers.json_answer(
+        lambda: a1111_translate.response_body(body, job, plan, services.outputs), model=A1111Txt2ImgResponse
+    )
 
 
 # -- options: the service's default checkpoint ---------------------------------------------------

@@ -11,9 +11,9 @@ import asyncio
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
-from imagegen.api import model_catalog, presenters, uploads
+from imagegen.api import answers, model_catalog, presenters, uploads
 from imagegen.api.deps import ServicesDep, absolute_base_url
 from imagegen.api.openai import edits
 from imagegen.api.openai.schemas import (
@@ -47,7 +47,7 @@ def _renamed(error: ServiceError) -> ServiceError:
 
 
 @router.post("/images/generations", response_model=ImagesResponse, response_model_exclude_none=True)
-async def generate_images(body: ImageGenerationRequest, request: Request, services: ServicesDep) -> dict[str, Any]:
+async def generate_images(body: ImageGenerationRequest, request: Request, services: ServicesDep) -> Response:
     """OpenAI image generation: b64_json (default) or url (the service's own image route, key required)."""
     defaults = defaults_for(body, services.registry, services.settings)
     job = await run_job(services, request, body.to_params(defaults), defaults.backend, on_error=_renamed)
@@ -60,7 +60,7 @@ async def generate_images(body: ImageGenerationRequest, request: Request, servic
     response_model_exclude_none=True,
     openapi_extra=EDIT_REQUEST_BODY,
 )
-async def edit_images(request: Request, services: ServicesDep) -> dict[str, Any]:
+async def edit_images(request: Request, services: ServicesDep) -> Response:
     """OpenAI image edits: `image` (or several `image[]`), an optional `mask` whose transparent pixels mark
     the area to edit, and the generation fields; multipart (as the SDK sends it) or JSON with base64.
     What each backend does with the images: docs/editing.md. Unused fields are in `ignored_parameters`."""
@@ -86,32 +86,33 @@ async def edit_images(request: Request, services: ServicesDep) -> dict[str, Any]
 
 async def _answer(
     job: Job, body: ImageGenerationRequest, request: Request, services: Services, ignored: list[str] | None = None
-) -> dict[str, Any]:
+) -> Response:
     raise_for_job(job)
     # Flagged images are left out: `data` may hold fewer than n images (never an unsafe one).
     delivered = job.result.delivered() if job.result is not None else []
     if not delivered:
         raise ContentModeratedError("the safety checker flagged every image; no content is returned")
-    if body.response_format == "url":
-        base = absolute_base_url(request, services.settings)
-        data = [{"url": presenters.image_url(image, base)} for image in delivered]
-    else:
-        # Reading and base64-encoding the images happens off the event loop.
-        encoded = await asyncio.to_thread(
-            lambda: [presenters.image_b64(image, services.outputs) for image in delivered]
-        )
-        data = [{"b64_json": b64} for b64 in encoded]
-    answer: dict[str, Any] = {
-        "created": int(job.finished_at or time.time()),
-        "data": data,
-        "background": "opaque",
-        "output_format": job.request.output_format,
-        "size": f"{job.request.width}x{job.request.height}",
-    }
-    if ignored is not None:
-        names = {OPENAI_NAMES.get(name, name) for name in job.request.ignored}
-        answer["ignored_parameters"] = sorted({*ignored, *names})
-    return answer
+    base = absolute_base_url(request, services.settings) if body.response_format == "url" else ""
+
+    def build() -> dict[str, Any]:
+        if body.response_format == "url":
+            data: list[dict[str, Any]] = [{"url": presenters.image_url(image, base)} for image in delivered]
+        else:
+            data = [{"b64_json": presenters.image_b64(image, services.outputs)} for image in delivered]
+        answer: dict[str, Any] = {
+            "created": int(job.finished_at or time.time()),
+            "data": data,
+            "background": "opaque",
+            "output_format": job.request.output_format,
+            "size": f"{job.request.width}x{job.request.height}",
+        }
+        if ignored is not None:
+            names = {OPENAI_NAMES.get(name, name) for name in job.request.ignored}
+            answer["ignored_parameters"] = sorted({*ignored, *names})
+        return answer
+
+    # base64 and JSON of the images are built off the event loop.
+    return await answers.json_answer(build, model=ImagesResponse, exclude_none=True)
 
 
 def _models(services: ServicesDep) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
 """The `flux-api` backend: FLUX through the Black Forest Labs cloud API.
 
 One image is one BFL task: submit, poll its `polling_url` until it is final, download the result at
-once (the URL expires), decode it and hand it to the engine, which stores it like every other output.
+once (the URL expires), check it is a real image without decoding it, and hand its bytes to the engine,
+which stores them as delivered with the metadata inserted (storage/embedding.py).
 
 Images (docs/editing.md): FLUX.2 models edit with reference images (`input_image`, `input_image_2`...,
 as many as each model takes), Kontext with one; a mask sends the request to FLUX.1 Fill [pro]
@@ -61,7 +62,7 @@ from imagegen.backends.bfl.models import (
     check_request,
     rules_for,
 )
-from imagegen.config import Backend, Settings
+from imagegen.config import Backend, OutputFormat, Settings
 from imagegen.errors import (
     BackendNotConfiguredError,
     ContentModeratedError,
@@ -72,7 +73,7 @@ from imagegen.errors import (
     ServiceError,
     UpstreamError,
 )
-from imagegen.generation import GeneratedImage, GenerationParams, GenerationRequest, Mode
+from imagegen.generation import EncodedImage, GeneratedImage, GenerationParams, GenerationRequest, Mode
 from imagegen.storage.inputs import InputStore
 
 if TYPE_CHECKING:
@@ -131,22 +132,36 @@ def _png_b64(image: Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode_image(data: bytes) -> Image:
-    """Bytes from BFL as a loaded PIL image; anything else is an upstream error (never a 500)."""
+def check_result(data: bytes) -> GeneratedImage:
+    """Bytes from BFL, checked to be a real PNG or JPEG of a sane size without decoding a pixel
+    (storage/embedding.check_encoded: header, chunk CRCs, a JPEG's end marker), kept as delivered: the
+    engine stores them with the metadata inserted, never decoded and re-encoded. A WebP (which BFL is
+    never asked for) is decoded here as before. Anything else is an upstream error (never a 500)."""
     from PIL import Image as PILImage
     from PIL import UnidentifiedImageError
 
+    from imagegen.storage.embedding import ImageTooLargeError, check_encoded
+
+    invalid = UpstreamError("BFL returned a result that is not a valid PNG, JPEG or WebP image")
+    signatures: tuple[tuple[OutputFormat, bytes], ...] = (("png", b"\x89PNG\r\n\x1a\n"), ("jpeg", b"\xff\xd8\xff"))
+    for output_format, signature in signatures:
+        if data.startswith(signature):
+            try:
+                width, height = check_encoded(data, output_format, max_pixels=MAX_RESULT_PIXELS)
+            except ImageTooLargeError:
+                raise UpstreamError("BFL returned an image far larger than requested; refused") from None
+            except ValueError:
+                raise invalid from None
+            return GeneratedImage(seed=0, image=None, encoded=EncodedImage(data, output_format, width, height))
     try:
         # open() reads only the header: format and size are checked before any pixel is decoded.
-        image = PILImage.open(io.BytesIO(data), formats=("PNG", "JPEG", "WEBP"))
+        image = PILImage.open(io.BytesIO(data), formats=("WEBP",))
         if image.width * image.height > MAX_RESULT_PIXELS:
             raise UpstreamError("BFL returned an image far larger than requested; refused")
-        # load() decodes every pixel and raises on truncated or corrupt data (no separate verify(),
-        # which would decode the whole image a second time).
-        image.load()
+        image.load()  # decodes every pixel; raises on truncated or corrupt data
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, PILImage.DecompressionBombError):
-        raise UpstreamError("BFL returned a result that is not a valid PNG, JPEG or WebP image") from None
-    return image
+        raise invalid from None
+    return GeneratedImage(seed=0, image=image)
 
 
 def bfl_error_kind(error: ServiceError) -> str:
@@ -496,7 +511,7 @@ class FluxApiBackend(ImageBackend):
             deadline=max(deadline.at, time.monotonic() + self.settings.bfl_request_timeout),
             max_bytes=self.settings.bfl_max_download_bytes,
         )
-        image = await asyncio.to_thread(decode_image, data)
+        checked = await asyncio.to_thread(check_result, data)
         bfl_seed = result.get("seed")
         info: dict[str, Any] = {"bfl_task_id": submission.task_id}
         if isinstance(bfl_seed, int) and not isinstance(bfl_seed, bool):
@@ -504,7 +519,7 @@ class FluxApiBackend(ImageBackend):
         if submission.cost is not None:
             info["bfl_cost"] = submission.cost
         log.info("bfl task=%s ready model=%s seed=%s", submission.task_id, request.model, info.get("bfl_seed", seed))
-        return GeneratedImage(seed=info.get("bfl_seed", seed), image=image, info=info)
+        return dataclasses.replace(checked, seed=info.get("bfl_seed", seed), info=info)
 
     async def _acquire_slot(self, rules: BflModelRules, ctx: RunContext, deadline: _Deadline) -> _Slot:
         semaphores = [self._model_slots[rules.name]] if rules.name in self._model_slots else []
