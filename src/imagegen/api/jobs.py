@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import re
 from collections.abc import AsyncIterator
@@ -37,13 +36,10 @@ async def _job(job_id: str, services: ServicesDep) -> Job:
 JobDep = Annotated[Job, Depends(_job)]
 
 
-async def _body(job: Job, services: Services, request: Request, *, include_b64: bool) -> dict[str, Any]:
+async def _body(job: Job, services: Services, request: Request) -> dict[str, Any]:
+    """The job without image data (lists, cancel answers, events): nothing to read or encode."""
     position = await services.engine.queue_position(job)
     base = base_url(request, services.settings)
-    if include_b64:  # reading and base64-encoding the files happens off the event loop
-        return await asyncio.to_thread(
-            presenters.job_body, job, services.outputs, base, queue_position=position, include_b64=True
-        )
     return presenters.job_body(job, services.outputs, base, queue_position=position, include_b64=False)
 
 
@@ -90,7 +86,7 @@ async def list_jobs(
     """Recent jobs, newest first, without image data (follow each image's url)."""
     jobs = await services.engine.list_jobs(status=status, backend=backend, limit=limit, before=before, prompt=prompt)
     return {
-        "jobs": [await _body(job, services, request, include_b64=False) for job in jobs],
+        "jobs": [await _body(job, services, request) for job in jobs],
         "next_before": jobs[-1].created_at if len(jobs) == limit else None,
     }
 
@@ -116,14 +112,14 @@ async def get_job(
 async def cancel_job(job: JobDep, request: Request, services: ServicesDep) -> dict[str, Any]:
     """Cancel a queued job at once, a running one between denoising steps (its partial image is discarded)."""
     cancelled = await services.engine.cancel(job.id)
-    return await _body(cancelled, services, request, include_b64=False)
+    return await _body(cancelled, services, request)
 
 
 @router.delete("/api/jobs/{job_id}", response_model=JobOut, responses={**_ERRORS, 409: {"model": ErrorResponse}})
 async def delete_job(job: JobDep, request: Request, services: ServicesDep) -> dict[str, Any]:
     """Same as POST /api/jobs/{id}/cancel."""
     cancelled = await services.engine.cancel(job.id)
-    return await _body(cancelled, services, request, include_b64=False)
+    return await _body(cancelled, services, request)
 
 
 # Errors come before the stream starts, as JSON (not event-stream) bodies.
@@ -163,9 +159,7 @@ async def job_events(
     try:
         current = await engine.get(job.id)
         if current.final:
-            yield ServerSentEvent(
-                event=current.status.value, data=await _body(current, services, request, include_b64=False)
-            )
+            yield ServerSentEvent(event=current.status.value, data=await _body(current, services, request))
             return
         if current.status is JobStatus.QUEUED:
             yield ServerSentEvent(
@@ -179,9 +173,7 @@ async def job_events(
             event = await queue.get()
             if event.final:
                 final = await engine.get(job.id)
-                yield ServerSentEvent(
-                    id=str(event.id), event=event.event, data=await _body(final, services, request, include_b64=False)
-                )
+                yield ServerSentEvent(id=str(event.id), event=event.event, data=await _body(final, services, request))
                 return
             if event.event == "preview" and not previews:
                 continue
