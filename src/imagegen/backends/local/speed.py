@@ -175,34 +175,34 @@ class SpeedModes:
 
         from imagegen.backends.base import RunContext
         from imagegen.backends.conditioning import Conditioning
-        from imagegen.generation import GenerationParams
+        from imagegen.errors import ServiceError
+        from imagegen.generation import GenerationParams, GenerationRequest
 
         capabilities = backend.capabilities_for(backend.model_id)
         sizes = self.sizes or [(capabilities.default_width, capabilities.default_height)]
         batches = range(1, min(self.max_batch, capabilities.max_batch) + 1)
+        shapes: list[tuple[str, list[GenerationRequest]]] = []
+        for width, height in sizes:
+            params = GenerationParams(prompt="warm-up", width=width, height=height, steps=2, model=backend.model_id)
+            try:
+                first = backend.resolve(params)
+            except ServiceError as error:  # a size this model refuses: say so, warm the others
+                self.status.setdefault("skipped", []).append(f"{width}x{height}: {error.message}")
+                log.warning("speed mode: SD_COMPILE_SIZES %dx%d skipped: %s", width, height, error.message)
+                continue
+            for size in batches:
+                # One request per image: how the engine merges queued jobs into one call.
+                requests = [first.model_copy(update={"seeds": (seed,)}) for seed in range(size)]
+                shapes.append((f"{width}x{height}x{size}", requests))
         started = time.monotonic()
         graphs_before = compiled_graphs()
         warmed: list[str] = []
         try:
             with torch.compiler.set_stance("default"):
-                for width, height in sizes:
-                    for size in batches:
-                        requests = [
-                            backend.resolve(
-                                GenerationParams(
-                                    prompt="warm-up",
-                                    width=width,
-                                    height=height,
-                                    steps=2,
-                                    seed=seed,
-                                    model=backend.model_id,
-                                )
-                            )
-                            for seed in range(size)
-                        ]
-                        ctx = RunContext([f"warm-up-{seed}" for seed in range(size)], time.monotonic() + 3600)
-                        backend.run_pipeline(loaded, requests, ctx, Conditioning())
-                        warmed.append(f"{width}x{height}x{size}")
+                for name, requests in shapes:
+                    ctx = RunContext([f"warm-up-{index}" for index in range(len(requests))], time.monotonic() + 3600)
+                    backend.run_pipeline(loaded, requests, ctx, Conditioning())
+                    warmed.append(name)
         except Exception as error:  # noqa: BLE001 - a compiler failure must not take the backend down
             self.undo()
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".strip()
@@ -218,10 +218,9 @@ class SpeedModes:
             other_sizes="run eagerly (torch.compiler.set_stance eager_on_recompile)",
         )
         log.info(
-            "speed mode: SD_COMPILE=%s warm for %s (batch sizes 1-%d) in %.1f s; other sizes run eagerly",
+            "speed mode: SD_COMPILE=%s warm for %s (WIDTHxHEIGHTxBATCH) in %.1f s; other shapes run eagerly",
             self.compile,
-            ", ".join(f"{w}x{h}" for w, h in sizes),
-            batches[-1],
+            ", ".join(warmed) or "no size",
             seconds,
         )
 
