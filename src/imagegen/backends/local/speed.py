@@ -28,7 +28,8 @@
   settings themselves (config.py).
 
 Only `check`, `apply` and `warm_up` touch torch; they run in the load path of LocalPipelineBackend
-(backends/local/base.py), so in the device process too when there is one.
+(backends/local/base.py), so in the device process too when there is one. (They take the backend and
+its LoadedPipeline as `Any`: base.py imports this module, and the layer rules allow no cycle.)
 """
 
 from __future__ import annotations
@@ -38,13 +39,10 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from imagegen.config import Settings
 from imagegen.errors import BackendUnavailableError
-
-if TYPE_CHECKING:
-    from imagegen.backends.local.base import LoadedPipeline, LocalPipelineBackend
 
 log = logging.getLogger("imagegen.backends")
 
@@ -125,7 +123,7 @@ class SpeedModes:
             raise BackendUnavailableError(problem)
 
     # -- after the load: quantize, lay out, wrap for compiling (nothing is compiled yet) ---------
-    def apply(self, loaded: LoadedPipeline, model_dir: os.PathLike[str] | str) -> None:
+    def apply(self, loaded: Any, model_dir: os.PathLike[str] | str) -> None:
         import torch
 
         pipe = loaded.pipe
@@ -168,7 +166,7 @@ class SpeedModes:
         )
 
     # -- the warm-up (on the device thread) -------------------------------------------------------
-    def warm_up(self, backend: LocalPipelineBackend, loaded: LoadedPipeline) -> None:
+    def warm_up(self, backend: Any, loaded: Any) -> None:
         """One pipeline call per size and batch size under the default stance (each compiles its
         shapes), then the warm stance. A failure puts the modules back to eager."""
         import torch
