@@ -181,6 +181,29 @@ class Settings(BaseSettings):
         "tiles, bounding decode memory; smaller images decode exactly as without tiling.",
     )
 
+    # --- speed modes of the local backends on CUDA (backends/local/speed.py) --------------------
+    compile: Literal["off", "regional", "full"] = Field(
+        "off",
+        description="torch.compile of the local denoiser and VAE decoder. regional: the repeated transformer "
+        "blocks (fast to compile); full: the whole denoiser (SD: with CUDA graphs on CUDA). The sizes of "
+        "SD_COMPILE_SIZES are compiled at load (/health says warming); other sizes run eagerly.",
+    )
+    compile_sizes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated WIDTHxHEIGHT sizes compiled at load with SD_COMPILE, each for batch sizes 1 "
+        "to SD_MAX_BATCH (e.g. 1024x1024,768x1344). Empty: the model's native size.",
+    )
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor",
+        description="torch.compile backend of SD_COMPILE: inductor (the fast one); aot_eager and eager only "
+        "for tests and debugging (they trace but generate no kernels).",
+    )
+    quantize: Literal["off", "fp8"] = Field(
+        "off",
+        description="fp8: torchao fp8 dynamic quantization of the local denoiser's linear layers; needs an NVIDIA "
+        "GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell), refused at start elsewhere.",
+    )
+
     # --- sharing the device between local backends ---------------------------------------------
     max_loaded_pipelines: int = Field(
         0,
@@ -345,7 +368,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
 
-    @field_validator("cors_origins", "webhook_allowed_hosts", "bfl_models", "models", mode="before")
+    @field_validator("cors_origins", "webhook_allowed_hosts", "bfl_models", "models", "compile_sizes", mode="before")
     @classmethod
     def _parse_lists(cls, value: object) -> object:
         return _split_csv(value)
@@ -421,7 +444,23 @@ class Settings(BaseSettings):
             raise ValueError("SD_BFL_MODEL must be one of SD_BFL_MODELS")
         if self.max_loaded_loras < self.max_loras:
             raise ValueError("SD_MAX_LOADED_LORAS must be at least SD_MAX_LORAS (one request's LoRAs stay loaded)")
+        if self.quantize == "fp8" and self.device in ("cpu", "mps"):
+            raise ValueError(
+                f"SD_QUANTIZE=fp8 needs an NVIDIA GPU of compute capability 8.9 or newer; SD_DEVICE={self.device} "
+                "has none: set SD_QUANTIZE=off"
+            )
         return self
+
+    @field_validator("compile_sizes")
+    @classmethod
+    def _check_compile_sizes(cls, value: list[str]) -> list[str]:
+        for size in value:
+            width, _, height = size.lower().partition("x")
+            if not (width.isdigit() and height.isdigit() and int(width) % 8 == 0 and int(height) % 8 == 0):
+                raise ValueError(f"'{size}' is not WIDTHxHEIGHT with both multiples of 8 (e.g. 1024x1024)")
+            if not (int(width) >= 16 and int(height) >= 16):
+                raise ValueError(f"'{size}' is smaller than 16x16")
+        return [size.lower() for size in value]
 
     # --- derived helpers (no I/O) ---------------------------------------------------------------
     @property

@@ -113,6 +113,24 @@ def _version(package: str) -> str | None:  # installed versions cannot change wh
         return None
 
 
+def _speed_modes(services: ServicesDep) -> dict[str, Any]:
+    """SD_COMPILE / SD_QUANTIZE as set, and per local backend what its last load made of them (on, warmed
+    sizes, or why refused); a backend that has not loaded yet has no entry."""
+    settings = services.settings
+    applied = {}
+    for backend in services.registry:
+        status = backend.health().details.get("speed_modes")
+        if status is not None:
+            applied[backend.id] = status
+    return {
+        "compile": settings.compile,
+        "compile_sizes": list(settings.compile_sizes),
+        "compile_backend": settings.compile_backend,
+        "quantize": settings.quantize,
+        "backends": applied,
+    }
+
+
 @router.get("/info")
 async def info(services: ServicesDep) -> dict[str, Any]:
     """Version, default backend, devices seen, library versions, limits, directories. No secrets."""
@@ -147,6 +165,7 @@ async def info(services: ServicesDep) -> dict[str, Any]:
         "data_dir": str(settings.data_dir.resolve()),
         "auth_enabled": settings.api_key is not None,
         "safety_checker": settings.safety_checker,
+        "speed_modes": _speed_modes(services),
         "queue": await services.engine.stats(),
         # Sizes come from a background measurement (see storage/disk_usage.py): /info never walks a folder.
         "disk": services.disk.snapshot() if services.disk is not None else None,

@@ -319,7 +319,7 @@ class JobList(BaseModel):
 class BackendHealthOut(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    state: Literal["ready", "loading", "unavailable", "error", "not_configured"]
+    state: Literal["ready", "loading", "warming", "unavailable", "error", "not_configured"]
     reason: str
     model: str | None = None
     device: str | None = None

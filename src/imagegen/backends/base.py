@@ -38,6 +38,8 @@ DEFAULT_STRENGTH: dict[str, float] = {"img2img": 0.75, "inpaint": 1.0}
 class BackendState(str, enum.Enum):
     READY = "ready"
     LOADING = "loading"
+    #: Loaded, compiling the sizes of SD_COMPILE_SIZES (backends/local/speed.py); jobs wait for it.
+    WARMING = "warming"
     UNAVAILABLE = "unavailable"
     ERROR = "error"
     NOT_CONFIGURED = "not_configured"

@@ -5,9 +5,9 @@
 import { $, h } from "./dom.js";
 
 // A backend in these states accepts jobs (a loading one runs them once it has loaded).
-const SELECTABLE = new Set(["ready", "loading"]);
+const SELECTABLE = new Set(["ready", "loading", "warming"]);
 const STATE_LABELS = {
-  ready: "ready", loading: "loading", unavailable: "unavailable", error: "error", not_configured: "not configured",
+  ready: "ready", loading: "loading", warming: "warming up", unavailable: "unavailable", error: "error", not_configured: "not configured",
 };
 const RATIOS = [["1:1", 1, 1], ["4:3", 4, 3], ["3:4", 3, 4], ["3:2", 3, 2], ["2:3", 2, 3], ["16:9", 16, 9], ["9:16", 9, 16]];
 const SEED_MAX = 2 ** 32 - 1;

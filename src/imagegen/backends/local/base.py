@@ -36,6 +36,7 @@ from imagegen.storage.loras import LoraCatalog
 
 if TYPE_CHECKING:
     from imagegen.backends.local.loras import AdapterSet
+    from imagegen.backends.local.speed import SpeedModes
 
 log = logging.getLogger("imagegen.backends")
 
@@ -49,6 +50,7 @@ RELOAD_AFTER_FAILURE_SECONDS = 30.0
 class LoadState(str, enum.Enum):
     UNLOADED = "unloaded"
     LOADING = "loading"
+    WARMING = "warming"  # loaded; compiling the sizes of SD_COMPILE_SIZES on the device thread (speed.py)
     READY = "ready"
     FAILED = "failed"
 
@@ -121,6 +123,7 @@ class LocalPipelineBackend(ImageBackend):
         self._unloads = 0
         self._inputs: InputStore | None = None
         self._uncached: tuple[str, float, list[str]] | None = None  # (model, monotonic time, missing repos)
+        self._speed: SpeedModes | None = None  # SD_COMPILE / SD_QUANTIZE of the last load (speed.py)
 
     def attach_device_manager(self, manager: DeviceManager) -> None:
         """Share the device with the other local backends of this app (see device_manager.py)."""
@@ -199,12 +202,17 @@ class LocalPipelineBackend(ImageBackend):
             started = time.monotonic()
             log.info("loading backend=%s model=%s", self.id, self.model_id)
             manager = self.device_manager
+            speed = self._speed_modes()
             try:
                 with manager.loading(self) if manager is not None else contextlib.nullcontext():
+                    if speed is not None:
+                        speed.check(self.settings)  # a refused mode fails the load before a weight is read
                     loaded = self.load_pipeline()
                     # Part of the load, inside the device manager's turn: another backend's load must not
                     # start while this one is loaded but not yet marked so.
                     loaded.previewer = self._calibrate_previews(loaded)
+                    if speed is not None:
+                        speed.apply(loaded, self.settings.model_dir)
             except Exception as error:
                 from imagegen.backends.local.support import describe_load_error, release_memory
 
@@ -221,7 +229,8 @@ class LocalPipelineBackend(ImageBackend):
             self._loaded = loaded
             self._last_used = time.monotonic()
             self._failure = None
-            self._state = LoadState.READY
+            # Straight to warming when there are shapes to compile: /health never says ready before.
+            self._state = LoadState.WARMING if speed is not None and speed.needs_warm_up else LoadState.READY
             log.info(
                 "loaded backend=%s model=%s device=%s dtype=%s seconds=%.2f",
                 self.id,
@@ -231,7 +240,37 @@ class LocalPipelineBackend(ImageBackend):
                 self._load_seconds,
             )
             metrics.record_model_load(self.id, self._load_seconds, ok=True)
+            if speed is not None and speed.needs_warm_up:
+                self._begin_warm_up(loaded, speed)
             return loaded
+
+    def _speed_modes(self) -> SpeedModes | None:
+        """The speed modes for the next load (SD_COMPILE, SD_QUANTIZE; backends/local/speed.py), or None."""
+        from imagegen.backends.local import speed
+
+        self._speed = speed.SpeedModes.of(self.settings) if speed.requested(self.settings) else None
+        return self._speed
+
+    def _begin_warm_up(self, loaded: LoadedPipeline, speed: SpeedModes) -> None:
+        """Compile the warm-up shapes on the device thread (now if this is it, else queued to it) while
+        /health says warming; jobs queued meanwhile run after it."""
+        from imagegen.backends.local.speed import on_device_thread
+
+        if on_device_thread():
+            self._warm_up(loaded, speed)
+        else:
+            device_executor().submit(self._warm_up, loaded, speed)
+
+    def _warm_up(self, loaded: LoadedPipeline, speed: SpeedModes) -> None:
+        with self._lock:
+            if self._loaded is not loaded:
+                return  # unloaded (or reloaded) before its turn came
+            try:
+                speed.warm_up(self, loaded)
+            finally:
+                if self._loaded is loaded and self._state is LoadState.WARMING:
+                    self._state = LoadState.READY
+                self._last_used = time.monotonic()
 
     def _calibrate_previews(self, loaded: LoadedPipeline) -> Any:
         """The live-preview map of a freshly loaded pipeline (previews.calibrate), or None: previews off
@@ -348,6 +387,8 @@ class LocalPipelineBackend(ImageBackend):
         state = self._state
         if state is LoadState.LOADING:
             return Availability(BackendState.LOADING, f"loading {self.model_id}")
+        if state is LoadState.WARMING:
+            return Availability(BackendState.WARMING, f"{self.model_id} loaded; compiling its sizes (SD_COMPILE)")
         if state is LoadState.FAILED:
             return Availability(BackendState.ERROR, self._failure or "load failed")
         if state is LoadState.UNLOADED:
@@ -385,6 +426,8 @@ class LocalPipelineBackend(ImageBackend):
             details.update((key, value) for key, value in loaded.details.items() if key != "scheduler_config")
             if loaded.adapters is not None:
                 details["loras"] = loaded.adapters.describe()
+        if self._speed is not None:
+            details["speed_modes"] = dict(self._speed.status)
         if self.device_manager is not None:
             details["residency"] = self.device_manager.describe()
         if self._last_unload is not None:

@@ -23,6 +23,7 @@ from imagegen.generation import GeneratedImage, GenerationParams, GenerationRequ
 #: Best first: the state a backend shows when several workers serve it.
 _STATE_ORDER = (
     BackendState.READY,
+    BackendState.WARMING,
     BackendState.LOADING,
     BackendState.ERROR,
     BackendState.UNAVAILABLE,
