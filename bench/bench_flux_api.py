@@ -109,6 +109,10 @@ async def _measure(report_progress: bool, pairs: int, throughput: bool) -> dict[
             result: dict[str, Any] = {"direct": direct, "service": service}
             if throughput:
                 single = [await _service(client, service_url, 300 + index) for index in range(3)]
+                # One uncounted concurrent round each: the pools' first 24 connections (client to
+                # service, service to fake) and the fake's render threads start here, not in a round.
+                await asyncio.gather(*(_direct(client, fake_url, 500 + index) for index in range(CONCURRENT)))
+                await asyncio.gather(*(_service(client, service_url, 600 + index) for index in range(CONCURRENT)))
                 walls, direct_walls = [], []
                 for round_ in range(3):
                     # The fake's own scaling first (same machine, same moment), then the service's.
@@ -145,6 +149,10 @@ async def _measure(report_progress: bool, pairs: int, throughput: bool) -> dict[
             return result
 
 
+#: rounds of the side-by-side figure (each: one request alone, then 24 at once, per service)
+ROUNDS = 5
+
+
 async def _concurrent_before_after(before: Path) -> dict[str, list[float]]:
     """24 concurrent / one at 1024x1024 for this checkout and for `before`, rounds alternating."""
     with _processes(True) as (fake_after, after_url), _processes(True, before) as (fake_before, before_url):
@@ -154,7 +162,9 @@ async def _concurrent_before_after(before: Path) -> dict[str, list[float]]:
         async with httpx.AsyncClient(timeout=60, limits=limits) as client:
             for url in (after_url, before_url):
                 await _service(client, url, 0)
-            for round_ in range(3):
+                # uncounted: the first 24 connections of each pool and the fake's render threads
+                await asyncio.gather(*(_service(client, url, 600 + index) for index in range(CONCURRENT)))
+            for round_ in range(ROUNDS):
                 for name, url in (("after", after_url), ("before", before_url)):
                     found[f"{name}_one"].append(await _service(client, url, 700 + round_))
                     started = time.perf_counter()
