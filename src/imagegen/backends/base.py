@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import abc
 import enum
+import math
 import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from imagegen.config import Settings
 from imagegen.errors import (
@@ -24,9 +25,6 @@ from imagegen.errors import (
     JobCancelledError,
 )
 from imagegen.generation import SEED_MAX, GeneratedImage, GenerationParams, GenerationRequest
-
-if TYPE_CHECKING:
-    pass
 
 
 class BackendState(str, enum.Enum):
@@ -113,20 +111,30 @@ class BackendHealth:
 class RunContext:
     """Given to `generate`: progress reporting, cancellation and the deadline of a batch.
 
-    Thread-safe; local backends call it from their worker thread between denoising steps.
+    Thread-safe; local backends call it from their device thread between denoising steps. A backend
+    that queues for a device of its own (`ImageBackend.reports_start`) calls `mark_started()` when the
+    batch really has it: the engine counts the run deadline from then, and shows the jobs `running`
+    only from then. Before that the deadline is infinite (`math.inf`).
     """
 
     def __init__(
         self,
         job_ids: Sequence[str],
-        deadline: float,
+        deadline: float = math.inf,
         on_progress: Callable[[int, int], None] | None = None,
+        on_started: Callable[[], None] | None = None,
     ) -> None:
         self.job_ids = list(job_ids)
         self.deadline = deadline
         self._on_progress = on_progress
+        self._on_started = on_started
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
+        self._started_at: float | None = None
+        #: Why the engine stopped the batch (deadline, cancelled, shutdown), for logs and health.
+        self.stop_reason: str | None = None
+        #: Set by the engine when the batch must end now (shutdown): no cooperative grace.
+        self.urgent = False
 
     def cancel(self, index: int) -> None:
         with self._lock:
@@ -140,6 +148,19 @@ class RunContext:
     def all_cancelled(self) -> bool:
         with self._lock:
             return len(self._cancelled) >= len(self.job_ids)
+
+    def mark_started(self) -> None:
+        """The batch has the device now (called once, from any thread; later calls do nothing)."""
+        with self._lock:
+            if self._started_at is not None:
+                return
+            self._started_at = time.monotonic()
+        if self._on_started is not None:
+            self._on_started()
+
+    @property
+    def started(self) -> bool:
+        return self._started_at is not None
 
     def report_step(self, step: int, total: int) -> None:
         if self._on_progress is not None:
@@ -168,6 +189,12 @@ class ImageBackend(abc.ABC):
     #: The model a request that names none gets; None: the first of `capabilities().models`.
     #: Changed at runtime when a client picks the service's default model (A1111 options).
     default_model: str | None = None
+    #: True when `generate` may wait for a device of its own before the batch runs, and says when it
+    #: has it (`RunContext.mark_started`); otherwise the engine counts the batch started at once.
+    reports_start: bool = False
+    #: True when the backend runs on this machine's device: the engine measures its step times and
+    #: refuses up front a request that could not finish within SD_JOB_TIMEOUT (engine/cost.py).
+    runs_on_device: bool = False
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -188,6 +215,11 @@ class ImageBackend(abc.ABC):
 
     async def close(self) -> None:
         """Release everything the backend holds."""
+
+    async def until_available(self) -> None:
+        """Return when a batch sent now would get the device without waiting for it to come back
+        (a device process restarting); the engine asks before it takes the next batch off the queue,
+        so that jobs wait at their queue position. Backends without such a device return at once."""
 
     @abc.abstractmethod
     async def generate(self, batch: Sequence[GenerationRequest], ctx: RunContext) -> list[list[GeneratedImage]]:
