@@ -54,6 +54,8 @@ class JsonFormatter(logging.Formatter):
                 data[key] = value
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # a record from the device process carries its traceback as text
+            data["exc"] = record.exc_text
         return json.dumps(data, ensure_ascii=False)
 
 
