@@ -20,18 +20,38 @@ router = APIRouter(tags=["health"])
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
 def health(services: ServicesDep) -> JSONResponse:
-    """Readiness: 200 when the default backend is ready, 503 while it loads, after it failed, or while draining."""
+    """Readiness: 200 when the default backend is ready; 503 while it loads or restarts, after it failed,
+    while its device is past a job's deadline and not free yet ("overrun"), or while draining.
+
+    `queue.lanes` shows what each lane's device is doing: the batch on it (jobs, since when, its
+    deadline, whether it is stopping or overrun)."""
+    engine = services.engine
     backends = {backend.id: backend.health().to_dict() for backend in services.registry}
-    default = services.registry.default_id
-    state = backends[default]["state"]
-    ready = state == BackendState.READY.value and not services.engine.draining
-    status = "ok" if ready else ("draining" if services.engine.draining else state)
-    stats = services.engine.stats()
+    default = services.registry.default
+    state = backends[default.id]["state"]
+    overrun = engine.overrun(default.lane)
+    ready = state == BackendState.READY.value and not engine.draining and not overrun
+    if ready:
+        status = "ok"
+    elif engine.draining:
+        status = "draining"
+    elif state != BackendState.READY.value:
+        status = state
+    else:
+        status = "overrun"
+    stats = engine.stats()
     body = {
         "status": status,
-        "default_backend": default,
+        "default_backend": default.id,
         "backends": backends,
-        "queue": {"queued": stats["queued"], "running": stats["running"], "max_queue": stats["max_queue"]},
+        "queue": {
+            "queued": stats["queued"],
+            "running": stats["running"],
+            "max_queue": stats["max_queue"],
+            "lanes": {
+                name: {"queued": lane["queued"], "batches": lane["batches"]} for name, lane in stats["lanes"].items()
+            },
+        },
         "version": __version__,
     }
     return JSONResponse(body, status_code=200 if ready else 503)
@@ -45,8 +65,10 @@ def live() -> dict[str, str]:
 
 @router.get("/api/backends", response_model=BackendsResponse)
 def backends(services: ServicesDep) -> dict[str, Any]:
-    """Every backend: availability, model, device, dtype, capabilities and limits."""
+    """Every backend: availability, model, device, dtype, capabilities and limits, and what its lane's
+    device is doing now (`lane`: the batch on it, since when, its deadline, overrun or stopping)."""
     listed = []
+    engine = services.engine
     for backend in services.registry:
         listed.append(
             {
@@ -55,6 +77,11 @@ def backends(services: ServicesDep) -> dict[str, Any]:
                 **backend.health().to_dict(),
                 **backend.info(),
                 "capabilities": backend.capabilities().to_dict(),
+                "lane": {
+                    "name": backend.lane,
+                    "overrun": engine.overrun(backend.lane),
+                    "batches": engine.lane_activity(backend.lane),
+                },
             }
         )
     return {"default": services.registry.default_id, "backends": listed}
@@ -71,15 +98,17 @@ def _version(package: str) -> str | None:  # installed versions cannot change wh
 @router.get("/info")
 def info(services: ServicesDep) -> dict[str, Any]:
     """Version, default backend, devices seen, library versions, limits, directories. No secrets."""
-    from imagegen.backends.local.support import devices_seen
-
     settings = services.settings
     return {
         "name": "imagegen",
         "version": __version__,
         "default_backend": services.registry.default_id,
         "backends": services.registry.ids(),
-        "devices": {"setting": settings.device, **devices_seen()},
+        "devices": {
+            "setting": settings.device,
+            "isolation": settings.device_isolation,
+            **services.registry.devices_seen(),
+        },
         "versions": {
             "python": platform.python_version(),
             **{name: _version(name) for name in ("torch", "diffusers", "transformers", "fastapi", "pillow")},
@@ -95,6 +124,7 @@ def info(services: ServicesDep) -> dict[str, Any]:
             "max_queue": settings.max_queue,
             "max_batch": settings.max_batch,
             "job_timeout_seconds": settings.job_timeout,
+            "queue_timeout_seconds": settings.queue_timeout or None,
         },
         "output_dir": str(services.outputs.root),
         "model_dir": str(settings.model_dir.resolve()),
