@@ -410,7 +410,7 @@ class JobEngine:
         raise DeadlineUnreachableError(
             f"this request needs at least {estimate.seconds:.0f} s on this device, more than SD_JOB_TIMEOUT "
             f"({timeout:g} s): {request.width}x{request.height} px x {request.num_images} image(s) x "
-            f"{request.steps} steps at {estimate.rate * 1e6 * 1e6:.1f} s per megapixel-step of denoising, the "
+            f"{request.steps} steps at {estimate.rate * 1e6:.3g} s per megapixel-step of denoising, the "
             f"fastest measured here for {request.backend}/{request.model}; lower width and height, steps or num_images"
         )
 

@@ -88,8 +88,22 @@ def serve(
         os._exit(1)
     try:
         asyncio.run(host.serve(preload, spawned_at))
-    finally:
-        os._exit(0)
+    except BaseException:  # logged (through the service) and exit non-zero: the service starts another
+        log.exception("the device process failed")
+        os._exit(1)
+    os._exit(0)
+
+
+def _devices() -> dict[str, Any]:
+    """What torch sees here. Imported first: under spawn a load thread may be importing torch right now,
+    and a half-imported module must not be read (a fork server's child has it already)."""
+    from imagegen.backends.local.support import devices_seen
+
+    try:
+        import torch  # noqa: F401 - imported for its side effect: complete before it is read
+    except ImportError:
+        pass
+    return devices_seen()
 
 
 def load_class(path: str) -> type[LocalPipelineBackend]:
@@ -176,9 +190,7 @@ class DeviceHost:
         for backend_id in preload:
             self._load(backend_id)
         self._report_all(force=True)  # the first reports say "loading" before the service counts us ready
-        from imagegen.backends.local.support import devices_seen
-
-        self.send(HostReady(os.getpid(), round(time.time() - spawned_at, 3), devices_seen()))
+        self.send(HostReady(os.getpid(), round(time.time() - spawned_at, 3), _devices()))
         reporter = loop.create_task(self._report_forever(), name="device-reports")
         try:
             while True:

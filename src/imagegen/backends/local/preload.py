@@ -22,11 +22,12 @@ try:
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
     )
-    from diffusers.pipelines.stable_diffusion.safety_checker import (  # noqa: F401
+    from diffusers.pipelines.stable_diffusion.safety_checker import (  # noqa: F401 - imported for the fork
         StableDiffusionSafetyChecker,
     )
-    from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer  # noqa: F401
+    from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer  # noqa: F401 - the same
 except ImportError:
     pass
 
+# The service's own modules a device process runs (imported for the fork, unused here).
 from imagegen.backends.local import flux_local, host, safety, schedulers, sd  # noqa: F401
