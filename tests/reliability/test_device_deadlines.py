@@ -21,6 +21,7 @@ cancellation. Every rule is checked through real HTTP against a real device proc
 
 from __future__ import annotations
 
+import re
 import signal
 import sqlite3
 import threading
@@ -217,6 +218,9 @@ def test_a_request_that_cannot_finish_in_time_is_refused_up_front(device: Callab
     error = refused.json()["error"]
     assert error["type"] == "deadline_unreachable"
     assert "SD_JOB_TIMEOUT" in error["message"] and "1024x1024" in error["message"]
+    # The rate it states is the one measured: the fake takes 0.25 s per megapixel-step (plus timer slack).
+    stated = re.search(r"at ([0-9.]+) s per megapixel-step", error["message"])
+    assert stated is not None and 0.25 <= float(stated.group(1)) < 0.5, error["message"]
     # What fits is still admitted.
     assert (
         client.post("/api/txt2img", json={"prompt": "fits", "width": 256, "height": 256, "steps": 8}).status_code == 200
