@@ -15,7 +15,6 @@ from tests.support import layers
 ROOT = Path(__file__).resolve().parents[2]
 
 
-
 def test_no_import_runs_up_a_layer() -> None:
     found = layers.arrows()
     assert found, "no imports found: is SRC right?"
