@@ -244,9 +244,14 @@ class DeviceSupervisor:
             "pid": child.pid if child is not None else None,
             "start_seconds": child.start_seconds if child is not None else None,
             "restarts": self._restarts,
+            # Reports come at least every second from a live device process: a growing age means it is stuck.
+            "last_report_seconds_ago": None,
             "last_exit": None,
             "batch": None,
         }
+        latest = max((received for _, received in self._reports.values()), default=None)
+        if latest is not None:
+            data["last_report_seconds_ago"] = round(now - latest, 1)
         if self._last_exit is not None:
             reason, when = self._last_exit
             data["last_exit"] = {"reason": reason, "seconds_ago": round(now - when, 1)}
