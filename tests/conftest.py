@@ -12,6 +12,8 @@ import pytest
 
 from imagegen.config import Settings
 from imagegen.main import create_app
+from tests.support import redis_server as redis_support
+from tests.support.cluster import Deployer, deployer
 from tests.support.fake_backend import FakeBackend
 from tests.support.process import ServiceProcess
 from tests.support.server import LiveServer, wait_ready
@@ -128,3 +130,27 @@ def sd_client(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iter
         client.app = app  # type: ignore[attr-defined]
         wait_ready(client)
         yield client
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[redis_support.RedisServer]:
+    """One real Redis server for the session (Debian's redis-server on a unix socket); each deployment
+    uses a namespace of its own (SD_REDIS_PREFIX). Tests that kill Redis start their own."""
+    if not redis_support.available():
+        pytest.skip(f"redis-server is not installed here ({redis_support.INSTALL_HINT})")
+    with redis_support.RedisServer(fsync="everysec") as server:
+        yield server
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def deploy(request: pytest.FixtureRequest, tmp_path: Path, model_dir: Path) -> Iterator[Deployer]:
+    """The engine contract: the same test against the embedded engine and a Redis cluster with a
+    worker process (tests/support/cluster.py)."""
+    url = request.getfixturevalue("redis_server").url if request.param == "redis" else None
+    yield from deployer(request.param, tmp_path, model_dir, url)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, model_dir: Path, redis_server: redis_support.RedisServer) -> Iterator[Deployer]:
+    """Redis-cluster deployments only (tests/cluster/)."""
+    yield from deployer("redis", tmp_path, model_dir, redis_server.url)

@@ -4,22 +4,10 @@ by the commands that need them."""
 from __future__ import annotations
 
 import argparse
-import errno
-import socket
 import sys
+from collections.abc import Callable
 
 from imagegen import __version__
-
-
-def _port_in_use(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as error:
-            return error.errno == errno.EADDRINUSE
-    return False
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -38,33 +26,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for problem in findings.errors:
             print(f"imagegen: cannot start: {problem}", file=sys.stderr)
         return 1
-    if _port_in_use(settings.host, settings.port):
-        print(
-            f"imagegen: port {settings.port} is already in use (a previous instance?). Find the process with "
-            f"`lsof -ti:{settings.port}` or `ss -ltnp 'sport = :{settings.port}'`, stop it, or choose "
-            "another port with --port / SD_PORT.",
-            file=sys.stderr,
-        )
+    if preflight.port_in_use(settings.host, settings.port):
+        print(f"imagegen: {preflight.port_in_use_message(settings.port)}", file=sys.stderr)
         return 1
 
     import uvicorn
 
+    from imagegen.api.connections import server_config
     from imagegen.main import create_app
 
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        access_log=False,  # the service logs one line per request itself (path only, with request id)
-        timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
-        proxy_headers=True,
-    )
-    uvicorn.Server(config).run()
+    # Header, body and keep-alive timeouts and the bound on connections (api/connections.py).
+    uvicorn.Server(server_config(app, settings)).run()
     return 0
 
 
-def _lazy(module: str):  # type: ignore[no-untyped-def]
+def _lazy(module: str) -> Callable[[argparse.Namespace], int]:
     """A command whose module is imported only when it runs (keeps --help fast: no torch, no FastAPI)."""
 
     def run(args: argparse.Namespace) -> int:
@@ -106,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("prompt", help="what to draw")
     generate.add_argument("--backend", help="sd, flux-local or flux-api (default: SD_DEFAULT_BACKEND / the server's)")
+    generate.add_argument(
+        "--model",
+        help="the backend's model: in this process any model id its setting takes (hub id, folder, built-in); "
+        "with --url one the server offers (`imagegen models list --url URL`)",
+    )
     generate.add_argument("--seed", type=int, help="seed (default: random; printed in the file's metadata)")
     generate.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     generate.add_argument("--width", type=int, help="width in pixels (default: the model's)")
@@ -114,6 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance-scale", type=float, help="classifier-free guidance")
     generate.add_argument("--scheduler", help="scheduler name (see GET /api/backends)")
     generate.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (default 1)")
+    generate.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME[:WEIGHT]",
+        help="apply a LoRA from SD_LORA_DIR (weight 1 unless given); repeat for several",
+    )
+    generate.add_argument(
+        "--image",
+        action="append",
+        metavar="FILE",
+        help="an input image (PNG, JPEG, WebP): the init image of img2img/inpainting, or a reference image "
+        "of models that take them; repeat for several (docs/editing.md)",
+    )
+    generate.add_argument(
+        "--mask", metavar="FILE", help="inpainting mask, the size of the first --image: white = repaint"
+    )
+    generate.add_argument(
+        "--strength",
+        type=float,
+        help="how much of the init image is repainted, 0 < s <= 1 (default 0.75; 1.0 with --mask)",
+    )
     generate.add_argument(
         "--out",
         help="file to write (.png/.jpg/.webp; more images: NAME-2.png...). Default: "
@@ -131,9 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list or pre-download models (SD_MODEL_DIR)")
     model_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     listing = model_commands.add_parser(
-        "list", help="configured models, what SD_MODEL_DIR holds, and (with --url) what a service has loaded"
+        "list",
+        help="the models these settings configure and what SD_MODEL_DIR holds; with --url, a running service's models",
     )
-    listing.add_argument("--url", help="a running service, to show what it has loaded")
+    listing.add_argument(
+        "--url", help="a running service: list the models it offers (its backends, default, state, what is loaded)"
+    )
     listing.add_argument("--api-key", help="the service's key (default: SD_API_KEY)")
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(func=_lazy("imagegen.commands.models:run_list"))
@@ -148,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("model_id", nargs="?", metavar="ID", help="hub id (owner/name), built-in id, or folder")
     pull.add_argument("--backend", choices=["sd", "flux-local"], help="pull this backend's configured model")
     pull.add_argument("--no-safety-checker", action="store_true", help="do not also pull the standalone checker")
+    pull.add_argument(
+        "--lora",
+        metavar="SOURCE",
+        help="pull a LoRA instead: a hub id (owner/name) or a local .safetensors file, into SD_LORA_DIR",
+    )
+    pull.add_argument("--file", help="with --lora from the hub: which .safetensors file of the repository")
+    pull.add_argument("--name", help="with --lora: its name in requests (default: the file's stem)")
     pull.set_defaults(func=_lazy("imagegen.commands.models:run_pull"))
 
     health = commands.add_parser("health", help="ask a running service whether it is ready (exit 0) or not")
@@ -157,12 +170,48 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("-q", "--quiet", action="store_true", help="print nothing; the exit code says it")
     health.set_defaults(func=_lazy("imagegen.commands.health"))
 
+    worker = commands.add_parser(
+        "worker",
+        help="run a worker of a cluster (SD_REDIS_URL): loads its models and runs the jobs of its backends",
+        description="A GPU (or cloud) worker of a cluster (docs/scale-out.md): it loads the models of the "
+        "backends it serves, leases their jobs from Redis (SD_REDIS_URL), batches them as one process does, "
+        "publishes every step, stores the images into SD_OUTPUT_DIR (a folder every node shares) and finalizes "
+        "them. It listens on no port. SIGTERM: finish the running batch within SD_SHUTDOWN_GRACE, give the "
+        "rest back, stop.",
+    )
+    worker.add_argument(
+        "--backend",
+        action="append",
+        metavar="ID",
+        help="a backend to serve: sd, flux-local or flux-api (repeatable; default: SD_DEFAULT_BACKEND)",
+    )
+    worker.add_argument(
+        "--model",
+        action="append",
+        metavar="MODEL",
+        help="serve only this model of the backends offering it (repeatable; default: every model they offer)",
+    )
+    worker.add_argument("--name", help="this worker's name in the cluster (default: host-pid-random)")
+    worker.add_argument(
+        "--backend-factory",
+        action="append",
+        metavar="ID=MODULE:CALLABLE",
+        help="also offer a backend built by an importable factory taking the Settings (tests, plugins)",
+    )
+    worker.set_defaults(func=_lazy("imagegen.commands.worker"))
+
     prune = commands.add_parser(
-        "prune", help="delete old stored images now (SD_OUTPUT_RETENTION_DAYS / SD_OUTPUT_MAX_GB, or the options)"
+        "prune",
+        help="delete old stored images now (SD_OUTPUT_RETENTION_DAYS / SD_OUTPUT_MAX_GB, or the options)",
+        description="Delete stored images in SD_OUTPUT_DIR beyond the retention limits (the options, else "
+        "SD_OUTPUT_RETENTION_DAYS and SD_OUTPUT_MAX_GB), oldest first. Images written in the last 5 minutes are "
+        "never deleted, whatever the limits (a caller may still be downloading one, a webhook delivering it): "
+        "they are listed as kept, with that reason. Only the service's own image files are considered.",
     )
     prune.add_argument("--days", type=_positive, help="delete images older than this many days")
     prune.add_argument("--max-gb", type=_positive, help="then delete the oldest until at most this many GB remain")
     prune.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    prune.add_argument("-v", "--verbose", action="store_true", help="also list every image kept within the limits")
     prune.set_defaults(func=_lazy("imagegen.commands.prune"))
     return parser
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -83,6 +83,29 @@ class Settings(BaseSettings):
         description="Comma-separated origins allowed by CORS. Empty (default): CORS closed.",
     )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="Seconds a client has to send a request's headers (from connecting, or from the first byte of "
+        "the next request on a kept-alive connection); then 408 and the connection is closed (imagegen serve).",
+    )
+    body_timeout: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Seconds a client has to send a request's body once its headers are in; then 408.",
+    )
+    keepalive_timeout: int = Field(
+        5, ge=1, le=600, description="Seconds an idle kept-alive connection stays open (imagegen serve)."
+    )
+    max_connections: int = Field(
+        1000,
+        ge=16,
+        le=100_000,
+        description="Most connections open at once (imagegen serve); when full, the one that has waited longest "
+        "for a request is closed first, and a new connection is refused only when all are serving requests.",
+    )
     metrics_public: bool = Field(
         False,
         description="Serve /metrics without the API key (a scraper on a trusted network). Default: /metrics "
@@ -95,12 +118,12 @@ class Settings(BaseSettings):
     model_id: str = Field(
         DEFAULT_SD_MODEL,
         min_length=1,
-        description="Model of the sd backend: hub id, local folder, or built-in tiny-sd / tiny-sdxl.",
+        description="Model of the sd backend: hub id, local folder, or built-in tiny-sd / tiny-sd-512 / tiny-sdxl.",
     )
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated extra models (hub ids, local folders, tiny-sd / tiny-sdxl) the sd backend may "
-        "switch to when a request names one, besides SD_MODEL_ID. The allowlist: a request can select only "
+        description="Comma-separated extra models (hub ids, local folders, tiny-sd / tiny-sd-512 / tiny-sdxl) the sd "
+        "backend may switch to when a request names one, besides SD_MODEL_ID. The allowlist: a request can select only "
         "these, never make the service download anything else.",
     )
     model_dir: Path = Field(Path("./models"), description="Hugging Face cache and built-in tiny models.")
@@ -111,6 +134,28 @@ class Settings(BaseSettings):
         min_length=1,
         description="Where a standalone safety checker is loaded from (its safety_checker/ subfolder "
         "or a checker folder), for models that ship none.",
+    )
+
+    # --- LoRA adapters (sd, flux-local) ----------------------------------------------------------
+    lora_dir: Path | None = Field(
+        None,
+        description="Folder of LoRA adapters (.safetensors only; a LoRA's name is its file stem). "
+        "Unset: SD_MODEL_DIR/loras. Requests can name only the files in it.",
+    )
+    max_loras: int = Field(4, ge=1, le=16, description="Most LoRAs one request may apply.")
+    max_loaded_loras: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Most LoRA adapters kept loaded per pipeline (least recently used dropped first); "
+        "switching between loaded ones costs no load. At least SD_MAX_LORAS.",
+    )
+    preview_interval: float = Field(
+        0.5,
+        ge=0,
+        le=3600,
+        description="Seconds between two live previews of a running local job (the current latents as a small "
+        "JPEG: the page, the job's event stream with ?previews=true, A1111's current_image). 0: no previews.",
     )
 
     # --- flux-local ----------------------------------------------------------------------------
@@ -236,6 +281,24 @@ class Settings(BaseSettings):
     max_images: int = Field(8, ge=1, le=64, description="Most images one request may ask for.")
     max_prompt_chars: int = Field(2000, ge=1, le=100_000)
 
+    # --- image inputs (img2img, inpainting, references), checked before anything is decoded ------
+    max_upload_bytes: int = Field(
+        52_428_800,
+        ge=1024,
+        description="Largest request body on the routes that take images (/api/img2img, /api/jobs, "
+        "/sdapi/v1/img2img, /v1/images/edits); every other route keeps SD_MAX_BODY_BYTES.",
+    )
+    max_input_images: int = Field(
+        8, ge=1, le=16, description="Most images (init image or references) one request may carry, mask not counted."
+    )
+    max_input_pixels: int = Field(
+        4096 * 4096,
+        ge=64 * 64,
+        le=200_000_000,
+        description="Largest width x height of an uploaded image, read from its header before any pixel is decoded "
+        "(decompression bombs are refused at once).",
+    )
+
     # --- job engine ----------------------------------------------------------------------------
     data_dir: Path = Field(Path("./data"), description="Where the job database (SQLite, WAL) lives.")
     max_queue: int = Field(64, ge=1, le=100_000, description="Jobs allowed to wait; beyond it 429 with Retry-After.")
@@ -261,14 +324,44 @@ class Settings(BaseSettings):
     )
     shutdown_grace: float = Field(30.0, ge=0, le=3600, description="Seconds running jobs get to finish on SIGTERM.")
     public_url: str | None = Field(
-        None, description="Base URL used in image links (e.g. behind a reverse proxy); default: the request's."
+        None,
+        description="Base URL of the links in answers (image urls, status_url, Location); default: relative links "
+        "(never the request's Host header). The OpenAI dialect's url falls back to the URL the request used.",
+    )
+
+    # --- distributed mode: API replicas and workers sharing Redis (docs/scale-out.md) --------------
+    redis_url: SecretStr | None = Field(
+        None,
+        description="redis://[:password@]host:port/db, rediss:// (TLS) or unix:///path/redis.sock. Set: this node "
+        "is part of a cluster (`imagegen serve` an API replica, `imagegen worker` a worker). Unset: one process.",
+    )
+    redis_prefix: str = Field(
+        "imagegen",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Namespace of the cluster's keys and channels in Redis (several clusters can share one Redis).",
+    )
+    worker_lease_seconds: float = Field(
+        30.0,
+        ge=1,
+        le=3600,
+        description="Lease of a running job, renewed while it runs; a dead worker's jobs are taken over once "
+        "it lapses. Also a worker's liveness window (heartbeat every third of it).",
+    )
+    redis_job_ttl_days: float = Field(
+        7.0, ge=0, le=3650, description="Days a finished job stays in Redis (0: forever). Queued/running never expire."
     )
 
     # --- webhooks ------------------------------------------------------------------------------
     webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key signing webhook bodies.")
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated hosts callbacks may go to. Empty: any public or private host.",
+        description="Comma-separated hosts callbacks may go to (listed hosts may be private or loopback). "
+        "Empty: any public host.",
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="Allow callbacks to loopback and private addresses (10/8, 172.16/12, 192.168/16, fc00::/7, "
+        "localhost...) for any host. Default: only hosts listed in SD_WEBHOOK_ALLOWED_HOSTS may be private.",
     )
     webhook_timeout: float = Field(10.0, gt=0, le=300)
     webhook_max_attempts: int = Field(5, ge=1, le=20)
@@ -328,9 +421,20 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown BFL model(s) {', '.join(unknown)}; known: {', '.join(known)}")
         return value
 
-    @field_validator("api_key", "huggingface_token", "webhook_secret", "bfl_api_key", mode="before")
+    @field_validator("redis_url", mode="before")
     @classmethod
-    def _empty_secret_is_none(cls, value: object) -> object:
+    def _check_redis_url(cls, value: object) -> object:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if not isinstance(text, str) or not text.strip():
+            return None
+        if urlsplit(text.strip()).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return text.strip()
+
+    @field_validator("api_key", "huggingface_token", "webhook_secret", "bfl_api_key", "lora_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        # An empty line in .env (SD_API_KEY=, SD_LORA_DIR=) means "not set".
         if isinstance(value, str) and not value.strip():
             return None
         return value
@@ -341,9 +445,27 @@ class Settings(BaseSettings):
             raise ValueError("SD_MAX_PIXELS must allow at least 64x64")
         if self.bfl_models and self.bfl_model not in self.bfl_models:
             raise ValueError("SD_BFL_MODEL must be one of SD_BFL_MODELS")
+        if self.max_loaded_loras < self.max_loras:
+            raise ValueError("SD_MAX_LOADED_LORAS must be at least SD_MAX_LORAS (one request's LoRAs stay loaded)")
         return self
 
     # --- derived helpers (no I/O) ---------------------------------------------------------------
+    @property
+    def lora_folder(self) -> Path:
+        """Where LoRA files are read from: SD_LORA_DIR, else SD_MODEL_DIR/loras."""
+        return self.lora_dir if self.lora_dir is not None else self.model_dir / "loras"
+
+    @property
+    def inputs_dir(self) -> Path:
+        """Where uploaded input images are kept by content hash: SD_DATA_DIR/inputs; in a cluster a
+        folder every node sees (SD_OUTPUT_DIR/.inputs: the API replica stores them, a worker reads them)."""
+        return self.output_dir / ".inputs" if self.distributed else self.data_dir / "inputs"
+
+    @property
+    def distributed(self) -> bool:
+        """True when SD_REDIS_URL makes this node part of a cluster."""
+        return self.redis_url is not None
+
     @property
     def binds_publicly(self) -> bool:
         """True when the bind address is reachable from other machines."""
@@ -374,9 +496,9 @@ def describe_validation_error(error: ValidationError) -> str:
     return "\n".join(lines) if lines else "  invalid settings"
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Read settings from the environment and .env; raise SettingsError with a clean message."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(**overrides)
     except ValidationError as error:
         raise SettingsError("invalid configuration:\n" + describe_validation_error(error)) from None

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,22 +16,25 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from imagegen import __version__, preflight
-from imagegen.api import generate, health, images, jobs, presenters, web
+from imagegen.api import docs, generate, health, images, jobs, loras, presenters, web
 from imagegen.api import metrics as metrics_api
+from imagegen.api.a1111 import probes as a1111_probes
 from imagegen.api.a1111 import routes as a1111
 from imagegen.api.errors import install_error_handlers
 from imagegen.api.middleware import (
     ApiKeyMiddleware,
     BodyGuardMiddleware,
+    HeadMiddleware,
     RequestContextMiddleware,
     collect_route_templates,
 )
+from imagegen.api.openai import probes as openai_probes
 from imagegen.api.openai import routes as openai_images
 from imagegen.api.openapi import install_openapi
 from imagegen.api.schemas import NATIVE_ERRORS
 from imagegen.backends.registry import BackendFactory
 from imagegen.config import Settings, SettingsError, load_settings
-from imagegen.engine.engine import JobEngine
+from imagegen.engine.base import Engine
 from imagegen.engine.jobs import Job
 from imagegen.engine.store import JobStore
 from imagegen.logging_setup import configure_logging
@@ -39,9 +44,13 @@ from imagegen.storage.outputs import OutputStore
 log = logging.getLogger("imagegen")
 
 PUBLIC_PATHS = ("/health", "/health/live")
+#: The routes that take images: their body limit is SD_MAX_UPLOAD_BYTES (the others keep SD_MAX_BODY_BYTES).
+UPLOAD_PATHS = ("/api/img2img", "/api/jobs", "/sdapi/v1/img2img", "/v1/images/edits")
+#: The one route that takes multipart bodies (the OpenAI SDK posts edits as a form).
+MULTIPART_PATHS = ("/v1/images/edits",)
 
 
-def _install_drain_on_signal(engine: JobEngine) -> list[tuple[int, Any]]:
+def _install_drain_on_signal(engine: Engine) -> list[tuple[int, Any]]:
     """Stop admitting jobs the moment SIGTERM/SIGINT arrives, then hand the signal on (uvicorn's
     own handler starts the graceful shutdown). Only possible from the main thread."""
     if threading.current_thread() is not threading.main_thread():
@@ -59,6 +68,28 @@ def _install_drain_on_signal(engine: JobEngine) -> list[tuple[int, Any]]:
         signal.signal(signum, handler)
         restored.append((signum, previous))
     return restored
+
+
+async def _warn_when_public(wait: float = 30.0) -> None:
+    """Warn when the service listens on an address other machines can reach while no key is set.
+
+    The addresses are read from the process's own listening sockets once the server has bound them
+    (the lifespan starts before binding, and `uvicorn imagegen.main:app --host ...` gives the app no
+    other way to know its address): SD_HOST alone would be wrong under uvicorn's --host."""
+    deadline = time.monotonic() + wait
+    addresses: list[tuple[str, int]] = []
+    while time.monotonic() < deadline:
+        addresses = await asyncio.to_thread(preflight.listening_addresses)
+        if addresses:
+            break
+        await asyncio.sleep(0.1)
+    public = preflight.public_addresses(addresses)
+    if public:
+        log.warning(
+            "SECURITY: listening on %s without SD_API_KEY: anyone who can reach this port can generate images "
+            "and read outputs. Set SD_API_KEY (or bind to 127.0.0.1).",
+            ", ".join(public),
+        )
 
 
 def create_app(
@@ -89,13 +120,12 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.binds_publicly and settings.api_key is None:
-            log.warning(
-                "SECURITY: listening on %s without SD_API_KEY: anyone who can reach port %d can generate "
-                "images and read outputs. Set SD_API_KEY (or bind to 127.0.0.1).",
-                settings.host,
-                settings.port,
-            )
+        # uvicorn's own bind error ("address already in use") becomes the message `imagegen serve` gives.
+        port_hint = preflight.PortInUseHint()
+        logging.getLogger("uvicorn.error").addFilter(port_hint)
+        exposure = (
+            asyncio.create_task(_warn_when_public(), name="public-address-check") if settings.api_key is None else None
+        )
         findings = preflight.check(settings)
         for problem in findings.errors:
             log.error("START-UP: %s", problem)
@@ -107,6 +137,9 @@ def create_app(
         try:
             yield
         finally:
+            if exposure is not None:
+                exposure.cancel()
+            logging.getLogger("uvicorn.error").removeFilter(port_hint)
             for signum, previous in restored:
                 signal.signal(signum, previous)
             await services.stop()
@@ -117,9 +150,12 @@ def create_app(
         description="Self-hosted image generation: Stable Diffusion, FLUX (local) and the BFL FLUX API behind one API.",
         lifespan=lifespan,
         responses=NATIVE_ERRORS,
+        # /docs is served by api/docs.py (local files, strict CSP), not from a CDN; no ReDoc.
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     app.state.services = services
-    app.state.metrics_registry = metrics_api.app_registry(services)
     install_error_handlers(app)
     # The browser page and its exact files are public (it must load to ask for the key); the API
     # calls it makes are not.
@@ -129,11 +165,15 @@ def create_app(
         generate.router,
         jobs.router,
         images.router,
+        loras.router,
         metrics_api.router,
         # Drop-in compatibility: the A1111 (/sdapi/v1) and OpenAI Images (/v1) dialects.
         a1111.router,
+        a1111_probes.router,
         openai_images.router,
+        openai_probes.router,
         web.make_router(assets, auth_required=settings.api_key is not None),
+        docs.make_router(app.title, app.openapi_url or "/openapi.json"),
     )
     for router in routers:
         app.include_router(router)
@@ -142,8 +182,17 @@ def create_app(
     public = (*PUBLIC_PATHS, *assets.public_paths, *(("/metrics",) if settings.metrics_public else ()))
     install_openapi(app, auth_required=settings.api_key is not None, public_paths=public)
 
-    # Added innermost first: BodyGuard, then ApiKey, then CORS, then RequestContext (outermost).
-    app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.max_body_bytes)
+    # Added innermost first: BodyGuard, then ApiKey, then CORS, then HEAD as GET, then RequestContext (outermost).
+    app.add_middleware(
+        BodyGuardMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout,
+        upload_bytes=settings.max_upload_bytes,
+        upload_paths=UPLOAD_PATHS,
+        multipart_paths=MULTIPART_PATHS,
+        allowed_origins=settings.cors_origins,
+        unread_paths=a1111_probes.UNREAD_PATHS | openai_probes.UNREAD_PATHS,
+    )
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), public_paths=public)
     if settings.cors_origins:
@@ -154,6 +203,7 @@ def create_app(
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
             allow_credentials=False,
         )
+    app.add_middleware(HeadMiddleware)
     app.add_middleware(RequestContextMiddleware)
     return app
 

@@ -3,7 +3,11 @@ with the real clients, are in tests/compat/test_dialect_errors.py."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from imagegen.api.dialects import Dialect, dialect_of, error_body, www_authenticate
+from imagegen.config import Settings
+from imagegen.main import create_app
 
 
 def test_dialect_by_prefix() -> None:
@@ -48,3 +52,25 @@ def test_a1111_and_native_shapes() -> None:
     )
     assert www_authenticate("/sdapi/v1/options").startswith(b"Basic")
     assert www_authenticate("/v1/models").startswith(b"Bearer") and www_authenticate("/api/jobs").startswith(b"Bearer")
+
+
+def test_a_backend_that_is_not_configured_is_a_4xx_in_every_dialect() -> None:
+    """To an OpenAI client it is an unknown model (OpenAI's own 404 model_not_found, which its SDKs do
+    not retry); the native and A1111 dialects answer their 422 with the type."""
+    assert error_body("/v1/images/generations", 422, "backend_not_configured", "m", "model", None) == (
+        404,
+        {"error": {"message": "m", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}},
+    )
+    assert error_body("/api/jobs", 422, "backend_not_configured", "m", "backend", None)[0] == 422
+    status, body = error_body("/sdapi/v1/txt2img", 422, "backend_not_configured", "m", "p", None)
+    assert status == 422 and body["error"] == "backend_not_configured"
+
+
+def test_the_openapi_document_says_which_status_a_backend_that_is_not_configured_gets(
+    make_settings: Callable[..., Settings],
+) -> None:
+    paths = create_app(make_settings()).openapi()["paths"]
+    for path in ("/api/txt2img", "/api/jobs", "/sdapi/v1/txt2img"):
+        assert "backend_not_configured" in paths[path]["post"]["responses"]["422"]["description"]
+        assert "retry later" in paths[path]["post"]["responses"]["503"]["description"]
+    assert "model_not_found" in paths["/v1/images/generations"]["post"]["responses"]["404"]["description"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -75,6 +76,32 @@ def test_uncached_hub_model_offline_explains_what_to_do(serve: Callable[..., htt
     assert "not in the model cache" in reason and "SD_HUGGINGFACE_TOKEN" in reason
 
 
+def test_a_backend_that_cannot_load_offline_is_not_ready_before_any_request(
+    serve: Callable[..., httpx.Client], tmp_path: Path
+) -> None:
+    """Not the default (nothing loads it at start): its state comes from the model cache, read without
+    downloading, while HF_HUB_OFFLINE is set (as in every test)."""
+    client = serve(flux_model_id="someone/flux-not-cached", model_dir=tmp_path / "models", safety_checker=False)
+    flux = client.get("/health").json()["backends"]["flux-local"]
+    assert flux["state"] == "error"
+    assert flux["reason"] == (
+        "'someone/flux-not-cached' is not in the model cache (SD_MODEL_DIR) and HF_HUB_OFFLINE is set: "
+        "run `imagegen models pull someone/flux-not-cached` where the network works, then start again"
+    )
+    assert client.get("/health").status_code == 200  # the default backend (sd) is what readiness follows
+
+    # `imagegen models pull` where the network works fills the cache (here: the cache layout by hand);
+    # A1111's refresh-checkpoints makes the service look again at once.
+    repo = tmp_path / "models" / "models--someone--flux-not-cached"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "model_index.json").write_text('{"_class_name": "Flux2KleinPipeline"}')
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    assert client.post("/sdapi/v1/refresh-checkpoints").status_code == 200
+    flux = client.get("/health").json()["backends"]["flux-local"]
+    assert flux["state"] == "ready" and flux["reason"] == "not loaded; loads on the first request"
+
+
 def _wait_state(client: httpx.Client, state: str, timeout: float = 60) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -98,6 +125,19 @@ def test_backends_listing(sd_client: httpx.Client) -> None:
     assert caps["size_multiple"] == 8 and caps["default_size"] == [64, 64]
     assert "euler_a" in caps["schedulers"] and "dpmpp_2m_karras" in caps["schedulers"]
     assert caps["max_width"] == 2048 and caps["max_steps"] == 150
+    assert sd["default_model"] == "tiny-sd" and sd["model_capabilities"] is None  # one model: nothing to pick
+    flux_api = by_id["flux-api"]  # several models: each one's capabilities, for the page's model picker
+    assert flux_api["default_model"] == "flux-2-klein-4b"
+    assert set(flux_api["model_capabilities"]) == set(flux_api["capabilities"]["models"])
+
+
+def test_each_model_of_a_backend_has_its_capabilities(serve: Callable[..., httpx.Client]) -> None:
+    client = serve(models=["tiny-sdxl"])
+    sd = next(item for item in client.get("/api/backends").json()["backends"] if item["id"] == "sd")
+    assert sd["capabilities"]["models"] == ["tiny-sd", "tiny-sdxl"] and sd["default_model"] == "tiny-sd"
+    per_model = sd["model_capabilities"]
+    assert (per_model["tiny-sd"]["default_steps"], per_model["tiny-sd"]["default_guidance"]) == (25, 7.5)
+    assert (per_model["tiny-sdxl"]["default_steps"], per_model["tiny-sdxl"]["default_guidance"]) == (30, 5.0)
 
 
 def test_info_reports_versions_devices_limits_and_no_secrets(serve: Callable[..., httpx.Client]) -> None:
@@ -122,3 +162,56 @@ def test_settings_limits_are_applied(serve: Callable[..., httpx.Client]) -> None
     assert caps["max_steps"] == 5 and caps["max_width"] == 128
     response = client.post("/api/txt2img", json={"prompt": "x", "steps": 6})
     assert response.status_code == 422 and response.json()["error"]["param"] == "steps"
+
+
+def test_public_health_is_states_and_reasons_only(serve: Callable[..., httpx.Client], fake_factory) -> None:
+    """Without the key (one is set): no BFL host or credit balance, no memory, no pipeline, no version.
+    With it, /health keeps every detail."""
+    from tests.support.fake_bfl import FakeBFL
+    from tests.support.server import LiveServer
+
+    key = "health-key-4411"
+    fake_bfl = FakeBFL(api_key="bfl_health", generation_time=0.01, credits=123.0)
+    with LiveServer(fake_bfl.app) as bfl:
+        factories, _ = fake_factory()
+        client = serve(
+            api_key=key,
+            bfl_api_key="bfl_health",
+            bfl_api_url=bfl.url,
+            factories={**factories, "sd": GatedStableDiffusionBackend},
+            default_backend="fake",
+            ready=False,
+        )
+        import time
+
+        deadline = time.monotonic() + 30
+        while (
+            client.get("/health", headers={"X-API-Key": key}).json()["backends"]["flux-api"].get("key_check")
+            == "unchecked"
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        full = client.get("/health", headers={"X-API-Key": key})
+        public = client.get("/health")
+    assert full.status_code == public.status_code == 200
+    body = public.json()
+    assert set(body) == {"status", "default_backend", "backends", "queue"}
+    assert body["status"] == "ok" and body["default_backend"] == "fake"
+    for name, backend in body["backends"].items():
+        assert set(backend) == {"state", "reason"}, name
+    assert body["backends"]["flux-api"] == {"state": "ready", "reason": "ready"}
+    host = bfl.url.removeprefix("http://")
+    for secretish in (host, "123", "credits", "rss", "memory", "Pipeline", "version", "cpu", "float32"):
+        assert secretish not in public.text, secretish
+    # The key holder sees it all.
+    detailed = full.json()
+    assert detailed["version"] and detailed["backends"]["flux-api"]["credits"] == 123.0
+    assert host in detailed["backends"]["flux-api"]["api_host"]
+    # A wrong key is the same as none (no 401 on a public route either).
+    wrong = client.get("/health", headers={"X-API-Key": key + "x"})
+    assert wrong.status_code == 200 and wrong.json() == body
+
+
+def test_without_a_key_set_health_keeps_its_details(sd_client: httpx.Client) -> None:
+    body = sd_client.get("/health").json()
+    assert body["version"] and body["backends"]["sd"]["device"] == "cpu"

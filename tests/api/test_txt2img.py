@@ -30,7 +30,7 @@ def test_response_shape(sd_client: httpx.Client) -> None:
     assert image["seed"] == 7 and image["nsfw"] is False
     assert image["mime_type"] == "image/png"
     assert NAME_PATTERN.fullmatch(image["filename"])
-    assert image["url"] == f"{sd_client.base_url}/api/images/{image['filename']}".replace("//api", "/api")
+    assert image["url"] == f"/api/images/{image['filename']}"  # relative without SD_PUBLIC_URL
     assert not image["b64"].startswith("data:")
     assert decode(image).size == (64, 64)  # the tiny model's native size
     assert body["parameters"]["seeds"] == [7] and body["parameters"]["steps"] == 3
@@ -155,11 +155,13 @@ def test_unknown_and_unimplemented_backends(sd_client: httpx.Client) -> None:
     assert unknown.status_code == 422
     error = unknown.json()["error"]
     assert error["param"] == "backend" and "sd, flux-local, flux-api" in error["message"]
-    # flux-api exists now; without SD_BFL_API_KEY it is not_configured (503, naming the setting).
+    # flux-api exists; without SD_BFL_API_KEY it is not_configured: a 422 naming the setting (no retry
+    # fixes it, so not a 503).
     response = sd_client.post("/api/txt2img", json={"prompt": "x", "backend": "flux-api"})
-    assert response.status_code == 503
-    assert response.json()["error"]["type"] == "backend_unavailable"
-    assert "SD_BFL_API_KEY is not set" in response.json()["error"]["message"]
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["type"] == "backend_not_configured" and error["param"] == "backend"
+    assert "SD_BFL_API_KEY is not set" in error["message"]
     # flux-local is implemented; its default hub model cannot be fetched offline: a clear 503.
     response = sd_client.post("/api/txt2img", json={"prompt": "x", "backend": "flux-local"})
     assert response.status_code == 503

@@ -75,7 +75,10 @@ CASES: list[tuple[dict[str, Any], int, str | None, str]] = [
     ({"prompt": "x", "num_images": 5}, 422, "num_images", "SD_MAX_IMAGES"),
     ({"prompt": "x", "num_images": 0}, 422, "num_images", "greater than or equal"),
     ({"prompt": "x", "width": CANARY}, 422, "width", "valid integer"),
-    ({"prompt": "x", "width": "512"}, 422, "width", "valid integer"),
+    # Numeric strings are accepted ("512", what n8n sends: tests/api/test_n8n.py); nothing looser.
+    ({"prompt": "x", "width": "512.0"}, 422, "width", "valid integer"),
+    ({"prompt": "x", "steps": "1e3"}, 422, "steps", "valid integer"),
+    ({"prompt": "x", "guidance_scale": "nan"}, 422, "guidance_scale", "valid number"),
     ({"prompt": "x", "seed": 1.5}, 422, "seed", "valid integer"),
     ({"prompt": "x", "seed": True}, 422, "seed", "valid integer"),
     ({"prompt": "x", "seed": 2**32}, 422, "seed", "less than or equal"),

@@ -126,7 +126,9 @@ def test_options_post_errors(service: Service) -> None:
         == "sd_model_checkpoint"
     )
     # A known checkpoint whose backend cannot take jobs (no BFL key here) is refused with the reason.
-    body = is_a1111(http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "flux-api"}), 422)
+    body = is_a1111(
+        http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "flux-api"}), 422, "backend_not_configured"
+    )
     assert "not_configured" in body["detail"]
     is_a1111(http.post("/sdapi/v1/options", json=["not", "a", "dict"]), 400)
     assert http.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "fake-model [fake]"
@@ -174,3 +176,56 @@ def test_job_failures_in_each_dialect(
     error = is_openai(service.http.post(OPENAI, json={"prompt": prompt}), openai_status, openai_code)
     assert error["type"] == ("server_error" if openai_status >= 500 else "invalid_request_error")
     is_a1111(service.http.post(A1111, json={"prompt": prompt}), a1111_status, a1111_type)
+
+
+# -- a backend that is not configured (no SD_BFL_API_KEY here) -----------------------------------
+
+
+def counting_sdk(service: Service) -> tuple[openai.OpenAI, list[str]]:
+    """The real openai SDK with its default retry policy, counting every HTTP request it sends: a retry
+    is a second request."""
+    sent: list[str] = []
+    http_client = httpx.Client(timeout=120, event_hooks={"request": [lambda request: sent.append(request.url.path)]})
+    return openai.OpenAI(api_key=KEY, base_url=f"{service.url}/v1", http_client=http_client), sent
+
+
+def test_an_unconfigured_backend_is_model_not_found_and_the_openai_sdk_does_not_retry(service: Service) -> None:
+    sdk, sent = counting_sdk(service)
+    assert sdk.max_retries == 2  # the SDK's default: it retries 5xx twice
+    with sdk, pytest.raises(openai.NotFoundError) as raised:
+        sdk.images.generate(prompt="a fox", model="flux-api")
+    assert sent == [OPENAI]  # one request: a 404 is final
+    error = raised.value.body
+    assert isinstance(error, dict)
+    assert error == {
+        "message": error["message"],
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
+    assert "SD_BFL_API_KEY is not set" in error["message"]
+    # The same model by its model id or checkpoint title.
+    for name in ("flux-2-klein-4b", "flux-2-klein-4b [flux-api]"):
+        is_openai(service.http.post(OPENAI, json={"prompt": "x", "model": name}), 404, "model_not_found")
+
+
+def test_the_counting_sdk_does_see_retries_of_a_503(service: Service) -> None:
+    """The control of the test above: the same client, answered a 503 (out of memory), retries."""
+    sdk, sent = counting_sdk(service)
+    with sdk, pytest.raises(openai.InternalServerError):
+        sdk.images.generate(prompt="oom", model="fake")
+    assert sent == [OPENAI] * 3
+
+
+def test_an_unconfigured_backend_is_422_in_the_native_and_a1111_dialects(service: Service) -> None:
+    http = service.http
+    for path in (NATIVE, "/api/jobs"):
+        response = http.post(path, json={"prompt": "x", "backend": "flux-api"})
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["type"] == "backend_not_configured" and error["param"] == "backend"
+        assert "SD_BFL_API_KEY is not set" in error["message"]
+    body = {"prompt": "x", "override_settings": {"sd_model_checkpoint": "flux-2-klein-4b [flux-api]"}}
+    error = is_a1111(http.post(A1111, json=body), 422, "backend_not_configured")
+    assert error["param"] == "override_settings.sd_model_checkpoint" and "SD_BFL_API_KEY" in error["detail"]
+    assert service.http.get("/api/jobs", params={"backend": "flux-api"}).json()["jobs"] == []  # none was queued

@@ -143,3 +143,98 @@ def test_wrong_password_and_bad_input_are_clear_errors(service: Service, api: we
         api.txt2img(prompt="a fox", sampler_name="DPM fast")
     status, text = caught.value.args
     assert status == 422 and "unknown sampler" in text and "sampler_name" in text
+
+
+# -- img2img ---------------------------------------------------------------------------------------
+
+
+def test_img2img_with_the_real_client(api: webuiapi.WebUIApi) -> None:
+    from tests.support.editing import gradient
+
+    init = gradient(48, 32)
+    result = api.img2img(
+        images=[init],
+        prompt="the same, at night",
+        seed=11,
+        steps=8,
+        denoising_strength=0.5,
+        width=48,
+        height=32,
+        cfg_scale=6,
+    )
+    assert len(result.images) == 1 and result.images[0].size == (48, 32)
+    info = result.info
+    assert info["denoising_strength"] == 0.5 and info["mode"] == "img2img" and info["steps"] == 8
+    assert "Denoising strength: 0.5" in info["infotexts"][0]
+    # A1111 echoes the (large) init images only when asked (include_init_images).
+    assert result.parameters["init_images"] is None and result.parameters["denoising_strength"] == 0.5
+    again = api.img2img(
+        images=[init],
+        prompt="the same, at night",
+        seed=11,
+        steps=8,
+        denoising_strength=0.5,
+        width=48,
+        height=32,
+        cfg_scale=6,
+        include_init_images=True,
+    )
+    assert again.images[0].tobytes() == result.images[0].tobytes()
+    assert again.parameters["init_images"][0].startswith("data:image/png;base64,")
+
+
+def test_img2img_inpainting_with_the_real_client(api: webuiapi.WebUIApi) -> None:
+    from tests.support.editing import gradient, half_mask
+
+    init, mask = gradient(32, 32), half_mask(32, 32).convert("RGB")
+    result = api.img2img(
+        images=[init],
+        mask_image=mask,
+        prompt="a window",
+        seed=5,
+        steps=4,
+        width=32,
+        height=32,
+        denoising_strength=0.75,
+        inpainting_fill=1,
+        inpaint_full_res=False,
+    )
+    assert result.images[0].size == (32, 32)
+    info = result.info
+    assert info["mode"] == "inpaint" and info["is_using_inpainting_conditioning"] is True
+    assert info["ignored_parameters"] == []  # fill "original", whole picture: nothing to report
+    inverted = api.img2img(
+        images=[init],
+        mask_image=mask,
+        prompt="a window",
+        seed=5,
+        steps=4,
+        width=32,
+        height=32,
+        denoising_strength=0.75,
+        inpainting_mask_invert=1,
+    )
+    assert inverted.images[0].tobytes() != result.images[0].tobytes()
+    # webuiapi's defaults (fill 0, "only masked" on) are options this service does not have: reported.
+    assert {"inpainting_fill", "inpaint_full_res"} <= set(inverted.info["ignored_parameters"])
+
+
+def test_img2img_errors_are_a1111_shaped(service: Service) -> None:
+    from tests.support.editing import b64, gradient
+
+    bad = service.http.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": ["http://10.0.0.1/a.png"]})
+    assert (
+        bad.status_code == 422 and bad.json()["param"] == "init_images[0]" and "never fetched" in bad.json()["detail"]
+    )
+    none = service.http.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": []})
+    assert none.status_code == 422 and none.json()["param"] == "init_images"
+    zero = service.http.post(
+        "/sdapi/v1/img2img",
+        json={"prompt": "x", "init_images": [b64(gradient(16, 16))], "denoising_strength": 0, "steps": 4},
+    )
+    assert zero.status_code == 422 and zero.json()["param"] == "denoising_strength"
+    mismatch = service.http.post(
+        "/sdapi/v1/img2img",
+        json={"prompt": "x", "init_images": [b64(gradient(16, 16))], "mask": b64(gradient(8, 8))},
+    )
+    assert mismatch.status_code == 422 and mismatch.json()["param"] == "mask"

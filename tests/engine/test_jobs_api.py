@@ -110,13 +110,40 @@ def test_job_lifecycle_body_and_links(fake_client) -> None:
     assert body["status_url"].endswith(f"/api/jobs/{body['id']}")
     assert body["events_url"].endswith(f"/api/jobs/{body['id']}/events")
     done = wait_status(client, body["id"], {"succeeded"})
-    assert done["progress"] == {"step": 4, "total": 4, "fraction": 1.0}
+    assert done["progress"] == {"step": 4, "total": 4, "fraction": 1.0, "eta_seconds": None}  # no ETA once done
     assert done["created_at"] <= done["started_at"] <= done["finished_at"]
     assert [image["seed"] for image in done["result"]["images"]] == [5, 6]
     assert all(image["b64"] for image in done["result"]["images"])
     assert done["error"] is None and done["attempts"] == 1 and done["queue_position"] is None
     light = client.get(f"/api/jobs/{body['id']}", params={"include_images": "false"}).json()
     assert all(image["b64"] is None and image["url"] for image in light["result"]["images"])
+
+
+@pytest.mark.parametrize("public_url", [None, "https://images.example.org/gen"])
+def test_links_never_reflect_the_host_header(fake_client, public_url: str | None) -> None:
+    """A Host header (any caller, or a proxy passing one on) must not decide where links point."""
+    client, _ = fake_client(public_url=public_url)
+    evil = {"Host": "evil.example:666", "X-Forwarded-Host": "evil.example"}
+    accepted = client.post("/api/jobs", json={"prompt": "links", "seed": 1}, headers=evil)
+    assert accepted.status_code == 202
+    body = accepted.json()
+    base = public_url or ""
+    assert body["status_url"] == f"{base}/api/jobs/{body['id']}"
+    assert body["events_url"] == f"{base}/api/jobs/{body['id']}/events"
+    assert accepted.headers["location"] == body["status_url"]
+    done = wait_status(client, body["id"], {"succeeded"})
+    image = client.get(f"/api/jobs/{body['id']}", headers=evil).json()["result"]["images"][0]
+    assert (
+        image["url"]
+        == f"{base}/api/images/{image['filename']}"
+        == f"{base}/api/images/{done['result']['images'][0]['filename']}"
+    )
+    sync = client.post("/api/txt2img", json={"prompt": "links"}, headers=evil).json()["images"][0]
+    assert sync["url"] == f"{base}/api/images/{sync['filename']}"
+    listed = client.get("/api/images", headers=evil).json()["images"]
+    assert listed and all(item["url"].startswith(f"{base}/api/images/") for item in listed)
+    for answer in (accepted.text, client.get(f"/api/jobs/{body['id']}", headers=evil).text):
+        assert "evil.example" not in answer
 
 
 def test_listing_with_filters(fake_client) -> None:
@@ -136,6 +163,26 @@ def test_listing_with_filters(fake_client) -> None:
     older = client.get("/api/jobs", params={"limit": 2, "before": page["next_before"]}).json()["jobs"]
     assert {job["id"] for job in older}.isdisjoint({job["id"] for job in page["jobs"]})
     assert client.get("/api/jobs", params={"status": "bogus"}).status_code == 422
+
+
+def test_listing_by_prompt_text(fake_client) -> None:
+    """The gallery's filter: jobs whose prompt contains the text, in any case; the text is never a pattern."""
+    client, _ = fake_client()
+    prompts = ["A Red Fox", "a blue ÄPFEL", "100% red", "snake_case", "plain"]
+    ids = {prompt: submit(client, prompt=prompt)["id"] for prompt in prompts}
+    for job_id in ids.values():
+        wait_status(client, job_id, {"succeeded"})
+
+    def found(text: str) -> list[str]:
+        jobs = client.get("/api/jobs", params={"prompt": text, "status": "succeeded"}).json()["jobs"]
+        return sorted(job["parameters"]["prompt"] for job in jobs)
+
+    assert found("red") == ["100% red", "A Red Fox"]
+    assert found("äpfel") == ["a blue ÄPFEL"]
+    assert found("%") == ["100% red"] and found("_") == ["snake_case"] and found("e_c") == ["snake_case"]
+    assert found("r_d") == [] and found("%red") == []
+    assert client.get("/api/jobs", params={"prompt": ""}).status_code == 422
+    assert client.get("/api/jobs", params={"prompt": "x" * 201}).status_code == 422
 
 
 def test_cancel_a_queued_job_at_once(fake_client) -> None:
@@ -278,6 +325,32 @@ def test_client_disconnect_cancels_its_synchronous_job(fake_client) -> None:
         time.sleep(0.05)
     assert jobs[0]["parameters"]["prompt"] == "abandoned"
     assert client.post("/api/txt2img", json={"prompt": "next", "steps": 2}).status_code == 200
+
+
+def test_a_caller_that_goes_away_is_logged_499_not_409(fake_client) -> None:
+    """Nobody reads the answer of a caller that disconnected: the log and the metrics say 499 (client
+    closed request), neither a conflict nor a warning."""
+    from tests.ops.test_logs import capture_service_log, wait_for
+
+    client, _fake = fake_client({"step_delay": 0.05, "default_steps": 150}, log_level="info")
+    log = capture_service_log(client)
+    host, port = client.base_url.host, client.base_url.port
+    body = b'{"prompt": "gone"}'
+    with socket.create_connection((host, port)) as raw:
+        raw.sendall(
+            b"POST /api/txt2img HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 10
+        while not client.get("/api/jobs", params={"status": "running"}).json()["jobs"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    text = wait_for(log, "POST /api/txt2img 499")
+    assert "POST /api/txt2img 409" not in text and "WARNING" not in text
+    metrics = client.get("/metrics").text
+    assert 'route="/api/txt2img",status="499"' in metrics
+    assert 'route="/api/txt2img",status="409"' not in metrics
 
 
 def test_draining_refuses_new_jobs(fake_client) -> None:

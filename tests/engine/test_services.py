@@ -34,7 +34,7 @@ def _cli_services(settings: Settings) -> Services:
 
 async def _until_final(services: Services, job_id: str, timeout: float = 30) -> Job:
     async with asyncio.timeout(timeout):
-        while not (job := services.engine.get(job_id)).status.final:
+        while not (job := await services.engine.get(job_id)).status.final:
             await asyncio.sleep(0.01)
     return job
 
@@ -82,7 +82,7 @@ async def test_a_cli_run_never_picks_up_the_queue_a_service_left(make_settings: 
     running = await service.engine.submit(GenerationParams(prompt="slow running one", seed=1, steps=100), None)
     queued = await service.engine.submit(GenerationParams(prompt="left in the queue", seed=2), None)
     async with asyncio.timeout(10):
-        while service.engine.get(running.id).status is not JobStatus.RUNNING:
+        while (await service.engine.get(running.id)).status is not JobStatus.RUNNING:
             await asyncio.sleep(0.01)
     await service.stop(grace=0)
     left = SQLiteJobStore(settings.data_dir / "jobs.sqlite3")
@@ -94,7 +94,7 @@ async def test_a_cli_run_never_picks_up_the_queue_a_service_left(make_settings: 
     try:
         mine = await cli.engine.submit(GenerationParams(prompt="the CLI's own job", seed=3), None)
         assert (await _until_final(cli, mine.id)).status is JobStatus.SUCCEEDED
-        assert [job.id for job in cli.engine.list()] == [mine.id]
+        assert [job.id for job in await cli.engine.list_jobs()] == [mine.id]
     finally:
         await cli.stop(grace=0)
     left = SQLiteJobStore(settings.data_dir / "jobs.sqlite3")

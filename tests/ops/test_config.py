@@ -148,3 +148,12 @@ def test_importing_the_app_does_not_import_torch(tmp_path: Path) -> None:
     result = _run([sys.executable, "-c", code], {}, tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_lora_settings() -> None:
+    defaults = load_settings(_env_file=None)
+    assert defaults.lora_folder == Path("models/loras") and (defaults.max_loras, defaults.max_loaded_loras) == (4, 8)
+    assert load_settings(_env_file=None, lora_dir="/srv/loras").lora_folder == Path("/srv/loras")
+    assert load_settings(_env_file=None, lora_dir="").lora_dir is None  # an empty .env line: not set
+    with pytest.raises(SettingsError, match="SD_MAX_LOADED_LORAS must be at least SD_MAX_LORAS"):
+        load_settings(_env_file=None, max_loras=6, max_loaded_loras=4)

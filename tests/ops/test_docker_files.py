@@ -138,5 +138,75 @@ def test_compose_gpu_override_and_cpu_variant(compose_dir: Path) -> None:
 def test_compose_file_parses_without_the_client() -> None:
     yaml = pytest.importorskip("yaml")
     service = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["stable-diffusion"]
-    assert service["container_name"] == "iti-image-generation" and service["env_file"] == ".env"
+    assert service["container_name"] == "iti-image-generation"
     assert service["stop_grace_period"] == "45s"  # more than SD_SHUTDOWN_GRACE's 30 s default
+
+
+def test_compose_cluster_profile_scales_workers_beside_the_untouched_service(compose_dir: Path) -> None:
+    """`docker compose --profile cluster up -d --scale worker=2` (docs/scale-out.md): Redis with its AOF,
+    one API replica on 7860, workers that can be scaled (no fixed name, no host port), all sharing the
+    output volume; the seed's stable-diffusion service keeps its own profile, name and volumes."""
+    config = _config(compose_dir, "docker-compose.yml")
+    services = config["services"]
+    for name in ("redis", "api", "worker"):
+        assert services[name]["profiles"] == ["cluster"], name
+    assert services["stable-diffusion"]["profiles"] == ["sd"]
+    assert services["stable-diffusion"]["container_name"] == "iti-image-generation"
+    redis = services["redis"]
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
+    assert [volume.split(":")[:2] for volume in redis["volumes"]] == [["cluster_redis", "/data"]]
+    api, worker = services["api"], services["worker"]
+    assert api["command"] == ["imagegen", "serve"] and worker["command"] == ["imagegen", "worker"]
+    for service in (api, worker):
+        assert service["environment"]["SD_REDIS_URL"] == "redis://redis:6379/0"
+        assert service["environment"]["SD_OUTPUT_DIR"] == "/app/outputs"
+        assert ["cluster_outputs", "/app/outputs"] in [volume.split(":")[:2] for volume in service["volumes"]]
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert service["image"] == services["stable-diffusion"]["image"]
+    assert any(port["published"] == 7860 for port in api["ports"])
+    assert "container_name" not in worker and "ports" not in worker  # --scale worker=N needs both absent
+    assert worker["healthcheck"]["test"] == ["NONE"]  # no HTTP port: its heartbeat is its health
+    assert {"cluster_outputs", "cluster_redis"} <= set(config["volumes"])
+    gpu = _config(compose_dir, "docker-compose.yml", "docker-compose.gpu.yml")["services"]["worker"]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+
+
+def test_every_setting_reaches_the_container() -> None:
+    """No `env_file: .env` (it fails while .env does not exist): each setting is named and passed through
+    from .env or the shell, so a setting added to config.py must be added to the Compose file too."""
+    yaml = pytest.importorskip("yaml")
+    from imagegen.config import ENV_PREFIX, Settings
+
+    service = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["stable-diffusion"]
+    assert "env_file" not in service
+    names = {entry.split("=")[0] for entry in service["environment"]}
+    missing = {f"{ENV_PREFIX}{field.upper()}" for field in Settings.model_fields} - names
+    assert not missing, f"add to docker-compose.yml's environment: {sorted(missing)}"
+
+
+def test_compose_config_works_before_env_exists(tmp_path: Path) -> None:
+    """`docker compose config` (and `up`) on a fresh checkout, before `cp .env.example .env`."""
+    shutil.copy(ROOT / "docker-compose.yml", tmp_path / "docker-compose.yml")
+    service = _config(tmp_path, "docker-compose.yml")["services"]["stable-diffusion"]
+    env = service["environment"]
+    assert env["SD_HOST"] == "0.0.0.0" and env["SD_MODEL_DIR"] == "/app/models"
+    assert env.get("SD_MODEL_ID") is None  # unset: the service's default
+    # A setting from the shell still reaches the container.
+    shell = _config(tmp_path, "docker-compose.yml", SD_DEFAULT_BACKEND="flux-api")
+    assert shell["services"]["stable-diffusion"]["environment"]["SD_DEFAULT_BACKEND"] == "flux-api"
+
+
+def test_compose_joins_an_existing_network_by_a_setting(compose_dir: Path) -> None:
+    """n8n's table in the README says http://stable-diffusion:7860: that name resolves for containers on a
+    network the service joined. By default the stack has its own network; a setting joins n8n's."""
+    own = _config(compose_dir, "docker-compose.yml")
+    assert own["networks"]["default"] == {"name": "imagegen", "external": False}
+    assert "default" in own["services"]["stable-diffusion"]["networks"]
+    with (compose_dir / ".env").open("a") as env_file:
+        env_file.write("IMAGEGEN_NETWORK=n8n_default\nIMAGEGEN_NETWORK_EXTERNAL=true\n")
+    joined = _config(compose_dir, "docker-compose.yml")
+    assert joined["networks"]["default"] == {"name": "n8n_default", "external": True}
+    assert "default" in joined["services"]["stable-diffusion"]["networks"]
+    example = (ROOT / ".env.example").read_text()
+    assert "# IMAGEGEN_NETWORK=" in example and "# IMAGEGEN_NETWORK_EXTERNAL=true" in example

@@ -7,7 +7,10 @@ import errno
 import io
 import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +19,8 @@ import httpx
 import pytest
 
 from imagegen import preflight
-from tests.support.cli import run_cli
+from tests.support.cli import cli_env, run_cli
+from tests.support.process import free_port
 
 
 def _dirs(tmp_path: Path) -> dict[str, str]:
@@ -99,3 +103,68 @@ def test_download_failure_reaches_the_log_and_health(serve: Callable[..., httpx.
     assert line.startswith("ERROR") and "could not be reached" in line and "SD_HUGGINGFACE_TOKEN" in line
     body = client.get("/health").json()
     assert body["status"] == "error" and "SD_HUGGINGFACE_TOKEN" in body["backends"]["sd"]["reason"]
+
+
+# -- started by uvicorn directly: the operator spec's command, and the README's -------------------------
+
+
+def _uvicorn(target: str, host: str, port: int, tmp_path: Path) -> subprocess.Popen[str]:
+    # flux-api without a key as the default: nothing loads, the app is up at once.
+    env = cli_env(**_dirs(tmp_path), SD_DEFAULT_BACKEND="flux-api", SD_LOG_LEVEL="info")
+    return subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", target, "--host", host, "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _serve_then_stop(process: subprocess.Popen[str], port: int) -> str:
+    """Wait until the app answers, let the start-up checks speak, stop it; its whole log."""
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.1)
+        time.sleep(1.5)  # the bound-socket check runs right after start-up
+    finally:
+        process.send_signal(signal.SIGINT)
+    return process.communicate(timeout=30)[0]
+
+
+def test_uvicorn_on_loopback_gives_no_false_public_warning(tmp_path: Path) -> None:
+    port = free_port()
+    log = _serve_then_stop(_uvicorn("imagegen.main:app", "127.0.0.1", port, tmp_path), port)
+    assert "Application startup complete" in log
+    assert "SECURITY" not in log  # SD_HOST defaults to 0.0.0.0, but uvicorn was told 127.0.0.1
+
+
+def test_the_operator_spec_command_runs_unchanged(tmp_path: Path) -> None:
+    """`uvicorn app.main:app --host 0.0.0.0 --port 7860` (the spec's command; another port here): the
+    installed `app` package serves the same app, and the warning names the public address it listens on."""
+    port = free_port()
+    log = _serve_then_stop(_uvicorn("app.main:app", "0.0.0.0", port, tmp_path), port)
+    assert f"SECURITY: listening on 0.0.0.0:{port} without SD_API_KEY" in log
+    import app.main
+
+    assert app.main.__file__.endswith("src/app/main.py")  # the checkout's, installed by the package
+
+
+def test_uvicorn_on_a_busy_port_says_what_imagegen_serve_says(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = _uvicorn("imagegen.main:app", "127.0.0.1", port, tmp_path)
+        log = process.communicate(timeout=60)[0]
+    assert process.returncode != 0
+    assert f"port {port} is already in use (a previous instance?)" in log
+    assert f"lsof -ti:{port}" in log and "--port / SD_PORT" in log

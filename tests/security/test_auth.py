@@ -37,6 +37,8 @@ def test_health_routes_stay_open(client: httpx.Client) -> None:
         {"X-API-Key": KEY},
         {"Authorization": f"Bearer {KEY}"},
         {"Authorization": f"bearer {KEY}"},
+        {"Authorization": f"Bearer\t{KEY}"},  # RFC 7235/9110: any spaces or tabs after the scheme
+        {"Authorization": f"Bearer \t {KEY}"},
         {"Authorization": basic("anyone", KEY)},
         {"Authorization": basic("", KEY)},
     ],
@@ -133,26 +135,48 @@ def test_all_candidates_are_compared_without_early_exit(client: httpx.Client, mo
 
 
 def test_public_bind_without_key_warns(make_settings, caplog: pytest.LogCaptureFixture) -> None:
-    import asyncio
+    """The warning follows the address the server really listens on (read from its sockets), not SD_HOST:
+    `uvicorn imagegen.main:app --host 127.0.0.1` with the default SD_HOST=0.0.0.0 must not warn."""
+    import threading
+    import time
+
+    import uvicorn
 
     from imagegen.main import create_app
 
-    async def start_and_stop(settings) -> None:
-        app = create_app(settings)
-        async with app.router.lifespan_context(app):
-            pass
+    def serve_briefly(host: str, settings) -> None:
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=0, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.01)
+        # The check runs once the sockets are bound; give it time to have spoken.
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not any("SECURITY" in r.getMessage() for r in caplog.records):
+            time.sleep(0.05)
+        server.should_exit = True
+        thread.join(30)
 
-    cases = [({"host": "0.0.0.0"}, True), ({"host": "0.0.0.0", "api_key": KEY}, False), ({"host": "127.0.0.1"}, False)]
-    for overrides, warned in cases:
+    cases = [
+        ("0.0.0.0", {}, True),
+        ("0.0.0.0", {"api_key": KEY}, False),
+        ("127.0.0.1", {"host": "0.0.0.0"}, False),  # SD_HOST says public, the socket is loopback: no warning
+        ("127.0.0.1", {}, False),
+    ]
+    for bind, overrides, warned in cases:
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="imagegen"):
             logging.getLogger("imagegen").addHandler(caplog.handler)
             try:
-                asyncio.run(start_and_stop(make_settings(default_backend="flux-api", **overrides)))
+                serve_briefly(bind, make_settings(default_backend="flux-api", **overrides))
             finally:
                 logging.getLogger("imagegen").removeHandler(caplog.handler)
-        found = any("SECURITY" in record.getMessage() for record in caplog.records)
-        assert found is warned, overrides
+        found = [record.getMessage() for record in caplog.records if "SECURITY" in record.getMessage()]
+        assert bool(found) is warned, (bind, overrides, found)
+        if found:
+            assert "listening on 0.0.0.0:" in found[0]
         assert KEY not in caplog.text
 
 

@@ -10,6 +10,7 @@ vllm-omni PR #3381 (a huge size crashed the server), decompression bombs."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import socket
 from collections.abc import Iterator
@@ -120,6 +121,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         host="127.0.0.1",
         log_level="error",
         max_body_bytes=65536,
+        max_upload_bytes=65536,  # the image routes' own limit (SD_MAX_UPLOAD_BYTES), here as small
     )
     app = create_app(settings, backend_factories={"fake": factory}, default_backend="fake")
     with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
@@ -189,7 +191,7 @@ def test_symlink_leaving_the_output_folder_is_neither_served_nor_deleted(hostile
     assert all(item["name"] != "20261127-000000-bbbbbbbbbbbb.png" for item in listed.get("images", []))
 
 
-POST_ROUTES = ["/api/txt2img", "/api/jobs"]
+POST_ROUTES = ["/api/txt2img", "/api/jobs", "/api/img2img"]
 
 
 @pytest.mark.parametrize("path", POST_ROUTES)
@@ -273,3 +275,55 @@ def test_extreme_values_are_4xx_and_never_reach_the_backend(hostile: dict[str, A
         assert 400 <= response.status_code < 500, (raw[:60], response.status_code)
     assert len(fake.calls) == calls
     assert client.get("/health").status_code == 200
+
+
+# -- a body whose cost is in its keys: the work is bounded by the fields, not by the body -------------------
+
+#: Unknown keys a body can carry under a 1 MiB limit (the issue's attack: about 80,000).
+MANY_KEYS = 80_000
+
+
+def many_unknown_keys(count: int = MANY_KEYS) -> dict[str, Any]:
+    return {"prompt": "x", **{f"k{index:05d}": 1 for index in range(count)}}
+
+
+@pytest.mark.parametrize("model", ["Txt2ImgRequest", "JobCreateRequest"])
+def test_unknown_keys_are_validated_only_up_to_a_bound(model: str) -> None:
+    from pydantic import ValidationError
+
+    from imagegen.api import schemas
+
+    with pytest.raises(ValidationError) as raised:
+        getattr(schemas, model).model_validate(many_unknown_keys())
+    errors = raised.value.errors(include_url=False)
+    assert 1 <= len(errors) <= schemas.MAX_UNKNOWN_KEYS  # not 80,000 errors built and thrown away
+    assert [error["loc"] for error in errors] == [(f"k{index:05d}",) for index in range(len(errors))]
+    assert {error["type"] for error in errors} == {"extra_forbidden"}
+
+
+def test_known_fields_are_still_checked_beside_many_unknown_keys() -> None:
+    from pydantic import ValidationError
+
+    from imagegen.api.schemas import Txt2ImgRequest
+
+    with pytest.raises(ValidationError) as raised:
+        Txt2ImgRequest.model_validate({**many_unknown_keys(), "width": "wide"})
+    assert ("width",) in [error["loc"] for error in raised.value.errors()]
+    assert Txt2ImgRequest.model_validate({"prompt": "x", "seed": 3}).seed == 3
+
+
+@pytest.mark.parametrize("path", POST_ROUTES)
+def test_a_body_of_many_unknown_keys_is_one_422(hostile: dict[str, Any], path: str) -> None:
+    client = hostile["client"]
+    # The fixture's body limit is 64 KiB. /api/img2img requires images: without any, a missing field would
+    # be the first problem named (validation stops before an image is decoded, so any string will do).
+    required = {"images": ["aW1hZ2U="]} if path == "/api/img2img" else {}
+    body = json.dumps({**many_unknown_keys(4000), **required}).encode()
+    response = client.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["error"] == {
+        "type": "invalid_parameter",
+        "message": "unknown parameter 'k00000'",
+        "param": "k00000",
+        "request_id": response.headers["x-request-id"],
+    }

@@ -92,6 +92,7 @@ def test_no_canary_anywhere(tmp_path: Path, model_dir: Path, logs: _Collect, cap
             bfl_retry_backoff=0.01,
             bfl_max_retries=1,
             webhook_backoff=0.01,
+            webhook_allow_private=True,  # the receiver listens on loopback
         )
         app = create_app(settings, backend_factories={"fake": lambda s: FakeBackend(s)}, default_backend="fake")
         with (

@@ -14,6 +14,7 @@ Words in the prompt pick an outcome, so a server in another process needs no wir
   fail-task        Error
   lose-task        Task not found
   corrupt-result   Ready, but the sample URL serves bytes that are not an image
+  redirect-loop    Ready, but the sample URL redirects to itself, for ever
   slow-task        ten times the generation time
 Tests can also inject HTTP answers per route with `FakeBFL.inject(...)`.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import hashlib
 import hmac
 import io
@@ -42,7 +44,7 @@ from typing import Any
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 DEFAULT_KEY = "bfl_fake-dev-key"
@@ -51,13 +53,15 @@ DEFAULT_KEY = "bfl_fake-dev-key"
 _FLUX2 = dict(multiple=16, low=64, high=4096, pixels=2048 * 2048, steps=None, guidance=None, safety=5, mode="size")
 _FLUX1 = dict(multiple=32, low=256, high=1440, pixels=1440 * 1440, steps=None, guidance=None, safety=6, mode="size")
 MODEL_RULES: dict[str, dict[str, Any]] = {
-    "flux-2-klein-4b": _FLUX2,
-    "flux-2-klein-9b": _FLUX2,
-    "flux-2-pro": _FLUX2,
-    "flux-2-max": _FLUX2,
-    "flux-2-flex": {**_FLUX2, "steps": (1, 50), "guidance": (1.5, 10.0)},
-    "flux-kontext-pro": {**_FLUX1, "mode": "aspect_ratio"},
-    "flux-kontext-max": {**_FLUX1, "mode": "aspect_ratio", "max_active": 6},
+    "flux-2-klein-4b": {**_FLUX2, "references": 4},
+    "flux-2-klein-9b": {**_FLUX2, "references": 4},
+    "flux-2-pro": {**_FLUX2, "references": 8},
+    "flux-2-max": {**_FLUX2, "references": 8},
+    "flux-2-flex": {**_FLUX2, "steps": (1, 50), "guidance": (1.5, 10.0), "references": 8},
+    "flux-kontext-pro": {**_FLUX1, "mode": "aspect_ratio", "references": 1},
+    "flux-kontext-max": {**_FLUX1, "mode": "aspect_ratio", "max_active": 6, "references": 1},
+    # FLUX.1 Fill [pro]: image + mask (white = repaint), answered at the image's size.
+    "flux-pro-1.0-fill": {**_FLUX1, "mode": "fill", "steps": (15, 50), "guidance": (1.5, 100.0)},
     "flux-pro-1.1": _FLUX1,
     "flux-pro-1.1-ultra": {**_FLUX1, "mode": "aspect_ratio"},
     "flux-pro": {**_FLUX1, "steps": (1, 50), "guidance": (1.5, 5.0)},
@@ -71,12 +75,26 @@ _COMMON_FIELDS = {
     "prompt_upsampling",
     "webhook_url",
     "webhook_secret",
-    "input_image",
-    "input_image_2",
-    "input_image_3",
-    "input_image_4",
     "raw",
 }
+
+
+def reference_fields(count: int) -> list[str]:
+    return ["input_image" if index == 0 else f"input_image_{index + 1}" for index in range(count)]
+
+
+def decode_input(value: Any) -> Image.Image | None:
+    """An input image field (base64 PNG/JPEG/WebP) as an image; None when it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(value, validate=True)))
+        image.load()
+    except Exception:  # noqa: BLE001 - anything that is not an image is answered 422
+        return None
+    return image
+
+
 # Size of the image an aspect_ratio model returns (about 1 MP; Ultra about 4 MP, kept small here).
 _ASPECT_PIXELS = 512 * 512
 
@@ -116,6 +134,7 @@ class Task:
     height: int
     output_format: str
     corrupt: bool = False
+    redirect_loop: bool = False
     sample_expires: float | None = None  # wall clock, set when first reported Ready
     rendered: asyncio.Future[bytes] | None = None  # the result bytes, made during the generation time
 
@@ -247,14 +266,28 @@ class FakeBFL:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             return self._invalid("prompt", "Field required", prompt)
-        allowed = set(_COMMON_FIELDS)
-        allowed |= {"width", "height"} if rules["mode"] == "size" else {"aspect_ratio"}
+        allowed = set(_COMMON_FIELDS) | set(reference_fields(rules.get("references", 0)))
+        if rules["mode"] == "size":
+            allowed |= {"width", "height"}
+        elif rules["mode"] == "aspect_ratio":
+            allowed |= {"aspect_ratio"}
+        else:
+            allowed |= {"image", "mask"}
         if rules["steps"]:
             allowed |= {"steps", "guidance", "interval"}
         for name in body:
             if name not in allowed:
                 return self._invalid(name, f"Extra inputs are not permitted for {model}", body[name])
-        if rules["mode"] == "size":
+        for name in reference_fields(rules.get("references", 0)):
+            if name in body and decode_input(body[name]) is None:
+                return self._invalid(name, "must be a base64 encoded image", None)
+        if rules["mode"] == "fill":
+            image, mask = decode_input(body.get("image")), decode_input(body.get("mask"))
+            if image is None:
+                return self._invalid("image", "must be a base64 encoded image", None)
+            if mask is None or mask.size != image.size:
+                return self._invalid("mask", "must be an image of the same size as image", None)
+        elif rules["mode"] == "size":
             for name in ("width", "height"):
                 value = body.get(name, 1024)
                 if (
@@ -331,6 +364,8 @@ class FakeBFL:
                 duration = self.generation_time * (10 if "slow-task" in prompt else 1)
             if MODEL_RULES[model]["mode"] == "size":
                 width, height = body.get("width", 1024), body.get("height", 1024)
+            elif MODEL_RULES[model]["mode"] == "fill":
+                width, height = decode_input(body["image"]).size  # type: ignore[union-attr]
             else:
                 ratio_w, ratio_h = (int(part) for part in str(body.get("aspect_ratio", "16:9")).split(":"))
                 scale = (_ASPECT_PIXELS / (ratio_w * ratio_h)) ** 0.5
@@ -348,6 +383,7 @@ class FakeBFL:
                 height=height,
                 output_format=body.get("output_format", "jpeg"),
                 corrupt="corrupt-result" in prompt,
+                redirect_loop="redirect-loop" in prompt,
             )
             self.tasks[task.id] = task
             if outcome == "ready" and not task.corrupt:
@@ -454,6 +490,8 @@ class FakeBFL:
                 media_type="application/xml",
             )
         assert task is not None
+        if task.redirect_loop:
+            return RedirectResponse(str(request.url), status_code=302)
         if task.corrupt or task.rendered is None:
             data, media = b"this is not an image" * 10, "image/png"
         else:

@@ -10,19 +10,21 @@ import uvicorn
 
 
 class LiveServer:
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, config: uvicorn.Config | None = None, **options: Any) -> None:
+        """`config`: run exactly this uvicorn configuration (its port should be 0); else the defaults
+        below with `options` (uvicorn.Config's) over them."""
         self.app = app
         # A long keep-alive: a test process that also runs many clients can leave a connection idle
         # for seconds, and a server closing it just as the client reuses it is a client-side race.
-        self.config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=0,
-            log_level="warning",
-            lifespan="on",
-            timeout_graceful_shutdown=5,
-            timeout_keep_alive=60,
-        )
+        settings: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "log_level": "warning",
+            "lifespan": "on",
+            "timeout_graceful_shutdown": 5,
+            "timeout_keep_alive": 60,
+        }
+        self.config = config if config is not None else uvicorn.Config(app, **{**settings, **options})
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
         self.url = ""

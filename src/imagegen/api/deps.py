@@ -24,5 +24,13 @@ def request_id(request: Request) -> str | None:
 
 
 def base_url(request: Request, settings: Settings) -> str:
-    """Where image and job links point: SD_PUBLIC_URL, else the URL the caller used."""
+    """The base of the links in native answers (Location, status_url, events_url, image urls):
+    SD_PUBLIC_URL, else none (links relative to the service, `/api/...`). Never the Host header: a
+    caller or a proxy could put any host there, and the links would point at it."""
+    return settings.public_url or ""
+
+
+def absolute_base_url(request: Request, settings: Settings) -> str:
+    """SD_PUBLIC_URL, else the URL the caller used: for answers whose clients need absolute URLs
+    (the OpenAI dialect's `url`, which its clients fetch as is); the link goes back to that caller only."""
     return settings.public_url or str(request.base_url).rstrip("/")

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imagegen.api.dialects import error_body
-from imagegen.errors import ServiceError
+from imagegen.errors import NotSupportedError, ServiceError
 from imagegen.logging_setup import request_id_var
 
 log = logging.getLogger("imagegen.api")
@@ -27,6 +27,7 @@ _STATUS_TYPES = {
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
+    408: "request_timeout",
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
@@ -77,7 +78,7 @@ def _describe_validation(error: RequestValidationError) -> tuple[int, str, str, 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
-        if error.status_code >= 500:
+        if error.status_code >= 500 and not isinstance(error, NotSupportedError):  # 501: a client's probe
             log.warning(
                 "%s %s -> %d %s: %s",
                 request.method,

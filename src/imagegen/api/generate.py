@@ -1,4 +1,4 @@
-"""POST /api/txt2img: synchronous generation (a job the caller waits on)."""
+"""POST /api/txt2img and POST /api/img2img: synchronous generation (a job the caller waits on)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,25 @@ import asyncio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from imagegen.api import presenters
+from imagegen.api import presenters, uploads
 from imagegen.api.deps import ServicesDep, base_url, request_id
-from imagegen.api.schemas import ErrorResponse, Txt2ImgRequest, Txt2ImgResponse
+from imagegen.api.dialects import Dialect, documented_errors
+from imagegen.api.schemas import ErrorResponse, ImageInputFields, Img2ImgRequest, Txt2ImgRequest, Txt2ImgResponse
 from imagegen.api.sync_jobs import raise_for_job, run_job
+from imagegen.api.translation import defaults_for
+from imagegen.config import OutputFormat
 from imagegen.errors import ContentModeratedError, ServiceError
+from imagegen.services import Services
+from imagegen.storage.image_decoding import decode_base64
 
 router = APIRouter(tags=["generate"])
 
-_IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg", "image/webp": "webp", "image/*": "*"}
+_IMAGE_TYPES: dict[str, OutputFormat] = {
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "image/jpg": "jpeg",
+    "image/webp": "webp",
+}
 
 
 class NotAcceptableError(ServiceError):
@@ -23,7 +33,7 @@ class NotAcceptableError(ServiceError):
     error_type = "not_acceptable"
 
 
-def raw_format(accept: str | None, body: Txt2ImgRequest) -> str | None:
+def raw_format(accept: str | None, body: Txt2ImgRequest) -> OutputFormat | None:
     """The image format to answer with as raw bytes, or None for JSON.
 
     The highest-ranked media range of Accept decides (n8n's "File" response format sends image/*)."""
@@ -44,35 +54,58 @@ def raw_format(accept: str | None, body: Txt2ImgRequest) -> str | None:
     for _, _, media in sorted(ranked):
         if media in ("application/json", "*/*", "application/*"):
             return None
-        wanted = _IMAGE_TYPES.get(media)
+        wanted = body.output_format if media == "image/*" else _IMAGE_TYPES.get(media)
         if wanted is None:
             continue
-        if wanted == "*":
-            return body.output_format
-        if "output_format" in body.model_fields_set and body.output_format != wanted:
-            raise NotAcceptableError(
-                f"Accept asks for {media} but output_format is {body.output_format}", param="output_format"
-            )
+        # One image whatever the image type asked for (image/* included): a second one would be dropped.
         if body.num_images != 1:
             raise NotAcceptableError(
                 "a raw image response carries one image: set num_images to 1 or accept JSON", param="num_images"
+            )
+        if "output_format" in body.model_fields_set and body.output_format != wanted:
+            raise NotAcceptableError(
+                f"Accept asks for {media} but output_format is {body.output_format}", param="output_format"
             )
         return wanted
     return None
 
 
-@router.post(
-    "/api/txt2img",
-    response_model=Txt2ImgResponse,
-    responses={
-        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
-        **{code: {"model": ErrorResponse} for code in (400, 401, 406, 413, 415, 422, 429, 502, 503, 504)},
-    },
-)
+_RESPONSES = {
+    200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+    **documented_errors(Dialect.NATIVE, ErrorResponse, (400, 401, 406, 413, 415, 422, 429, 502, 503, 504)),
+}
+
+
+async def stored_inputs(body: ImageInputFields, services: Services) -> uploads.StoredInputs | None:
+    """The body's images and mask, decoded and stored in a worker thread (None: it has none)."""
+    if not body.images and body.mask is None:
+        return None
+    uploads.check_count(len(body.images), services.settings)
+    images = uploads.from_base64(body.images, "images")
+    mask = None if body.mask is None else uploads.Upload("mask", decode_base64(body.mask, param="mask"))
+    return await asyncio.to_thread(uploads.prepare, services.inputs, services.settings, images, mask)
+
+
+@router.post("/api/txt2img", response_model=Txt2ImgResponse, responses=_RESPONSES)
 async def txt2img(body: Txt2ImgRequest, request: Request, services: ServicesDep) -> Response:
     """Generate images and wait for them. With `Accept: image/png` (jpeg, webp) and one image, the raw bytes."""
+    return await _generate(body, request, services, None)
+
+
+@router.post("/api/img2img", response_model=Txt2ImgResponse, responses=_RESPONSES)
+async def img2img(body: Img2ImgRequest, request: Request, services: ServicesDep) -> Response:
+    """Generate from images and wait: img2img, inpainting (mask) or reference editing, as the model does
+    (docs/editing.md); everything txt2img takes, the same answer. Body limit SD_MAX_UPLOAD_BYTES."""
+    return await _generate(body, request, services, await stored_inputs(body, services))
+
+
+async def _generate(
+    body: Txt2ImgRequest, request: Request, services: Services, inputs: uploads.StoredInputs | None
+) -> Response:
     raw = raw_format(request.headers.get("accept"), body)
-    job = await run_job(services, request, body.to_params(output_format=raw), body.backend)
+    defaults = defaults_for(body, services.registry, services.settings)
+    params = body.to_params(defaults, output_format=raw, inputs=inputs)
+    job = await run_job(services, request, params, defaults.backend)
     raise_for_job(job)
     if raw is not None:
         image = job.result.images[0] if job.result is not None and job.result.images else None

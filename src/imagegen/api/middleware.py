@@ -1,12 +1,14 @@
 """Pure ASGI middleware: request ids and access log, API key, body guard.
 
-Order (outermost first): RequestContext -> CORS (only when an allowlist is set) -> ApiKey -> BodyGuard.
+Order (outermost first): RequestContext -> Head (HEAD routed as GET) -> CORS (only when an allowlist is
+set) -> ApiKey -> BodyGuard.
 Authentication comes before the body is read, so an unauthenticated caller cannot make the service
 read (or parse) anything.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -18,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -39,7 +42,7 @@ SECURITY_HEADERS = [
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key == name:
-            return value.decode("latin-1")
+            return bytes(value).decode("latin-1")
     return None
 
 
@@ -76,12 +79,14 @@ def collect_route_templates(*routers: Any) -> list[tuple[re.Pattern[str], str, f
 
 def allowed_methods(scope: Scope) -> list[str]:
     """Every method some route answers on this path (the `Allow` header of a 405): routes of one
-    path may be declared apart (GET and DELETE /api/images/{name})."""
+    path may be declared apart (GET and DELETE /api/images/{name}). HEAD goes with GET."""
     state = getattr(scope.get("app"), "state", None)
     methods: set[str] = set()
     for regex, _, route_methods in getattr(state, "route_templates", ()):
         if regex.match(scope.get("path", "")):
             methods |= route_methods
+    if "GET" in methods:
+        methods.add("HEAD")
     return sorted(methods)
 
 
@@ -97,7 +102,7 @@ def route_template(scope: Scope) -> str:
     state = getattr(scope.get("app"), "state", None)
     for regex, template, _ in getattr(state, "route_templates", ()):
         if regex.match(scope.get("path", "")):
-            return template
+            return str(template)
     return "unmatched"
 
 
@@ -164,6 +169,43 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
+class HeadMiddleware:
+    """HEAD on every GET route (RFC 9110 9.3.2): routed as GET, answered with the GET's status and
+    headers and no body. Once the headers are out the app is told the client went away, so a stream
+    (the job events) ends at once instead of running for nobody. The access log still says HEAD."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        answered = asyncio.Event()
+
+        async def headers_only(message: Message) -> None:
+            if answered.is_set():
+                return  # the rest of the body (a stream's next chunks): nobody reads it
+            if message["type"] == "http.response.body":
+                answered.set()
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        async def until_answered() -> Message:
+            if answered.is_set():
+                return {"type": "http.disconnect"}
+            incoming = asyncio.ensure_future(receive())
+            done = asyncio.ensure_future(answered.wait())
+            await asyncio.wait({incoming, done}, return_when=asyncio.FIRST_COMPLETED)
+            if incoming.done():
+                done.cancel()
+                return incoming.result()
+            incoming.cancel()
+            return {"type": "http.disconnect"}
+
+        await self.app({**scope, "method": "GET"}, until_answered, headers_only)
+
+
 def _digest(value: str) -> bytes:
     return hashlib.sha256(value.encode("utf-8")).digest()
 
@@ -181,7 +223,9 @@ class ApiKeyMiddleware:
     def _candidates(self, scope: Scope) -> list[str]:
         found = _headers(scope, b"x-api-key")
         for value in _headers(scope, b"authorization"):
-            scheme, _, credentials = value.strip().partition(" ")
+            # Any run of spaces or tabs separates the scheme from the credentials (RFC 7235 and
+            # RFC 9110 allow both).
+            scheme, _, credentials = value.strip().replace("\t", " ").partition(" ")
             credentials = credentials.strip()
             if scheme.lower() == "bearer":
                 found.append(credentials)
@@ -201,7 +245,12 @@ class ApiKeyMiddleware:
         return ok
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in self._public:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] in self._public:
+            # Open to all; what a public route shows may still depend on the key (/health's details).
+            scope.setdefault("state", {})["authenticated"] = self.authorized(scope)
             await self.app(scope, receive, send)
             return
         if scope["type"] == "http" and scope["method"] == "OPTIONS" and _header(scope, b"origin"):
@@ -227,63 +276,138 @@ class _BodyTooLarge(StarletteHTTPException):
     """Raised from `receive`: FastAPI re-raises HTTPExceptions from body reading, so the route's
     exception handlers render it in the envelope."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body larger than {limit} bytes (SD_MAX_BODY_BYTES)")
+    def __init__(self, limit: int, setting: str) -> None:
+        super().__init__(413, f"request body larger than {limit} bytes ({setting})")
+
+
+def _origin_host(origin: str) -> str | None:
+    parts = urlsplit(origin)
+    return parts.netloc.lower() if parts.scheme in ("http", "https") and parts.netloc else None
+
+
+class _BodyTimeout(StarletteHTTPException):
+    """Raised from `receive` when the body is not in within SD_BODY_TIMEOUT; the connection is closed
+    after the answer (a client that slow is not kept for another request)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            408, f"the request body did not arrive within {seconds:g} s (SD_BODY_TIMEOUT)", {"Connection": "close"}
+        )
 
 
 class BodyGuardMiddleware:
-    """Refuses bodies over SD_MAX_BODY_BYTES (413, before parsing) and non-JSON bodies on state-changing
-    methods (415): a plain HTML form cannot post here, which closes the CSRF door."""
+    """Refuses bodies over the size limit (413, before parsing) and non-JSON bodies on state-changing
+    methods (415): a plain HTML form cannot post here, which closes the CSRF door. A body must be in
+    within SD_BODY_TIMEOUT seconds of the request's start (408): a client sending a byte a second
+    cannot hold a request open (api/connections.py closes the connections of bodies nobody reads).
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    The routes that take images (`upload_paths`) have their own limit, SD_MAX_UPLOAD_BYTES; every other
+    route keeps SD_MAX_BODY_BYTES. Multipart bodies are accepted on `multipart_paths` only (OpenAI's
+    /v1/images/edits, which its SDK posts as a form), and only when the request carries no Origin or
+    one of this service (its own host, or SD_CORS_ORIGINS): a cross-site HTML form, which a browser
+    would send with its cached Basic credentials, is refused (403). `unread_paths`: routes that never
+    read their body (they answer 501 for a feature the service does not have): whatever its type, the
+    caller hears that, not that its upload should have been JSON."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        *,
+        body_timeout: float = 30.0,
+        upload_bytes: int | None = None,
+        upload_paths: Iterable[str] = (),
+        multipart_paths: Iterable[str] = (),
+        allowed_origins: Iterable[str] = (),
+        unread_paths: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
+        self.upload_bytes = upload_bytes if upload_bytes is not None else max_body_bytes
+        self.upload_paths = frozenset(upload_paths)
+        self.multipart_paths = frozenset(multipart_paths)
+        self.allowed_origins = frozenset(filter(None, (_origin_host(origin) for origin in allowed_origins)))
+        self.unread_paths = unread_paths
+
+    def _limit(self, path: str) -> tuple[int, str]:
+        if path in self.upload_paths:
+            return self.upload_bytes, "SD_MAX_UPLOAD_BYTES"
+        return self.max_body_bytes, "SD_MAX_BODY_BYTES"
+
+    def _same_site(self, scope: Scope) -> bool:
+        """No Origin (SDKs, curl, n8n) or an Origin of this service."""
+        origin = _header(scope, b"origin")
+        if origin is None:
+            return True
+        host = _origin_host(origin)
+        own = (_header(scope, b"host") or "").lower()
+        return host is not None and (host == own or host in self.allowed_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
+        path = scope["path"]
+        limit, setting = self._limit(path)
         length_header = _header(scope, b"content-length")
         chunked = _header(scope, b"transfer-encoding") is not None
         if length_header is not None:
             try:
                 length = int(length_header)
             except ValueError:
-                await send_error(send, 400, "invalid_request", "invalid Content-Length", path=scope["path"])
+                await send_error(send, 400, "invalid_request", "invalid Content-Length", path=path)
                 return
-            if length > self.max_body_bytes:
+            if length > limit:
                 await send_error(
-                    send,
-                    413,
-                    "payload_too_large",
-                    f"request body larger than {self.max_body_bytes} bytes (SD_MAX_BODY_BYTES)",
-                    path=scope["path"],
+                    send, 413, "payload_too_large", f"request body larger than {limit} bytes ({setting})", path=path
                 )
                 return
         else:
             length = 0
-        if length > 0 or chunked:
+        if (length > 0 or chunked) and scope["path"] not in self.unread_paths:
             content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
-            if content_type != "application/json" and not content_type.endswith("+json"):
+            multipart = content_type == "multipart/form-data" and path in self.multipart_paths
+            if multipart and not self._same_site(scope):
+                await send_error(
+                    send,
+                    403,
+                    "permission_denied",
+                    "a form posted from another site is refused (Origin is not this service or SD_CORS_ORIGINS)",
+                    path=path,
+                )
+                return
+            if not multipart and content_type != "application/json" and not content_type.endswith("+json"):
+                accepted = "JSON or multipart/form-data" if path in self.multipart_paths else "JSON"
                 await send_error(
                     send,
                     415,
                     "unsupported_media_type",
-                    "the request body must be JSON (Content-Type: application/json)",
-                    path=scope["path"],
+                    f"the request body must be {accepted}"
+                    + ("" if path in self.multipart_paths else " (Content-Type: application/json)"),
+                    path=path,
                 )
                 return
 
         received = 0
         started = {"value": False}
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:
+                return await receive()  # after the body: only the disconnect is left to wait for, unbounded
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise _BodyTimeout(self.body_timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise _BodyTooLarge(self.max_body_bytes)
+                if received > limit:
+                    raise _BodyTooLarge(limit, setting)
+                body_done = not message.get("more_body", False)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -296,9 +420,10 @@ class BodyGuardMiddleware:
         except _BodyTooLarge:
             if not started["value"]:
                 await send_error(
-                    send,
-                    413,
-                    "payload_too_large",
-                    f"request body larger than {self.max_body_bytes} bytes (SD_MAX_BODY_BYTES)",
-                    path=scope["path"],
+                    send, 413, "payload_too_large", f"request body larger than {limit} bytes ({setting})", path=path
+                )
+        except _BodyTimeout as error:
+            if not started["value"]:
+                await send_error(
+                    send, 408, "request_timeout", str(error.detail), [(b"connection", b"close")], path=scope["path"]
                 )

@@ -8,13 +8,11 @@ SD_BFL_MODEL + SD_BFL_MODELS), so a client can only ever choose among what the o
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from imagegen.backends.base import BackendState, ImageBackend
+from imagegen.backends.base import ImageBackend
 from imagegen.backends.registry import BackendRegistry
-
-#: Backends in these states cannot take jobs (the engine refuses them): lists leave them out.
-_UNUSABLE = (BackendState.NOT_CONFIGURED, BackendState.UNAVAILABLE)
 
 
 @dataclass(frozen=True)
@@ -39,7 +37,8 @@ class Checkpoint:
 
 
 def usable(backend: ImageBackend) -> bool:
-    return backend.health().state not in _UNUSABLE
+    """Whether the backend takes jobs (the engine refuses the others): lists leave the others out."""
+    return backend.availability().accepts_jobs
 
 
 def checkpoints(registry: BackendRegistry, *, usable_only: bool = False) -> list[Checkpoint]:
@@ -56,7 +55,14 @@ def checkpoints(registry: BackendRegistry, *, usable_only: bool = False) -> list
 def current(registry: BackendRegistry) -> Checkpoint:
     """What a request naming no backend and no model gets now."""
     backend = registry.default
-    return Checkpoint(backend.id, backend.default_model or backend.capabilities().models[0])
+    return Checkpoint(backend.id, backend.default_model_id())
+
+
+def _matcher(wanted: str, fold: bool) -> Callable[[str], bool]:
+    if fold:
+        folded = wanted.casefold()
+        return lambda value: value.casefold() == folded
+    return lambda value: value == wanted
 
 
 def find(registry: BackendRegistry, name: str) -> Checkpoint | None:
@@ -67,10 +73,7 @@ def find(registry: BackendRegistry, name: str) -> Checkpoint | None:
         return None
     pairs = checkpoints(registry)
     for fold in (False, True):
-
-        def same(value: str) -> bool:
-            return value.casefold() == wanted.casefold() if fold else value == wanted  # noqa: B023
-
+        same = _matcher(wanted, fold)
         for pair in pairs:
             if same(pair.title) or same(pair.short_hash) or same(pair.sha256):
                 return pair
@@ -79,5 +82,5 @@ def find(registry: BackendRegistry, name: str) -> Checkpoint | None:
                 return pair
         for backend in registry:
             if same(backend.id):
-                return Checkpoint(backend.id, backend.default_model or backend.capabilities().models[0])
+                return Checkpoint(backend.id, backend.default_model_id())
     return None

@@ -39,4 +39,5 @@ def install_openapi(app: FastAPI, *, auth_required: bool, public_paths: Iterable
         app.openapi_schema = schema
         return schema
 
+    # FastAPI's documented way to customise the document is to replace the app's `openapi` method.
     app.openapi = build  # type: ignore[method-assign]

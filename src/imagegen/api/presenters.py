@@ -32,6 +32,12 @@ def parameters(job: Job) -> dict[str, Any]:
         "seeds": list(request.seeds),
         "num_images": request.num_images,
         "output_format": request.output_format,
+        "loras": [{"name": lora.name, "weight": lora.weight} for lora in request.loras],
+        "mode": request.mode,
+        "strength": request.strength,
+        # The stored inputs by content hash (never their pixels: a job body stays small).
+        "images": [image.model_dump() for image in request.images],
+        "mask": request.mask.model_dump() if request.mask is not None else None,
     }
 
 
@@ -99,8 +105,20 @@ def job_body(
         "result": result,
         "error": error,
         **job_links(job.id, base),
-        "webhook": job.webhook,
+        "webhook": webhook_state(job.webhook),
     }
+
+
+def webhook_state(state: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The webhook delivery state with its timestamps in the ISO format of every other timestamp
+    (the engine records Unix times)."""
+    if state is None:
+        return None
+    shown = dict(state)
+    for key, value in state.items():
+        if key.endswith("_at") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            shown[key] = iso(float(value))
+    return shown
 
 
 def txt2img_body(job: Job, outputs: OutputStore, base: str, request_id: str | None) -> dict[str, Any]:

@@ -39,7 +39,10 @@ async def run_job(
         job = await services.engine.submit(params, backend_id, request_id=request_id(request))
     except ServiceError as error:
         raise on_error(error) from None
-    waiter: Callable[[], Awaitable[None]] = lambda: _disconnected(request)  # noqa: E731
+
+    def waiter() -> Awaitable[None]:
+        return _disconnected(request)
+
     return await services.engine.wait_sync(job.id, waiter)
 
 

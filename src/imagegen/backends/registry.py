@@ -8,13 +8,14 @@ which of their pipelines stay loaded (in the device process, the process's own m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import TYPE_CHECKING, Any
 
 from imagegen.backends.base import ImageBackend
 from imagegen.backends.local.device_manager import DeviceManager
 from imagegen.config import Backend, Settings
 from imagegen.errors import InvalidParameterError
+from imagegen.storage.loras import LoraCatalog
 
 if TYPE_CHECKING:
     from imagegen.backends.local.supervisor import DeviceSupervisor
@@ -55,6 +56,7 @@ class BackendRegistry:
         backends: dict[str, ImageBackend],
         default_id: str,
         device_manager: DeviceManager | None = None,
+        loras: LoraCatalog | None = None,
         device_process: DeviceSupervisor | None = None,
     ) -> None:
         if default_id not in backends:
@@ -64,10 +66,14 @@ class BackendRegistry:
         #: decides which local pipelines stay loaded on the device they share, when they run in this
         #: process (None: no local backends here)
         self.device_manager = device_manager
+        #: the LoRA folder (SD_LORA_DIR) the backends read, one cache of headers and hashes for all
+        self.loras = loras
         #: the supervisor of the device process the local backends run in (None: they run here)
         self.device_process = device_process
         for backend_id, backend in backends.items():
             backend.preload = backend_id == default_id
+            if loras is not None:
+                backend.lora_catalog = loras
 
     @classmethod
     def from_settings(
@@ -75,19 +81,23 @@ class BackendRegistry:
         settings: Settings,
         factories: dict[str, BackendFactory] | None = None,
         default_id: str | None = None,
+        only: Collection[str] | None = None,
     ) -> BackendRegistry:
-        """The standard backends (plus extra factories, e.g. a test's fake backend)."""
+        """The standard backends (plus extra factories, e.g. a test's fake backend); `only` keeps
+        those ids (a worker of a cluster builds just the backends it serves)."""
         factories = {**DEFAULT_FACTORIES, **(factories or {})}
+        if only is not None:
+            factories = {backend_id: factory for backend_id, factory in factories.items() if backend_id in only}
         backends = {backend_id: factory(settings) for backend_id, factory in factories.items()}
         default = default_id or settings.default_backend.value
         if settings.device_isolation == "process":
             from imagegen.backends.local.isolated import isolate
 
             isolated, supervisor = isolate(settings, backends)
-            return cls(isolated, default, device_process=supervisor)
+            return cls(isolated, default, loras=LoraCatalog(settings.lora_folder), device_process=supervisor)
         # The local backends share one device: one manager decides which of them stay loaded.
         manager = DeviceManager.share(settings, backends.values())
-        return cls(backends, default, manager)
+        return cls(backends, default, manager, LoraCatalog(settings.lora_folder))
 
     async def start(self) -> None:
         """Start every backend (the default one may begin loading), then the device manager's
@@ -122,6 +132,11 @@ class BackendRegistry:
         from imagegen.backends.local.support import accelerator_memory
 
         return accelerator_memory()
+
+    def refresh(self) -> None:
+        """Every backend looks at its models on disk again (A1111's refresh-checkpoints)."""
+        for backend in self:
+            backend.refresh()
 
     def get(self, backend_id: str | None) -> ImageBackend:
         """The named backend, or the default one; an unknown id is a 422 listing the known ids."""

@@ -33,7 +33,7 @@ def _fail(message: str, code: int = 1) -> int:
 
 def output_format(args: argparse.Namespace) -> str:
     if args.format:
-        return args.format
+        return str(args.format)
     if args.out:
         suffix = Path(args.out).suffix.lower()
         if suffix not in FORMAT_BY_SUFFIX:
@@ -42,9 +42,27 @@ def output_format(args: argparse.Namespace) -> str:
     return "png"
 
 
+def input_files(args: argparse.Namespace) -> tuple[list[tuple[str, bytes]], tuple[str, bytes] | None]:
+    """(field, bytes) of every --image, and of --mask; a file that cannot be read is a ValueError."""
+
+    def read(path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as error:
+            raise ValueError(f"cannot read {path}: {error.strerror}") from None
+
+    images = [(f"images[{index}]", read(path)) for index, path in enumerate(getattr(args, "image", None) or [])]
+    mask = getattr(args, "mask", None)
+    if mask and not images:
+        raise ValueError("--mask needs the --image it applies to")
+    return images, (("mask", read(mask)) if mask else None)
+
+
 def request_body(args: argparse.Namespace) -> dict[str, Any]:
     """The native API's request body (the in-process path builds the same GenerationParams from it)."""
     body: dict[str, Any] = {"prompt": args.prompt, "output_format": output_format(args), "num_images": args.num_images}
+    if getattr(args, "strength", None) is not None:
+        body["strength"] = args.strength
     optional = {
         "negative_prompt": args.negative_prompt,
         "seed": args.seed,
@@ -55,7 +73,20 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
         "scheduler": args.scheduler,
     }
     body.update({key: value for key, value in optional.items() if value is not None})
+    if getattr(args, "lora", None):
+        body["loras"] = [parse_lora(text) for text in args.lora]
     return body
+
+
+def parse_lora(text: str) -> dict[str, Any]:
+    """`--lora name[:weight]` as the API's {"name", "weight"} (names never hold a colon)."""
+    name, _, weight = text.partition(":")
+    if not name:
+        raise ValueError("--lora takes NAME or NAME:WEIGHT")
+    try:
+        return {"name": name, "weight": float(weight) if weight else 1.0}
+    except ValueError:
+        raise ValueError(f"--lora {name}: the weight must be a number") from None
 
 
 def destination(out: str | None, index: int, server_name: str) -> Path:
@@ -69,9 +100,16 @@ def destination(out: str | None, index: int, server_name: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     try:
         body = request_body(args)
+        images, mask = input_files(args)
     except ValueError as error:
         return _fail(str(error), 2)
     if args.url:
+        import base64
+
+        if images:
+            body["images"] = [base64.b64encode(data).decode("ascii") for _, data in images]
+        if mask is not None:
+            body["mask"] = base64.b64encode(mask[1]).decode("ascii")
         return _remote(args, body)
     import asyncio
 
@@ -81,13 +119,56 @@ def run(args: argparse.Namespace) -> int:
         settings = load_settings()
     except SettingsError as error:
         return _fail(str(error), 2)
-    return asyncio.run(_in_process(args, body, settings))
+    return asyncio.run(_in_process(args, body, with_model(settings, args.backend, args.model), images, mask))
+
+
+#: The setting that names a local backend's model: `--model` in this process replaces it for this run.
+MODEL_SETTINGS = {"sd": "model_id", "flux-local": "flux_model_id"}
+
+
+def with_model(settings: Any, backend: str | None, model: str | None) -> Any:
+    """The settings with --model as the chosen local backend's model (the operator runs this process: any
+    model it could configure, not only the allowlist a service offers its clients). flux-api's models
+    are BFL's: --model is then a request's model, checked against SD_BFL_MODELS."""
+    setting = MODEL_SETTINGS.get(backend or settings.default_backend.value)
+    if model is None or setting is None:
+        return settings
+    return settings.model_copy(update={setting: model})
+
+
+def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """(whether a TCP connection to the Hugging Face endpoint opens within `timeout`, its host). Only
+    asked when a model must be downloaded: huggingface_hub would otherwise retry for half a minute."""
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        from huggingface_hub import constants
+
+        endpoint = urlsplit(constants.ENDPOINT)
+    except Exception:  # noqa: BLE001 - huggingface_hub missing: the load reports it
+        return True, "huggingface.co"
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True, host
+    except OSError:
+        return False, host
 
 
 # -- in this process --------------------------------------------------------------------------------
 
 
-async def _in_process(args: argparse.Namespace, body: dict[str, Any], settings: Any) -> int:
+async def _in_process(
+    args: argparse.Namespace,
+    body: dict[str, Any],
+    settings: Any,
+    images: list[tuple[str, bytes]],
+    mask: tuple[str, bytes] | None,
+) -> int:
+    import asyncio
+
     from imagegen.backends.base import BackendState
     from imagegen.engine.jobs import JobStatus
     from imagegen.engine.store import SQLiteJobStore
@@ -104,7 +185,11 @@ async def _in_process(args: argparse.Namespace, body: dict[str, Any], settings: 
         # No webhooks (a CLI job takes no callback URL) and none of a service's upkeep (retention,
         # disk measurement); the job store in memory: never the queue a service left in SD_DATA_DIR.
         services = build_services(
-            settings, store=SQLiteJobStore(":memory:"), default_backend=args.backend, upkeep=False
+            settings,
+            store=SQLiteJobStore(":memory:"),
+            default_backend=args.backend,
+            upkeep=False,
+            distributed=False,  # in-process means here, even on a node of a cluster (SD_REDIS_URL)
         )
     except ValueError:
         from imagegen.backends.registry import DEFAULT_FACTORIES
@@ -113,11 +198,29 @@ async def _in_process(args: argparse.Namespace, body: dict[str, Any], settings: 
     engine, events, outputs = services.engine, services.events, services.outputs
     bar = ProgressBar("generate", enabled=not args.quiet)
     try:
-        await services.start()
         backend = services.registry.get(args.backend)
-        if backend.health().state is BackendState.LOADING:
-            bar.note(f"loading {backend.health().model} (first use: a download may take minutes)")
+        # Before anything loads: a model that cannot come from the cache or the hub fails now, in about a
+        # second, with what to do (not after half a minute of hub retries in a loading thread).
+        problem = _cannot_load(backend, bar)
+        if problem is not None:
+            return _fail(problem)
+        await services.start()
+        available = backend.availability()
+        if available.state is BackendState.ERROR:
+            return _fail(f"backend '{backend.id}' cannot run: {available.reason}")
         params = GenerationParams(**{key: value for key, value in body.items() if key != "backend"})
+        if images:
+            # Decoded and stored as the service does it (api/uploads.py): the same checks, the same store.
+            from imagegen.api import uploads
+
+            stored = await asyncio.to_thread(
+                uploads.prepare,
+                services.inputs,
+                settings,
+                [uploads.Upload(name, data) for name, data in images],
+                None if mask is None else uploads.Upload(*mask),
+            )
+            params = params.model_copy(update={"images": stored.images, "mask": stored.mask})
         job = await engine.submit(params, backend.id)
         queue = events.subscribe(job.id)  # before the first await: no event of this job is missed
         while True:
@@ -127,7 +230,7 @@ async def _in_process(args: argparse.Namespace, body: dict[str, Any], settings: 
             elif event.final:
                 break
         bar.close()
-        job = engine.get(job.id)
+        job = await engine.get(job.id)
         if job.status is not JobStatus.SUCCEEDED:
             error = job.error or {}
             return _fail(f"{error.get('type', job.status.value)}: {error.get('message', 'the job did not succeed')}")
@@ -137,6 +240,27 @@ async def _in_process(args: argparse.Namespace, body: dict[str, Any], settings: 
         return _fail(f"{error.error_type}: {error.message}", 2 if error.status_code < 500 else 1)
     finally:
         await services.stop(grace=0)
+
+
+def _cannot_load(backend: Any, bar: ProgressBar) -> str | None:
+    """Why the backend's model cannot load here (not cached, and the hub is off or unreachable), or None;
+    says so when a download is about to start."""
+    from imagegen.backends.local.base import LocalPipelineBackend
+    from imagegen.backends.local.support import hub_offline, uncached_reason
+
+    if not isinstance(backend, LocalPipelineBackend):
+        return None
+    missing = backend.uncached_models()
+    if not missing:
+        return None
+    pull = f"imagegen models pull {backend.model_id}"
+    if hub_offline():
+        return uncached_reason(missing, pull)
+    reachable, host = hub_reachable()
+    if not reachable:
+        return uncached_reason(missing, pull, why=f"the Hugging Face hub ({host}) cannot be reached")
+    bar.note(f"downloading {', '.join(missing)} into SD_MODEL_DIR (first use: this may take minutes)")
+    return None
 
 
 def _write_local(args: argparse.Namespace, result: JobResult | None, root: Path) -> int:
@@ -191,6 +315,8 @@ def _remote(args: argparse.Namespace, body: dict[str, Any]) -> int:
 
     if args.backend:
         body["backend"] = args.backend
+    if args.model:
+        body["model"] = args.model  # one of the server's models (`imagegen models list --url`)
     key = api_key(args)
     headers = {"X-API-Key": key} if key else {}
     base = args.url.rstrip("/")
@@ -215,8 +341,8 @@ def _remote(args: argparse.Namespace, body: dict[str, Any]) -> int:
             return _fail(f"lost the connection to {base} while job {job_id} ran: {type(error).__name__}", 1)
         bar.close()
         if job.get("status") != "succeeded":
-            error = job.get("error") or {}
-            return _fail(f"job {job_id} {job.get('status')}: {error.get('type')}: {error.get('message')}")
+            failure = job.get("error") or {}
+            return _fail(f"job {job_id} {job.get('status')}: {failure.get('type')}: {failure.get('message')}")
         written = 0
         for index, image in enumerate((job.get("result") or {}).get("images", [])):
             if image.get("nsfw") or not image.get("filename"):
@@ -244,7 +370,7 @@ def _follow(client: Any, job_id: str, bar: ProgressBar) -> dict[str, Any]:
                 elif line.startswith("data:"):
                     data.append(line[5:].lstrip())
                 elif line == "" and data:
-                    payload = json.loads("\n".join(data))
+                    payload: dict[str, Any] = json.loads("\n".join(data))
                     if event in FINAL:
                         return payload
                     if event == "progress":
@@ -256,7 +382,7 @@ def _follow(client: Any, job_id: str, bar: ProgressBar) -> dict[str, Any]:
     while True:
         response = client.get(f"/api/jobs/{job_id}", params={"include_images": "false"})
         response.raise_for_status()
-        job = response.json()
+        job: dict[str, Any] = response.json()
         if job["status"] in FINAL:
             return job
         progress = job.get("progress") or {}

@@ -10,23 +10,31 @@ import json
 import sys
 
 
-def default_url() -> str:
-    """http://127.0.0.1:<SD_PORT>: the service on this machine (or in this container)."""
+def _local() -> tuple[int, str | None]:
+    """SD_PORT and SD_API_KEY of this machine's (or container's) settings."""
     try:
         from imagegen.config import load_settings
 
-        port = load_settings().port
+        settings = load_settings()
     except Exception:  # noqa: BLE001 - an invalid unrelated setting must not break a probe
-        port = 7860
-    return f"http://127.0.0.1:{port}"
+        return 7860, None
+    return settings.port, settings.api_key.get_secret_value() if settings.api_key is not None else None
+
+
+def default_url() -> str:
+    """http://127.0.0.1:<SD_PORT>: the service on this machine (or in this container)."""
+    return f"http://127.0.0.1:{_local()[0]}"
 
 
 def run(args: argparse.Namespace) -> int:
     import httpx
 
-    url = (args.url or default_url()).rstrip("/")
+    port, key = _local()
+    url = (args.url or f"http://127.0.0.1:{port}").rstrip("/")
+    # With the key, /health adds each backend's details and the version; without it, states and reasons.
+    headers = {"X-API-Key": key} if key else {}
     try:
-        response = httpx.get(url + "/health", timeout=args.timeout)
+        response = httpx.get(url + "/health", timeout=args.timeout, headers=headers)
     except httpx.HTTPError as error:
         if not args.quiet:
             print(
@@ -45,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{url}: HTTP {response.status_code} (not an imagegen /health answer)")
         else:
             queue = body.get("queue", {})
+            version = f"imagegen {body['version']}, " if body.get("version") else ""
             print(
-                f"{url}: {body.get('status')} (HTTP {response.status_code}), imagegen {body.get('version')}, "
+                f"{url}: {body.get('status')} (HTTP {response.status_code}), {version}"
                 f"default backend {body.get('default_backend')}, queue {queue.get('queued')} waiting / "
                 f"{queue.get('running')} running"
             )

@@ -168,14 +168,16 @@ def other_models(model_dir: Path, known: set[str]) -> list[tuple[str, str, int]]
 def _size(value: int | None) -> str:
     if value is None:
         return "-"
+    amount = float(value)
     for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value = value / 1000  # type: ignore[assignment]
+        if amount < 1000 or unit == "GB":
+            return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
+        amount /= 1000
     return "-"
 
 
-def _loaded_states(url: str, key: str | None) -> dict[str, dict[str, Any]]:
+def _server_backends(url: str, key: str | None) -> dict[str, Any]:
+    """GET /api/backends of a running service."""
     import httpx
 
     response = httpx.get(url.rstrip("/") + "/api/backends", headers={"X-API-Key": key} if key else {}, timeout=10)
@@ -183,40 +185,73 @@ def _loaded_states(url: str, key: str | None) -> dict[str, dict[str, Any]]:
         from imagegen.commands.generate import describe_response_error
 
         raise RuntimeError(describe_response_error(response))
-    return {backend["id"]: backend for backend in response.json()["backends"]}
+    listing: dict[str, Any] = response.json()
+    return listing
+
+
+def server_rows(listing: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per model a running service offers, from its GET /api/backends: the backend, whether it is
+    what a request naming nothing gets, the backend's state, and whether that model is loaded now."""
+    rows = []
+    for backend in listing["backends"]:
+        current = backend.get("model")
+        for model in backend["capabilities"]["models"]:
+            rows.append(
+                {
+                    "model": model,
+                    "backend": backend["id"],
+                    "default": "yes" if backend.get("default") and model == current else "no",
+                    "state": backend["state"],
+                    "loaded": "yes" if backend.get("loaded") and model == current else "no",
+                    "reason": backend.get("reason", "") if model == current else "",
+                }
+            )
+    return rows
+
+
+def _run_list_server(args: argparse.Namespace) -> int:
+    from imagegen.commands.generate import api_key
+
+    try:
+        listing = _server_backends(args.url, api_key(args))
+    except Exception as error:  # noqa: BLE001 - say why, whatever it was
+        return _fail(f"could not ask {args.url} for its models: {error}", 2)
+    rows = server_rows(listing)
+    if args.json:
+        print(json.dumps({"url": args.url, "default_backend": listing.get("default"), "models": rows}, indent=2))
+        return 0
+    print(f"models of {args.url} (default backend: {listing.get('default')})")
+    headers = ["MODEL", "BACKEND", "DEFAULT", "STATE", "LOADED"]
+    table = [[row["model"], row["backend"], row["default"], row["state"], row["loaded"]] for row in rows]
+    _print_table(headers, table)
+    for row in rows:
+        if row["state"] != "ready" and row["reason"]:
+            print(f"{row['backend']}: {row['reason']}")
+    return 0
+
+
+def _print_table(headers: list[str], table: list[list[Any]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *table, strict=False)]
+    for line in [headers, *table]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=False)).rstrip())
 
 
 def run_list(args: argparse.Namespace) -> int:
+    """With --url: the models a running service offers. Without: what this machine's settings configure,
+    and what SD_MODEL_DIR holds."""
+    if args.url:
+        return _run_list_server(args)
     from imagegen.config import SettingsError
 
     try:
         settings = _settings()
     except SettingsError as error:
         return _fail(str(error), 2)
-    loaded: dict[str, dict[str, Any]] | None = None
-    if args.url:
-        from imagegen.commands.generate import api_key
-
-        try:
-            loaded = _loaded_states(args.url, api_key(args))
-        except Exception as error:  # noqa: BLE001 - say why, whatever it was
-            return _fail(f"could not ask {args.url} what is loaded: {error}", 2)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for model in configured_models(settings):
         kind = source_kind(model.model_id, model.used_by)
         cached, size = cache_state(settings.model_dir, model.model_id, kind)
         row = {"model": model.model_id, "used_by": model.used_by, "source": kind, "cached": cached, "bytes": size}
-        if loaded is not None:
-            state = loaded.get(model.backend or "", {})
-            row["loaded"] = (
-                "-"
-                if model.backend is None
-                else "yes"
-                if state.get("loaded") and state.get("model") == model.model_id
-                else state.get("state", "no")
-                if state.get("state") not in (None, "ready")
-                else "no"
-            )
         rows.append(row)
     known = {model.model_id for model in configured_models(settings)}
     for model_id, kind, size in other_models(settings.model_dir, known):
@@ -227,24 +262,16 @@ def run_list(args: argparse.Namespace) -> int:
                 "source": kind,
                 "cached": "yes",
                 "bytes": size,
-                **({"loaded": "-"} if loaded is not None else {}),
             }
         )
     if args.json:
         print(json.dumps({"model_dir": str(Path(settings.model_dir).absolute()), "models": rows}, indent=2))
         return 0
     print(f"SD_MODEL_DIR: {Path(settings.model_dir).absolute()}")
-    headers = ["MODEL", "USED BY", "SOURCE", "CACHED", "SIZE"] + (["LOADED"] if loaded is not None else [])
-    table = [
-        [row["model"], row["used_by"], row["source"], row["cached"], _size(row["bytes"])]
-        + ([row["loaded"]] if loaded is not None else [])
-        for row in rows
-    ]
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *table, strict=False)]
-    for line in [headers, *table]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=False)).rstrip())
-    if loaded is None:
-        print("(pass --url to see what a running service has loaded)")
+    headers = ["MODEL", "USED BY", "SOURCE", "CACHED", "SIZE"]
+    table = [[row["model"], row["used_by"], row["source"], row["cached"], _size(row["bytes"])] for row in rows]
+    _print_table(headers, table)
+    print("(these settings' models; `--url URL` lists what a running service offers and has loaded)")
     return 0
 
 
@@ -341,6 +368,10 @@ def pull_one(model_id: str, settings: Any, patterns: list[str] = PIPELINE_PATTER
 
 
 def run_pull(args: argparse.Namespace) -> int:
+    if getattr(args, "lora", None):
+        from imagegen.commands import lora_pull
+
+        return lora_pull.run(args)
     from imagegen.backends.local import tiny_models
     from imagegen.backends.local.support import describe_load_error
     from imagegen.config import SettingsError

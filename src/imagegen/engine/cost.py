@@ -51,11 +51,12 @@ class CostModel:
         """The least time the request's denoising takes here (with `images` instead of its own
         number); None when nothing was measured yet for its backend and model, or it has no steps."""
         rates = self._rates.get((request.backend, request.model))
-        if not rates or not request.steps:
+        steps = request.denoising_steps  # img2img and inpaint run int(steps x strength) of them
+        if not rates or not steps:
             return None
         rate = min(rates)
         count = request.num_images if images is None else images
-        return Estimate(rate * request.width * request.height * count * request.steps, rate, len(rates))
+        return Estimate(rate * request.width * request.height * count * steps, rate, len(rates))
 
     def images_within(self, request: GenerationRequest, seconds: float) -> int | None:
         """How many images of the request's size and steps fit in `seconds` here (None: unknown)."""

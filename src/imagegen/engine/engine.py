@@ -10,27 +10,30 @@ which report progress back through `call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import bisect
 import itertools
 import logging
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from imagegen.backends.base import BackendState, ImageBackend, RunContext
+from imagegen.backends.base import PREVIEW_MIME_TYPE, ImageBackend, RunContext
 from imagegen.backends.registry import BackendRegistry
 from imagegen.config import Settings
+from imagegen.engine.base import Engine
+from imagegen.engine.batching import max_images, select_batch
 from imagegen.engine.cost import CostModel
 from imagegen.engine.events import JobEvents
-from imagegen.engine.jobs import Job, JobStatus, new_job_id
+from imagegen.engine.images import store_images
+from imagegen.engine.jobs import Job, JobStatus, Preview, new_job_id
 from imagegen.engine.results import JobResult, StoredImage, Timings
 from imagegen.engine.store import JobStore
 from imagegen.errors import (
+    BackendNotConfiguredError,
     BackendUnavailableError,
     ConflictError,
     DeadlineExceededError,
@@ -44,7 +47,6 @@ from imagegen.errors import (
     ServiceError,
 )
 from imagegen.generation import GeneratedImage, GenerationParams, GenerationRequest
-from imagegen.storage.metadata import file_metadata
 from imagegen.storage.outputs import OutputStore
 
 log = logging.getLogger("imagegen.engine")
@@ -58,18 +60,6 @@ StoredImages = list[StoredImage]
 #: After the shutdown grace, how long a batch that was told to end at once may take to return
 #: (a device process is killed at once; a backend running in a thread of this process may never return).
 SHUTDOWN_STOP_WAIT = 5.0
-
-
-_encoder_executor: ThreadPoolExecutor | None = None
-
-
-def _encoder_pool() -> ThreadPoolExecutor:
-    global _encoder_executor
-    if _encoder_executor is None:
-        _encoder_executor = ThreadPoolExecutor(
-            max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="imagegen-encode"
-        )
-    return _encoder_executor
 
 
 class Lane:
@@ -112,23 +102,12 @@ class Lane:
         return None
 
     def pop_batch(self, max_images: Callable[[Job], int]) -> list[Job]:
-        """The head job plus compatible queued jobs (same batch key) while the images fit."""
-        if not self._queue:
-            return []
-        head = self._queue.pop(0)[2]
-        budget = max_images(head) - head.request.num_images
-        batch = [head]
-        if budget > 0:
-            key = head.request.batch_key()
-            keep = []
-            for item in self._queue:
-                job = item[2]
-                if budget >= job.request.num_images and job.request.batch_key() == key:
-                    batch.append(job)
-                    budget -= job.request.num_images
-                else:
-                    keep.append(item)
-            self._queue = keep
+        """The head job plus compatible queued jobs (same batch key) while the images fit
+        (engine/batching.py: the rule the distributed workers follow too)."""
+        chosen = select_batch(self.jobs(), max_images)
+        picked = set(chosen)
+        batch = [self._queue[index][2] for index in chosen]
+        self._queue = [item for index, item in enumerate(self._queue) if index not in picked]
         return batch
 
     def wake(self) -> None:
@@ -202,7 +181,9 @@ def _iso(wall: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z"
 
 
-class JobEngine:
+class JobEngine(Engine):
+    """The embedded engine: one process, jobs in SQLite, lanes of asyncio workers."""
+
     def __init__(
         self,
         settings: Settings,
@@ -213,6 +194,7 @@ class JobEngine:
         webhooks: Any = None,
         on_final: Callable[[Job], None] | None = None,
     ) -> None:
+        super().__init__()
         self.settings = settings
         self.registry = registry
         self.store = store
@@ -227,7 +209,6 @@ class JobEngine:
         self._runs: dict[str, tuple[_Run, int]] = {}
         #: job id -> the timer that fails it after SD_QUEUE_TIMEOUT in the queue
         self._queue_timers: dict[str, asyncio.TimerHandle] = {}
-        self._sync_waiters: dict[str, int] = {}
         self._seq = itertools.count()
         self._durations: deque[float] = deque(maxlen=32)
         #: step times measured on this device, for admission and batching (engine/cost.py)
@@ -374,10 +355,12 @@ class JobEngine:
         if self.draining:
             raise ServiceDrainingError("the service is shutting down and accepts no new jobs")
         backend = self.registry.get(backend_id)
+        available = backend.availability()
+        if not available.accepts_jobs:  # before the parameters: they cannot make it run; a 4xx, no retry helps
+            raise BackendNotConfiguredError(
+                f"backend '{backend.id}' is {available.state.value}: {available.reason}", param="backend"
+            )
         request = backend.resolve(params)
-        health = backend.health()
-        if health.state in (BackendState.NOT_CONFIGURED, BackendState.UNAVAILABLE):
-            raise BackendUnavailableError(f"backend '{backend.id}' is {health.state.value}: {health.reason}")
         if backend.runs_on_device:
             self._check_cost(request)
         if callback_url is not None and self.webhooks is not None:
@@ -410,7 +393,7 @@ class JobEngine:
         raise DeadlineUnreachableError(
             f"this request needs at least {estimate.seconds:.0f} s on this device, more than SD_JOB_TIMEOUT "
             f"({timeout:g} s): {request.width}x{request.height} px x {request.num_images} image(s) x "
-            f"{request.steps} steps at {estimate.rate * 1e6:.3g} s per megapixel-step of denoising, the "
+            f"{request.denoising_steps} steps at {estimate.rate * 1e6:.3g} s per megapixel-step of denoising, the "
             f"fastest measured here for {request.backend}/{request.model}; lower width and height, steps or num_images"
         )
 
@@ -434,12 +417,15 @@ class JobEngine:
         )
         return sum(len(lane) for lane in self._lanes.values()) + waiting
 
-    def running(self) -> list[Job]:
-        """The jobs running now (from memory: every active job is here)."""
+    def _running(self) -> list[Job]:
         return [job for job in self._active.values() if job.status is JobStatus.RUNNING]
 
+    async def running(self) -> list[Job]:
+        """The jobs running now (from memory: every active job is here)."""
+        return self._running()
+
     def running_count(self) -> int:
-        return len(self.running())
+        return len(self._running())
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: recent batch time x queue length / concurrency."""
@@ -448,7 +434,7 @@ class JobEngine:
         estimate = average * max(1, self.queued_count()) / concurrency
         return max(1, min(300, math.ceil(estimate)))
 
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
         now = time.monotonic()
         return {
             "queued": self.queued_count(),
@@ -479,7 +465,10 @@ class JobEngine:
         return lane is not None and any(run.overrun for run in lane.runs)
 
     # -- queries -------------------------------------------------------------------------------
-    def get(self, job_id: str) -> Job:
+    async def get(self, job_id: str) -> Job:
+        return self._get(job_id)
+
+    def _get(self, job_id: str) -> Job:
         job = self._active.get(job_id)
         if job is not None:
             return job
@@ -488,52 +477,50 @@ class JobEngine:
             raise NotFoundError("no such job")
         return stored
 
-    def queue_position(self, job: Job) -> int | None:
+    async def inputs_in_use(self) -> set[str]:
+        """The content hashes of the input images unfinished jobs refer to (input retention keeps them)."""
+        found: set[str] = set()
+        for job in self._active.values():
+            found.update(image.sha256 for image in job.request.images)
+            if job.request.mask is not None:
+                found.add(job.request.mask.sha256)
+        return found
+
+    async def queue_position(self, job: Job) -> int | None:
         if job.status is not JobStatus.QUEUED or job.id not in self._active:
             return None
         if job.id in self._runs:
             return 0  # taken off the queue in the next batch: waiting for the device
         return self._lane_of(job).position(job.id)
 
-    def list(self, **filters: Any) -> list[Job]:
+    async def list_jobs(
+        self,
+        *,
+        status: JobStatus | None = None,
+        backend: str | None = None,
+        limit: int = 50,
+        before: float | None = None,
+        prompt: str | None = None,
+    ) -> list[Job]:
         # The store has every job; active ones are fresher in memory (live progress).
-        return [self._active.get(job.id, job) for job in self.store.list(**filters)]
+        found = self.store.list_jobs(status=status, backend=backend, limit=limit, before=before, prompt=prompt)
+        return [self._active.get(job.id, job) for job in found]
 
     async def wait(self, job_id: str) -> Job:
         """Wait until the job is final; return it."""
         future = self._done.get(job_id)
         if future is None:
-            return self.get(job_id)
+            return self._get(job_id)
         return await asyncio.shield(future)
 
-    async def wait_sync(self, job_id: str, disconnected: Callable[[], Any]) -> Job:
-        """Wait for a synchronous caller; if it goes away and nobody else waits, cancel the job."""
-        self._sync_waiters[job_id] = self._sync_waiters.get(job_id, 0) + 1
-        waiter = asyncio.ensure_future(self.wait(job_id))
-        watcher = asyncio.ensure_future(disconnected())
-        try:
-            done, _ = await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if waiter in done:
-                return waiter.result()
-        finally:
-            watcher.cancel()
-            if not waiter.done():
-                waiter.cancel()
-            remaining = self._sync_waiters.get(job_id, 1) - 1
-            if remaining > 0:
-                self._sync_waiters[job_id] = remaining
-            else:
-                self._sync_waiters.pop(job_id, None)
-        if job_id not in self._sync_waiters and job_id in self._active:
-            log.info("job=%s caller disconnected; cancelling", job_id)
-            await self.cancel(job_id, reason="the caller disconnected")
-        raise JobCancelledError("the caller disconnected")
+    async def _still_active(self, job_id: str) -> bool:
+        return job_id in self._active
 
     # -- cancel --------------------------------------------------------------------------------
     async def cancel(self, job_id: str, reason: str = "cancelled by request") -> Job:
         job = self._active.get(job_id)
         if job is None:
-            stored = self.get(job_id)
+            stored = self._get(job_id)
             if stored.status is JobStatus.CANCELLED:
                 return stored
             raise ConflictError(f"job already {stored.status.value}")
@@ -582,10 +569,14 @@ class JobEngine:
             run.task.cancel()
 
     # -- workers -------------------------------------------------------------------------------
+    def _halted(self) -> bool:
+        """Stopping or draining: no new batch starts (a method, read afresh after every await)."""
+        return self._stopping or self.draining
+
     async def _worker(self, lane: Lane) -> None:
-        while not (self._stopping or self.draining):
+        while not self._halted():
             await lane.wait()
-            if self._stopping or self.draining:
+            if self._halted():
                 return
             head = lane.peek()
             if head is None:
@@ -616,7 +607,7 @@ class JobEngine:
 
     def _max_batch_images(self, job: Job) -> int:
         backend = self.registry.get(job.backend)
-        limit = max(1, min(self.settings.max_batch, backend.capabilities().max_batch))
+        limit = max_images(self.settings, backend)
         if backend.runs_on_device:
             # No more images in one call than fit in the deadline on this device.
             fitting = self.costs.images_within(job.request, self.settings.job_timeout)
@@ -644,6 +635,8 @@ class JobEngine:
             [job.id for job in batch],
             on_progress=lambda step, total: self._progress_from_thread(run, step, total),
             on_started=on_started,
+            on_preview=lambda step, total, previews: self._preview_from_thread(batch, step, total, previews),
+            preview_interval=self.settings.preview_interval,
         )
         run = _Run(lane, backend, batch, ctx)
         lane.runs.append(run)
@@ -737,7 +730,9 @@ class JobEngine:
             job.started_at = now
             job.attempts += 1
             job.step = 0
-            job.total_steps = job.request.steps or 0
+            job.total_steps = job.request.denoising_steps or 0
+            job.step_clock = None
+            job.preview = None
             self.store.update(job)
             self.events.publish(job.id, "running", {"status": "running", "batch_size": len(run.batch)})
         log.info(
@@ -815,32 +810,14 @@ class JobEngine:
                 )
                 self._finalize(job, JobStatus.FAILED, error=GenerationFailedError(message))
                 continue
-            if job.final:
+            if job.status.final:  # cancelled while its images were being stored
                 continue
             queued_ms = round(((job.started_at or job.created_at) - job.created_at) * 1000, 1)
             timings = Timings(queued_ms=queued_ms, generation_ms=round(seconds * 1000, 1), batch_size=len(batch))
             self._finalize(job, JobStatus.SUCCEEDED, result=JobResult(images=images, timings=timings))
 
-    def _store_images(self, job: Job, images: Sequence[GeneratedImage]) -> StoredImages:
-        # Encoding (zlib for PNG) releases the GIL: a batch's images are encoded side by side.
-        if len(images) > 1:
-            return list(_encoder_pool().map(lambda image: self._store_image(job, image), images))
-        return [self._store_image(job, image) for image in images]
-
-    def _store_image(self, job: Job, image: GeneratedImage) -> StoredImage:
-        if image.nsfw or image.image is None:
-            return StoredImage(seed=image.seed, nsfw=image.nsfw, info=dict(image.info))  # flagged: never written
-        width, height = image.image.width, image.image.height
-        meta = file_metadata(job.request, seed=image.seed, width=width, height=height, info=image.info, job_id=job.id)
-        saved = self.outputs.save(image.image, job.request.output_format, meta)
-        return StoredImage(
-            seed=image.seed,
-            filename=saved.name,
-            mime_type=saved.mime_type,
-            width=width,
-            height=height,
-            info=dict(image.info),
-        )
+    def _store_images(self, job: Job, images: list[GeneratedImage]) -> list[StoredImage]:
+        return store_images(self.outputs, job, images)  # engine/images.py: shared with the workers
 
     # -- state changes -------------------------------------------------------------------------
     def _finalize(
@@ -857,11 +834,15 @@ class JobEngine:
         job.status = status
         job.finished_at = time.time()
         job.result = result
+        job.preview = None  # a preview is of a running job only
         job.error = None
         if error is not None:
             job.error = {**error.to_dict(), "status_code": error.status_code}
             if "Retry-After" in error.headers:
                 job.error["retry_after"] = int(error.headers["Retry-After"])
+        if job.callback_url and self.webhooks is not None:
+            # Stored with the final state, in the same write: a crash from here on cannot lose it.
+            job.webhook = self.webhooks.pending_state()
         self.store.update(job)
         self._active.pop(job.id, None)
         future = self._done.pop(job.id, None)
@@ -891,10 +872,8 @@ class JobEngine:
         )
         if self._on_final is not None:
             self._on_final(job)
-        if job.callback_url and self.webhooks is not None and self._loop is not None:
-            task = self._loop.create_task(self.webhooks.deliver(job, self.store))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        if job.callback_url and self.webhooks is not None:
+            self.webhooks.schedule(job, self.store)
 
     def _publish_positions(self, lane: Lane) -> None:
         for position, job in enumerate(lane.jobs()):
@@ -912,6 +891,22 @@ class JobEngine:
         for job in run.batch:
             if job.final or job.status is not JobStatus.RUNNING:
                 continue
-            job.step = step
-            job.total_steps = total
+            job.record_step(step, total)
             self.events.publish(job.id, "progress", job.progress())
+
+    def _preview_from_thread(self, batch: list[Job], step: int, total: int, previews: Sequence[bytes | None]) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._on_preview, batch, step, total, previews)
+
+    def _on_preview(self, batch: list[Job], step: int, total: int, previews: Sequence[bytes | None]) -> None:
+        """Keep each job's latest preview (A1111's current_image, GET .../preview) and send it to its
+        event streams; base64 once, whatever the number of listeners."""
+        for job, data in zip(batch, previews, strict=False):
+            if job.final or data is None or job.status is not JobStatus.RUNNING:
+                continue
+            job.preview = Preview(step, total, data, PREVIEW_MIME_TYPE)
+            if self.events.listeners(job.id):
+                encoded = base64.b64encode(data).decode("ascii")
+                self.events.publish(
+                    job.id, "preview", {"step": step, "total": total, "mime_type": PREVIEW_MIME_TYPE, "b64": encoded}
+                )

@@ -54,3 +54,7 @@ class JobEvents:
 
     def listeners(self, job_id: str) -> int:
         return len(self._subscribers.get(job_id, ()))
+
+    def listened(self) -> list[str]:
+        """The job ids someone listens to now."""
+        return list(self._subscribers)

@@ -31,6 +31,16 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+@dataclass(frozen=True)
+class Preview:
+    """The latest live preview of a running job: a small encoded image of its current latents."""
+
+    step: int
+    total: int
+    data: bytes
+    mime_type: str
+
+
 @dataclass
 class Job:
     id: str
@@ -52,6 +62,10 @@ class Job:
     #: live progress (kept in memory; not worth a write per denoising step)
     step: int = 0
     total_steps: int = 0
+    #: the latest live preview while running (memory only)
+    preview: Preview | None = None
+    #: (monotonic time, step) of the first step reported in this run: the measured step rate starts there
+    step_clock: tuple[float, int] | None = None
 
     @property
     def backend(self) -> str:
@@ -61,11 +75,31 @@ class Job:
     def final(self) -> bool:
         return self.status.final
 
-    def progress(self) -> dict[str, Any]:
+    def record_step(self, step: int, total: int) -> None:
+        """A step reported by the backend (the first one of a run starts the step clock)."""
+        if self.step_clock is None or step < self.step_clock[1]:
+            self.step_clock = (time.monotonic(), step)
+        self.step = step
+        self.total_steps = total
+
+    def eta_seconds(self) -> float | None:
+        """Seconds until the last step, from the step rate measured in this run; None before two steps
+        (the first one includes loading and prompt encoding) and once not running."""
+        if self.status is not JobStatus.RUNNING or self.step_clock is None:
+            return None
+        began, first = self.step_clock
+        done = self.step - first
         total = self.total_steps or (self.request.steps or 0)
+        if done <= 0 or not total:
+            return None
+        per_step = (time.monotonic() - began) / done
+        return round(max(0.0, (total - self.step) * per_step), 1)
+
+    def progress(self) -> dict[str, Any]:
+        total = self.total_steps or (self.request.denoising_steps or 0)
         if self.status is JobStatus.SUCCEEDED:
             step = total
         else:
             step = self.step
         fraction = round(step / total, 4) if total else (1.0 if self.status is JobStatus.SUCCEEDED else 0.0)
-        return {"step": step, "total": total, "fraction": fraction}
+        return {"step": step, "total": total, "fraction": fraction, "eta_seconds": self.eta_seconds()}

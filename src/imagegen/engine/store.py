@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -37,6 +38,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
+CREATE INDEX IF NOT EXISTS jobs_webhook_pending ON jobs (seq) WHERE json_extract(webhook, '$.status') = 'pending';
 """
 
 _COLUMNS = (
@@ -58,22 +60,46 @@ class JobStore(abc.ABC):
     def get(self, job_id: str) -> Job | None: ...
 
     @abc.abstractmethod
-    def list(
+    def list_jobs(
         self,
         *,
         status: JobStatus | None = None,
         backend: str | None = None,
         limit: int = 50,
         before: float | None = None,
+        prompt: str | None = None,
     ) -> list[Job]:
-        """Newest first."""
+        """Newest first; `prompt`: only jobs whose prompt contains this text (any case)."""
 
     @abc.abstractmethod
     def unfinished(self) -> list[Job]:
         """Queued and running jobs, oldest first (what a restart must resume)."""
 
+    @abc.abstractmethod
+    def pending_webhooks(self) -> list[Job]:
+        """Jobs whose webhook delivery is still pending, oldest first (what a restart must resume)."""
+
     def close(self) -> None:
         """Release connections."""
+
+
+#: The database holds prompts, callback URLs and results: readable by the service's user only. SQLite
+#: gives its -wal and -shm files the database file's mode.
+DB_MODE = 0o600
+DB_DIR_MODE = 0o700
+
+
+def _private_database(path: Path) -> None:
+    """Create the folder (0700) and the database file (0600) before SQLite does (it would use the
+    umask, typically 0644); tighten the files a previous version left readable to all."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=DB_DIR_MODE)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, DB_MODE))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if file.exists() and file.stat().st_mode & 0o777 != DB_MODE:
+                os.chmod(file, DB_MODE)
+        except OSError:
+            pass  # not ours to change (a shared volume): it stays as the operator set it
 
 
 def _dump(value: Any) -> str | None:
@@ -84,12 +110,16 @@ def _load(value: str | None) -> Any:
     return None if value is None else json.loads(value)
 
 
+def _casefold(value: object) -> str | None:
+    return value.casefold() if isinstance(value, str) else None
+
+
 class SQLiteJobStore(JobStore):
     """SQLite in WAL mode: readers never block the writer, and a crash loses nothing committed."""
 
     def __init__(self, path: Path | str) -> None:
         if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _private_database(Path(path))
         self.path = str(path)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -97,6 +127,8 @@ class SQLiteJobStore(JobStore):
         # NORMAL in WAL mode: a process crash loses nothing; only power loss may drop the last commits.
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA busy_timeout=5000")
+        # SQLite's lower() and LIKE fold ASCII only: prompts are matched with Python's casefold.
+        self._conn.create_function("casefold", 1, _casefold, deterministic=True)
         self._conn.executescript(SCHEMA)
 
     def _row(self, job: Job) -> tuple[Any, ...]:
@@ -169,15 +201,17 @@ class SQLiteJobStore(JobStore):
             row = self._conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
         return None if row is None else self._job(row)
 
-    def list(
+    def list_jobs(
         self,
         *,
         status: JobStatus | None = None,
         backend: str | None = None,
         limit: int = 50,
         before: float | None = None,
+        prompt: str | None = None,
     ) -> list[Job]:
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[object] = []
         if status is not None:
             clauses.append("status=?")
             params.append(status.value)
@@ -187,6 +221,11 @@ class SQLiteJobStore(JobStore):
         if before is not None:
             clauses.append("created_at<?")
             params.append(before)
+        if prompt:
+            # The text is a value, never a pattern: % and _ match only themselves.
+            escaped = prompt.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            clauses.append("casefold(json_extract(request, '$.prompt')) LIKE ? ESCAPE '\\'")
+            params.append(f"%{escaped.casefold()}%")
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._lock:
             rows = self._conn.execute(
@@ -200,6 +239,13 @@ class SQLiteJobStore(JobStore):
             rows = self._conn.execute(
                 f"SELECT {_COLUMNS} FROM jobs WHERE status IN (?, ?) ORDER BY seq",
                 (JobStatus.QUEUED.value, JobStatus.RUNNING.value),
+            ).fetchall()
+        return [self._job(row) for row in rows]
+
+    def pending_webhooks(self) -> list[Job]:
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE json_extract(webhook, '$.status') = 'pending' ORDER BY seq"
             ).fetchall()
         return [self._job(row) for row in rows]
 

@@ -1,12 +1,16 @@
 """The output store: server-chosen file names, metadata in the files, safe serving.
 
-Names come from the server only and match one strict pattern. Serving a name first checks the
-pattern, then resolves the real path (symlinks included) and checks it lies inside the output root,
-the way Starlette's StaticFiles does, so no encoded, absolute or symlinked name escapes the folder.
+`ImageStore` is the small interface the engines write through (save, read, remove), so that an
+object store can follow the folder (docs/scale-out.md); `OutputStore` is the folder, SD_OUTPUT_DIR,
+which in a cluster every node shares. Names come from the server only and match one strict pattern.
+Serving a name first checks the pattern, then resolves the real path (symlinks included) and checks
+it lies inside the output root, the way Starlette's StaticFiles does, so no encoded, absolute or
+symlinked name escapes the folder.
 """
 
 from __future__ import annotations
 
+import abc
 import io
 import os
 import re
@@ -29,6 +33,10 @@ MIME_BY_EXTENSION = {ext: mime for ext, mime, _ in FORMATS.values()}
 
 #: 20261127-054401-3f9a0c1b2d4e.png
 NAME_PATTERN = re.compile(r"^(\d{8})-(\d{6})-([0-9a-f]{12})\.(png|jpg|webp)$")
+#: Images carry their prompts: readable by the service's user and its group (a web server or backup
+#: that shares the group), never by every user of the machine.
+FILE_MODE = 0o640
+DIR_MODE = 0o750
 
 
 @dataclass(frozen=True)
@@ -41,10 +49,28 @@ class SavedFile:
     data: bytes
 
 
-class OutputStore:
+class ImageStore(abc.ABC):
+    """Where generated images are written and read back, by the name the store gave them."""
+
+    @abc.abstractmethod
+    def save(self, image: Any, output_format: str, meta: dict[str, Any]) -> SavedFile:
+        """Encode with the metadata embedded and store under a new name; the stored file."""
+
+    @abc.abstractmethod
+    def read(self, name: str) -> bytes:
+        """The stored bytes; NotFoundError when there is no such image."""
+
+    @abc.abstractmethod
+    def remove(self, name: str) -> None:
+        """Delete a stored image; nothing when it is already gone."""
+
+
+class OutputStore(ImageStore):
+    """A folder (SD_OUTPUT_DIR) of files written atomically under server-chosen names."""
+
     def __init__(self, root: Path) -> None:
         root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)  # the mode applies when it is created here
         self.root = Path(os.path.realpath(root))
 
     @staticmethod
@@ -81,7 +107,7 @@ class OutputStore:
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
-            os.chmod(temp, 0o644)
+            os.chmod(temp, FILE_MODE)
             os.replace(temp, self.root / name)
         except BaseException:
             Path(temp).unlink(missing_ok=True)
@@ -96,6 +122,15 @@ class OutputStore:
         if os.path.commonpath([candidate, str(self.root)]) != str(self.root) or not os.path.isfile(candidate):
             raise NotFoundError("no such image")
         return Path(candidate)
+
+    def read(self, name: str) -> bytes:
+        return self.resolve(name).read_bytes()
+
+    def remove(self, name: str) -> None:
+        try:
+            self.resolve(name).unlink()
+        except (NotFoundError, FileNotFoundError):
+            pass
 
     @staticmethod
     def mime_type(path: Path) -> str:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,6 +59,8 @@ class RetentionPolicy:
 class PruneReport:
     expired: list[OutputFile] = field(default_factory=list)
     over_size: list[OutputFile] = field(default_factory=list)
+    #: Kept only because they are younger than RECENT_SECONDS: the limits alone would delete them.
+    protected: list[OutputFile] = field(default_factory=list)
     kept_files: int = 0
     kept_bytes: int = 0
     dry_run: bool = False
@@ -93,10 +96,28 @@ def plan(files: list[OutputFile], policy: RetentionPolicy, now: float) -> tuple[
     return expired, over_size
 
 
+def protected(remaining: list[OutputFile], policy: RetentionPolicy, now: float) -> list[OutputFile]:
+    """Of the files a pass keeps, those the limits would delete but for being younger than
+    RECENT_SECONDS (oldest first): what an operator asks about when a prune deleted less than expected."""
+    total = sum(item.size for item in remaining)
+    found: list[OutputFile] = []
+    for item in sorted(remaining, key=lambda entry: (entry.mtime, entry.name)):
+        age = now - item.mtime
+        if age >= RECENT_SECONDS:
+            continue
+        too_old = policy.max_age_days > 0 and age > policy.max_age_days * DAY
+        too_much = policy.max_bytes > 0 and total > policy.max_bytes
+        if too_old or too_much:
+            found.append(item)
+            total -= item.size
+    return found
+
+
 def prune(root: Path, policy: RetentionPolicy, *, dry_run: bool = False, now: float | None = None) -> PruneReport:
     """Apply the policy to the outputs in `root` (nothing is deleted with dry_run)."""
     files = catalog.scan(root)
-    expired, over_size = plan(files, policy, time.time() if now is None else now)
+    now = time.time() if now is None else now
+    expired, over_size = plan(files, policy, now)
     report = PruneReport(dry_run=dry_run)
     for reason, chosen, kept in (("age", expired, report.expired), ("size", over_size, report.over_size)):
         for item in chosen:
@@ -113,13 +134,20 @@ def prune(root: Path, policy: RetentionPolicy, *, dry_run: bool = False, now: fl
     remaining = [item for item in files if item.name not in removed]
     report.kept_files = len(remaining)
     report.kept_bytes = sum(item.size for item in remaining)
+    report.protected = protected(remaining, policy, now)
     return report
 
 
 class RetentionTask:
     """Runs `prune` in a worker thread at start-up and every SD_OUTPUT_PRUNE_INTERVAL seconds."""
 
-    def __init__(self, root: Path, policy: RetentionPolicy, interval: float, after_pass=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self,
+        root: Path,
+        policy: RetentionPolicy,
+        interval: float,
+        after_pass: Callable[[PruneReport], object] | None = None,
+    ) -> None:
         self.root = root
         self.policy = policy
         self.interval = interval

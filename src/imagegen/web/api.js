@@ -60,17 +60,28 @@ export async function pageConfig() {
   return response.ok ? response.json() : { auth_required: false };
 }
 
+export async function deleteImage(filename) {
+  const response = await fetch(`api/images/${encodeURIComponent(filename)}`, { method: "DELETE", headers: headers() });
+  if (!response.ok && response.status !== 404) throw await failure(response);
+}
+
 // An <img> cannot send a header, so images are fetched with the key and shown from a blob: URL.
 // The caller revokes the URL when the image leaves the page.
 export async function imageBlobUrl(filename, signal) {
-  const response = await fetch(`api/images/${encodeURIComponent(filename)}`, { signal, headers: headers() });
-  if (!response.ok) throw await failure(response);
-  return URL.createObjectURL(await response.blob());
+  return URL.createObjectURL(await imageBlob(filename, signal));
 }
 
-// Follows a job's event stream; resolves with the final job body, or null if the stream ended early.
+// A stored image's bytes (the edit mode's "use as input": a blob: URL cannot be fetched under the CSP).
+export async function imageBlob(filename, signal) {
+  const response = await fetch(`api/images/${encodeURIComponent(filename)}`, { signal, headers: headers() });
+  if (!response.ok) throw await failure(response);
+  return response.blob();
+}
+
+// Follows a job's event stream (with its live previews); resolves with the final job body, or null if the
+// stream ended early.
 export async function followEvents(jobId, onEvent, signal) {
-  const response = await fetch(`api/jobs/${jobId}/events`, {
+  const response = await fetch(`api/jobs/${jobId}/events?previews=true`, {
     signal, cache: "no-store", headers: headers({ Accept: "text/event-stream" }),
   });
   if (!response.ok) throw await failure(response);

@@ -1,5 +1,6 @@
-// The "Create" form: the backend choice (with each backend's health) and the parameters that the
-// chosen backend supports, set from its capabilities in GET /api/backends.
+// The "Create" form: the backend choice (with each backend's health), the model choice when a backend
+// offers several, and the parameters the chosen model supports, set from its capabilities in
+// GET /api/backends. values() and apply() read and fill it as one settings object (settings.js).
 
 import { $, h } from "./dom.js";
 
@@ -44,18 +45,23 @@ export function withServiceLimits(caps, limits) {
 }
 
 export class GenerateForm {
-  constructor(form, { onSubmit }) {
+  constructor(form, { onSubmit, onChange = () => {}, loras = null, editor = null }) {
     this.form = form;
+    this.loras = loras;  // the LoRA picker (loras.js), told the backend and model chosen
+    this.editor = editor;  // the edit mode (edit.js): images, mask, strength
     this.backends = new Map();
     this.selected = null;
     this.lastSeed = null;
     this.maxImages = 8;
+    this.onChange = onChange;
     form.addEventListener("submit", (event) => {
       event.preventDefault();
       this.checkPixels();
       if (!form.reportValidity()) return;
       onSubmit(this.body());
     });
+    form.addEventListener("input", () => this.onChange());
+    form.addEventListener("change", () => this.onChange());
     // Enter generates from the prompt boxes too; Shift+Enter still starts a new line.
     for (const box of form.querySelectorAll("textarea")) {
       box.addEventListener("keydown", (event) => {
@@ -66,13 +72,16 @@ export class GenerateForm {
       });
     }
     $("#backend-list", form).addEventListener("change", () => this.applyBackend());
+    $("#model", form).addEventListener("change", () => this.applyModel());
     $("#size", form).addEventListener("change", () => this.applySize());
+    $("#model", form).addEventListener("change", () => this.applyLoras());
     $("#seed-random", form).addEventListener("click", () => { $("#seed", form).value = ""; $("#seed", form).focus(); });
     $("#seed-reuse", form).addEventListener("click", () => this.useSeed(this.lastSeed));
   }
 
   setLimits(limits) {
     this.limits = limits;
+    this.loras?.setLimit(limits.max_loras);
     this.maxImages = limits.max_images;
     $("#num-images", this.form).max = String(limits.max_images);
     for (const box of this.form.querySelectorAll("textarea")) box.maxLength = limits.max_prompt_chars;
@@ -99,6 +108,7 @@ export class GenerateForm {
       entry.label.dataset.state = backend.state;
       entry.badge.textContent = STATE_LABELS[backend.state] || backend.state;
       entry.reason.textContent = backend.reason + (backend.default ? " · default" : "");
+      entry.reason.title = entry.reason.textContent;  // long reasons are cut to a few lines: the full text on hover
     }
     if (!this.selectedEntry()) {
       const usable = [...this.backends.values()].filter((entry) => !entry.input.disabled);
@@ -120,13 +130,25 @@ export class GenerateForm {
     $("#no-backend", this.form).hidden = Boolean(entry);
     if (!entry || entry.data.id === this.selected) return;
     this.selected = entry.data.id;
-    // A backend may accept more than the service allows (SD_MAX_*): the lower bound wins.
-    const caps = withServiceLimits(entry.data.capabilities, this.limits);
-    this.caps = caps;
-
+    const offered = entry.data.capabilities.models;
     const models = $("#model", this.form);
-    models.replaceChildren(...caps.models.map((name) => h("option", { value: name }, name)));
-    $("#model-field", this.form).hidden = caps.models.length < 2;
+    models.replaceChildren(...offered.map((name) => h("option", { value: name }, name)));
+    models.value = offered.includes(entry.data.default_model) ? entry.data.default_model : offered[0];
+    // The picker whenever there is a choice (sd with SD_MODELS, flux-api's BFL models).
+    $("#model-field", this.form).hidden = offered.length < 2;
+    this.applyModel();
+  }
+
+  // The chosen model's capabilities: sizes, steps, guidance, schedulers (an SDXL model beside an SD 1.5 one
+  // has other defaults).
+  applyModel() {
+    const entry = this.selectedEntry();
+    if (!entry) return;
+    const model = $("#model", this.form).value;
+    const own = entry.data.model_capabilities && entry.data.model_capabilities[model];
+    // A backend may accept more than the service allows (SD_MAX_*): the lower bound wins.
+    const caps = withServiceLimits(own || entry.data.capabilities, this.limits);
+    this.caps = caps;
 
     const sizes = sizePresets(caps);
     $("#size", this.form).replaceChildren(
@@ -163,6 +185,14 @@ export class GenerateForm {
     if (caps.output_formats.includes(current)) formats.value = current;
 
     $("#num-images", this.form).max = String(Math.min(this.maxImages, 64));
+    this.applyLoras();
+    this.editor?.applyCaps(caps);
+  }
+
+  applyLoras() {
+    if (!this.loras || !this.caps) return;
+    const model = this.caps.models.length > 1 ? $("#model", this.form).value : this.caps.models[0];
+    this.loras.setTarget(this.selected, model, Boolean(this.caps.supports_loras));
   }
 
   applySize() {
@@ -186,6 +216,64 @@ export class GenerateForm {
       $("#size", this.form).value = "custom";
       this.applySize();
     }
+  }
+
+  // The form as one settings object (settings.js): what the next reload or "use these settings" restores.
+  values() {
+    const value = (id) => $(id, this.form).value;
+    return {
+      prompt: value("#prompt"), negative_prompt: value("#negative-prompt"), backend: this.selected,
+      model: value("#model"), size: value("#size"), width: value("#width"), height: value("#height"),
+      steps: value("#steps"), guidance_scale: value("#guidance"), scheduler: value("#scheduler"), seed: value("#seed"),
+      num_images: value("#num-images"), output_format: value("#output-format"),
+    };
+  }
+
+  // Fills the form from a settings object; what the current backends cannot take is left as it is and
+  // named in the list returned ("backend flux-local", "model x", "scheduler y").
+  apply(settings) {
+    const skipped = [];
+    const set = (id, value) => { if (value !== undefined && value !== null) $(id, this.form).value = String(value); };
+    if (settings.backend && settings.backend !== this.selected) {
+      const entry = this.backends.get(settings.backend);
+      if (entry && !entry.input.disabled) {
+        entry.input.checked = true;
+        this.applyBackend();
+      } else skipped.push(`backend ${settings.backend}`);
+    }
+    const entry = this.selectedEntry();
+    if (settings.model && entry && settings.model !== $("#model", this.form).value) {
+      if (entry.data.capabilities.models.includes(settings.model)) {
+        $("#model", this.form).value = settings.model;
+        this.applyModel();
+      } else skipped.push(`model ${settings.model}`);
+    }
+    set("#prompt", settings.prompt);
+    if (this.caps?.supports_negative_prompt !== false) set("#negative-prompt", settings.negative_prompt);
+    if (settings.width && settings.height) {
+      const key = `${settings.width}x${settings.height}`;
+      const sizes = $("#size", this.form);
+      const preset = [...sizes.options].some((option) => option.value === key);
+      sizes.value = settings.size === "custom" || !preset ? "custom" : key;
+      this.applySize();
+      if (sizes.value === "custom") {
+        set("#width", settings.width);
+        set("#height", settings.height);
+      }
+    }
+    set("#steps", settings.steps);
+    if (this.caps?.supports_guidance) set("#guidance", settings.guidance_scale);
+    if (settings.scheduler) {
+      if (this.caps?.schedulers.includes(settings.scheduler)) set("#scheduler", settings.scheduler);
+      else if (this.caps?.schedulers.length) skipped.push(`scheduler ${settings.scheduler}`);
+    }
+    if (settings.seed !== undefined && settings.seed !== "") set("#seed", settings.seed);
+    set("#num-images", settings.num_images);
+    if (settings.output_format && this.caps?.output_formats.includes(settings.output_format)) {
+      set("#output-format", settings.output_format);
+    }
+    this.onChange();
+    return skipped;
   }
 
   useSeed(seed) {
@@ -220,15 +308,23 @@ export class GenerateForm {
     if (caps.supports_guidance && value("#guidance")) body.guidance_scale = Number(value("#guidance"));
     if (caps.schedulers.length) body.scheduler = value("#scheduler");
     if (caps.supports_seed && value("#seed")) body.seed = Math.min(Number(value("#seed")), SEED_MAX);
+    const loras = caps.supports_loras && this.loras ? this.loras.value() : [];
+    if (loras.length) body.loras = loras;
+    if (this.editor?.hasImages) {
+      // The result takes the first image's size unless a custom size was chosen.
+      if ($("#size", this.form).value !== "custom") { delete body.width; delete body.height; }
+      Object.assign(body, this.editor.bodyFields());
+    }
     return body;
   }
 
   // A 422 names the parameter: point at its field.
   markInvalid(param) {
     const ids = { width: "#width", height: "#height", steps: "#steps", guidance_scale: "#guidance", seed: "#seed",
-      num_images: "#num-images", prompt: "#prompt", negative_prompt: "#negative-prompt", scheduler: "#scheduler" };
+      num_images: "#num-images", prompt: "#prompt", negative_prompt: "#negative-prompt", scheduler: "#scheduler",
+      strength: "#strength", images: "#drop-zone", mask: "#mask-canvas" };
     for (const field of this.form.querySelectorAll("[aria-invalid]")) field.removeAttribute("aria-invalid");
-    const id = ids[param];
+    const id = ids[param] || (param && param.startsWith("images[") ? "#drop-zone" : undefined);
     if (!id) return;
     if (id === "#width" || id === "#height") {
       $("#size", this.form).value = "custom";

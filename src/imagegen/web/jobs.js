@@ -3,6 +3,7 @@
 
 import { api, followEvents } from "./api.js";
 import { formatSeconds, h } from "./dom.js";
+import { formatEta, LivePreview } from "./previews.js";
 import { renderImage } from "./results.js";
 
 const FINAL = new Set(["succeeded", "failed", "cancelled"]);
@@ -15,11 +16,14 @@ function queuedText(position) {
 }
 
 class JobCard {
-  constructor(id, request, { blobs, onReuseSeed, onFinished }) {
+  constructor(id, request, { blobs, onReuseSeed, onUseAsInput, onUseSettings, onFinished }) {
     this.id = id;
     this.blobs = blobs;
     this.onReuseSeed = onReuseSeed;
+    this.onUseAsInput = onUseAsInput;
+    this.onUseSettings = onUseSettings;
     this.onFinished = onFinished;
+    this.preview = new LivePreview(request.prompt);
     this.status = "queued";
     this.progress = h("progress", { max: "1", value: "0", "aria-label": "Progress" });
     this.state = h("span", { class: "job-state", role: "status" }, "Queued");
@@ -30,10 +34,12 @@ class JobCard {
     this.element = h("article", { class: "job", "data-job-id": id, "data-status": "queued" },
       h("header", { class: "job-head" },
         h("p", { class: "job-prompt" }, request.prompt),
-        h("p", { class: "job-meta" }, [request.backend, size, `${request.num_images} image${request.num_images > 1 ? "s" : ""}`]
+        h("p", { class: "job-meta" }, [request.backend, request.images?.length ? (request.mask ? "inpaint" : "from image") : "",
+          size, `${request.num_images} image${request.num_images > 1 ? "s" : ""}`]
           .filter(Boolean).join(" · "))),
       h("div", { class: "job-progress" }, this.progress, this.state, this.cancel),
       this.error,
+      this.preview.element,
       this.images,
     );
   }
@@ -44,20 +50,23 @@ class JobCard {
     this.state.textContent = text;
   }
 
-  showProgress(step, total) {
+  showProgress(step, total, eta) {
     if (!total) return;
     this.progress.max = total;
     this.progress.value = step;
-    this.setStatus("running", step > 0 ? `Step ${step} of ${total}` : "Starting…");
+    const text = step > 0 ? `Step ${step} of ${total}` : "Starting…";
+    this.setStatus("running", [text, formatEta(eta)].filter(Boolean).join(" · "));
   }
 
   handle(event, data) {
     if (event === "queued") this.setStatus("queued", queuedText(data.queue_position));
     else if (event === "running") {
-      if (data.total) this.showProgress(data.step, data.total);
+      if (data.total) this.showProgress(data.step, data.total, data.eta_seconds);
       else this.setStatus("running", "Running…");
-    } else if (event === "progress") this.showProgress(data.step, data.total);
-    else if (FINAL.has(event)) this.finish(data);
+    } else if (event === "progress") this.showProgress(data.step, data.total, data.eta_seconds);
+    else if (event === "preview") {
+      if (this.element.dataset.final !== "true") this.preview.show(data);
+    } else if (FINAL.has(event)) this.finish(data);
   }
 
   async follow() {
@@ -73,7 +82,7 @@ class JobCard {
         const job = await api(`api/jobs/${this.id}?include_images=false`);
         if (FINAL.has(job.status)) final = job;
         else if (job.status === "queued") this.handle("queued", job);
-        else this.handle("running", job.progress);
+        else this.handle("running", job.progress || {});
       } catch (error) {
         if (error.status === 401 || error.status === 404) return;
       }
@@ -100,6 +109,7 @@ class JobCard {
     if (this.element.dataset.final === "true") return;
     this.element.dataset.final = "true";
     this.cancel.hidden = true;
+    this.preview.clear();
     const { step, total } = job.progress || {};
     if (job.status === "succeeded") {
       this.progress.max = total || 1;
@@ -109,7 +119,12 @@ class JobCard {
       this.setStatus("succeeded", ["Done", steps, ms ? formatSeconds(ms) : ""].filter(Boolean).join(" · "));
       const images = job.result?.images || [];
       this.images.replaceChildren(...images.map((image) =>
-        renderImage(job, image, { blobs: this.blobs, onReuseSeed: this.onReuseSeed })));
+        renderImage(job, image, {
+          blobs: this.blobs,
+          onReuseSeed: this.onReuseSeed,
+          onUseAsInput: this.onUseAsInput,
+          onUseSettings: this.onUseSettings,
+        })));
     } else if (job.status === "cancelled") {
       this.setStatus("cancelled", "Cancelled");
     } else {

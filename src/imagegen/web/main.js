@@ -1,25 +1,58 @@
 // Wiring: ask for the key when the service needs one, then load the backends and limits, and
-// start the form, this tab's jobs, the queue view and the gallery.
+// start the form (restored from the last visit), this tab's jobs, the queue view, the gallery, and the
+// page-wide drop of an image whose settings fill the form.
 
 import { api, apiKey, onUnauthorized, pageConfig } from "./api.js";
 import { $, announce } from "./dom.js";
+import { EditPanel } from "./edit.js";
+import { watchDrops } from "./dropzone.js";
 import { GenerateForm } from "./form.js";
 import { Gallery } from "./gallery.js";
 import { JobList } from "./jobs.js";
+import { LoraPicker } from "./loras.js";
 import { QueueView } from "./queue.js";
 import { BlobUrls } from "./results.js";
+import { fromJob, memory } from "./settings.js";
 
 const BACKENDS_POLL_MS = 10_000;
+const SAVE_DELAY_MS = 300;
 let backendsTimer = null;
 let started = false;
+let restored = false;
+let saveTimer = null;
 
-const form = new GenerateForm($("#generate-form"), { onSubmit: submit });
+const loras = new LoraPicker($("#lora-field"));
+const editor = new EditPanel($("#edit"));
+const form = new GenerateForm($("#generate-form"), {
+  onSubmit: submit,
+  loras,
+  editor,
+  // The form survives a reload: saved (debounced) whenever it changes, restored once the backends are known.
+  onChange() {
+    if (!restored) return;
+    clearTimeout(saveTimer);
+    saveTimer = setTimeout(() => memory.save(form.values()), SAVE_DELAY_MS);
+  },
+});
 const reuseSeed = (seed) => { form.useSeed(seed); announce(`Seed ${seed} will be used for the next generation`); };
-const gallery = new Gallery($("#gallery"), { onReuseSeed: reuseSeed });
+
+function useSettings(settings, source) {
+  const skipped = form.apply(settings);
+  const note = skipped.length ? ` (not available here: ${skipped.join(", ")})` : "";
+  $("#read-image-status").textContent = `Settings from ${source}${note}.`;
+  announce(`The form now has the settings from ${source}${note}`);
+  $("#create").scrollIntoView({ block: "start", behavior: "smooth" });
+  $("#prompt").focus({ preventScroll: true });
+}
+const useJobSettings = (job, image) => useSettings(fromJob(job, image), `the image with seed ${image.seed}`);
+
+const gallery = new Gallery($("#gallery"), { onReuseSeed: reuseSeed, onUseSettings: useJobSettings });
 const queue = new QueueView($("#queue"), { onChange: showQueueCounts });
 const jobs = new JobList($("#jobs"), {
   blobs: new BlobUrls(),
   onReuseSeed: reuseSeed,
+  onUseAsInput: (filename) => editor.useResult(filename).catch((error) => announce(`Could not use it: ${error.message}`)),
+  onUseSettings: useJobSettings,
   onFinished(job) {
     $("#results-empty").hidden = true;
     const seeds = job.parameters?.seeds;
@@ -56,6 +89,11 @@ async function submit(body) {
 async function loadBackends() {
   const listing = await api("api/backends");
   form.setBackends(listing.backends, listing.default);
+  if (!restored) {
+    const saved = memory.load();
+    if (saved) form.apply(saved);
+    restored = true;
+  }
   const current = listing.backends.find((backend) => backend.default);
   $("#service-status").textContent = current ? `Default backend ${current.id}: ${current.state}` : "";
 }
@@ -76,6 +114,7 @@ async function start() {
   try {
     const info = await api("info");
     form.setLimits(info.limits);
+    await loras.load();
     await loadBackends();
   } catch (error) {
     if (error.status !== 401) {
@@ -107,6 +146,11 @@ $("#auth-form").addEventListener("submit", (event) => {
   apiKey.set(key);
   $("#auth-error").textContent = "";
   start();
+});
+
+watchDrops({
+  onSettings: (settings, name) => useSettings(settings, name),
+  onNothing: (message) => { $("#read-image-status").textContent = message; announce(message); },
 });
 
 $("#forget-key").addEventListener("click", () => {

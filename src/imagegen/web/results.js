@@ -1,4 +1,5 @@
-// One result image, large, with its seed and parameters: "Copy seed", "Reuse seed", "Download".
+// One result image, large, with its seed and parameters: "Copy seed", "Reuse seed", "Use these settings",
+// "Download" (and "Delete" where the caller offers it: the gallery's viewer).
 // A flagged image (nsfw) has no pixels at all: it is shown as a labelled placeholder.
 
 import { imageBlobUrl } from "./api.js";
@@ -9,10 +10,12 @@ function parameterList(job, image) {
   const rows = [
     ...(p.negative_prompt ? [["Negative", p.negative_prompt]] : []),
     ["Size", `${image.width ?? p.width} × ${image.height ?? p.height}`],
+    ...(p.mode && p.mode !== "txt2img" ? [["Mode", p.strength ? `${p.mode} · strength ${p.strength}` : p.mode]] : []),
     ["Steps", p.steps ?? "default"],
     ["Guidance", p.guidance_scale ?? "—"],
     ["Scheduler", p.scheduler ?? "—"],
     ["Backend", `${job.backend} · ${job.model}`],
+    ...(p.loras?.length ? [["LoRAs", p.loras.map((lora) => `${lora.name} ${lora.weight}`).join(", ")]] : []),
     ["Format", p.output_format],
   ];
   return h("dl", { class: "params" }, rows.map(([name, value]) => [h("dt", {}, name), h("dd", {}, String(value))]));
@@ -32,7 +35,7 @@ export class BlobUrls {
   }
 }
 
-export function renderImage(job, image, { blobs, onReuseSeed }) {
+export function renderImage(job, image, { blobs, onReuseSeed, onUseAsInput, onUseSettings, onDelete }) {
   const seedText = String(image.seed);
   const actions = h("div", { class: "image-actions" },
     h("button", { type: "button", onclick: async () => {
@@ -44,6 +47,8 @@ export function renderImage(job, image, { blobs, onReuseSeed }) {
       }
     } }, "Copy seed"),
     onReuseSeed && h("button", { type: "button", onclick: () => onReuseSeed(image.seed) }, "Reuse seed"),
+    onUseSettings && h("button", { type: "button", class: "use-settings", onclick: () => onUseSettings(job, image) },
+      "Use these settings"),
   );
   const caption = h("figcaption", {},
     h("p", { class: "seed" }, "Seed ", h("strong", { class: "seed-value" }, seedText)),
@@ -63,6 +68,10 @@ export function renderImage(job, image, { blobs, onReuseSeed }) {
   const img = h("img", { alt: `${job.parameters.prompt} (seed ${seedText})`, width: image.width, height: image.height });
   const download = h("a", { class: "button", download: image.filename, "aria-disabled": "true" }, "Download");
   actions.append(download);
+  if (onUseAsInput) {
+    actions.append(h("button", { type: "button", class: "use-input", onclick: () => onUseAsInput(image.filename) }, "Use as input"));
+  }
+  if (onDelete) actions.append(h("button", { type: "button", class: "danger", onclick: () => onDelete(job, image) }, "Delete"));
   const figure = h("figure", { class: "result loading" }, h("div", { class: "frame" }, img), caption);
   blobs.load(image.filename).then((url) => {
     img.src = url;

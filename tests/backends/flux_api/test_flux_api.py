@@ -197,7 +197,7 @@ def test_403_is_the_same_key_error(flux_service: Service, bfl: RunningFake) -> N
 
 def test_out_of_credits_is_402(flux_service: Service, bfl: RunningFake) -> None:
     bfl.fake.credits = 0
-    client = flux_service(bfl)
+    client = flux_service(bfl, ready=False)  # an empty account is not ready (test_flux_api_service.py)
     assert error_of(txt2img(client), 402, "payment_required") == "BFL account out of credits"
 
 
@@ -309,6 +309,87 @@ def test_a_result_that_is_not_an_image_is_502(flux_service: Service, bfl: Runnin
     assert "not a valid PNG, JPEG or WebP image" in error_of(
         txt2img(client, prompt="corrupt-result"), 502, "upstream_error"
     )
+
+
+# -- transport failures: every one a 502 upstream_error, never a 500 with a traceback -------------------
+
+
+def _service_log(client: httpx.Client) -> io.StringIO:
+    """The service's log handler (installed by create_app) pointed at a buffer."""
+    import logging
+
+    buffer = io.StringIO()
+    from imagegen.logging_setup import ServiceLogHandler
+
+    (handler,) = [h for h in logging.getLogger("imagegen").handlers if isinstance(h, ServiceLogHandler)]
+    handler.setStream(buffer)
+    return buffer
+
+
+def test_a_result_url_that_redirects_in_a_loop_is_502(flux_service: Service, bfl: RunningFake) -> None:
+    client = flux_service(bfl, log_level="info")
+    log = _service_log(client)
+    message = error_of(txt2img(client, prompt="redirect-loop"), 502, "upstream_error")
+    assert "too many redirects" in message
+    assert 2 <= bfl.fake.count("sample") <= 4  # the download client follows three redirects, then stops
+    assert "Traceback" not in log.getvalue() and "unexpected" not in log.getvalue()
+
+
+def test_a_result_whose_body_does_not_decode_is_502(flux_service: Service, bfl: RunningFake) -> None:
+    client = flux_service(bfl)
+    # Declared gzip, sent plain: httpx fails while decoding the stream.
+    bfl.fake.inject("sample", 200, body={"not": "gzip"}, headers={"Content-Encoding": "gzip"})
+    assert "DecodingError" in error_of(txt2img(client), 502, "upstream_error")
+
+
+def test_a_tls_failure_is_502_and_not_retried(flux_service: Service, start_fake: Callable[..., RunningFake]) -> None:
+    # The result URL says https, the server behind it speaks plain HTTP: the handshake fails.
+    bfl = start_fake()
+    bfl.fake.delivery_base = bfl.url.replace("http://", "https://")
+    client = flux_service(bfl)
+    assert "TLS error" in error_of(txt2img(client), 502, "upstream_error")
+    assert bfl.fake.count("sample") == 0
+
+
+class GarbageServer:
+    """Answers every connection with bytes that are not HTTP, then closes it."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"this is not HTTP\r\n\r\n")
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_protocol_error_is_502_after_the_retries(
+    flux_service: Service, start_fake: Callable[..., RunningFake]
+) -> None:
+    garbage = GarbageServer()
+    try:
+        bfl = start_fake(delivery_base=garbage.url)
+        client = flux_service(bfl, bfl_max_retries=2)
+        message = error_of(txt2img(client), 502, "upstream_error")
+        assert "RemoteProtocolError" in message and "3 attempt(s)" in message
+        assert garbage.connections == 3  # a download is idempotent: retried
+    finally:
+        garbage.close()
 
 
 # -- validation before any credit is spent -------------------------------------------------------------

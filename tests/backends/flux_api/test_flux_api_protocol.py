@@ -18,7 +18,7 @@ from PIL import Image
 from imagegen.backends.base import RunContext
 from imagegen.backends.bfl.backend import FluxApiBackend, decode_image
 from imagegen.backends.bfl.client import is_bfl_api_url, parse_progress, retry_after_seconds
-from imagegen.backends.bfl.models import MODELS
+from imagegen.backends.bfl.models import FILL, FILL_MODEL, MODELS
 from imagegen.config import BflModel, Settings, SettingsError, load_settings
 from imagegen.errors import JobCancelledError, ServiceError, UpstreamError
 from imagegen.generation import GenerationParams
@@ -67,11 +67,13 @@ def test_progress_is_a_fraction_or_a_percentage() -> None:
 
 
 def test_the_model_table_the_settings_and_the_fake_agree() -> None:
-    assert set(MODELS) == set(get_args(BflModel)) == set(MODEL_RULES)
-    for name, rules in MODELS.items():
+    # The fake also answers the fill endpoint, which is no selectable model (a mask goes there).
+    assert set(MODELS) == set(get_args(BflModel)) == set(MODEL_RULES) - {FILL_MODEL}
+    for name, rules in (*MODELS.items(), (FILL_MODEL, FILL)):
         fake = MODEL_RULES[name]
         assert (rules.size_multiple, rules.max_safety_tolerance) == (fake["multiple"], fake["safety"]), name
         assert (rules.steps is None) == (fake["steps"] is None), name
+        assert rules.max_references == fake.get("references", 0), name
 
 
 def test_decode_refuses_what_is_not_a_png_jpeg_or_webp() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from imagegen.backends.base import Availability, BackendState
 from imagegen.backends.bfl.backend import FluxApiBackend
 from imagegen.config import Settings
 from tests.backends.flux_api.conftest import CANARY_KEY, RunningFake
@@ -52,8 +53,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
 def test_30_concurrent_requests_never_exceed_24_active_tasks(
     flux_service: Service, start_fake: Callable[..., RunningFake]
 ) -> None:
-    # Long enough that all 30 arrive while the first 24 still run; the fake answers 429 past 24, like BFL.
-    bfl = start_fake(generation_time=0.8)
+    # Long enough that all 30 arrive while the first 24 still run, even on a loaded 2-core machine; the
+    # fake answers 429 past 24, like BFL.
+    bfl = start_fake(generation_time=2.0)
     client = flux_service(bfl)
     assert backend_of(client).concurrency == 24
     responses = concurrently(client, [{"seed": 1000 + index, "width": 256, "height": 256} for index in range(30)])
@@ -124,7 +126,11 @@ def test_without_a_key_flux_api_is_not_configured_and_refuses_jobs(
     state = health.json()["backends"]["flux-api"]
     assert state["state"] == "not_configured" and "SD_BFL_API_KEY" in state["reason"]
     response = txt2img(client)
-    assert response.status_code == 503 and "SD_BFL_API_KEY" in response.json()["error"]["message"]
+    assert response.status_code == 422 and "SD_BFL_API_KEY" in response.json()["error"]["message"]
+    assert response.json()["error"]["type"] == "backend_not_configured"
+    available = backend_of(client).availability()
+    assert available == Availability(BackendState.NOT_CONFIGURED, "SD_BFL_API_KEY is not set")
+    assert not available.accepts_jobs
 
 
 def test_health_is_ready_and_the_key_check_is_cached(flux_service: Service, bfl: RunningFake) -> None:
@@ -152,6 +158,39 @@ def test_a_rejected_key_shows_in_health(flux_service: Service, bfl: RunningFake)
     health = client.get("/health")
     assert health.status_code == 503
     assert health.json()["backends"]["flux-api"]["reason"] == "BFL key rejected: check SD_BFL_API_KEY"
+    # Jobs are still taken (each answers the rejection, 503): the key may be accepted again (a restored
+    # account, trouble on BFL's side), unlike a key that is not set at all.
+    available = backend_of(client).availability()
+    assert available.state is BackendState.ERROR and available.accepts_jobs
+
+
+def test_an_empty_account_is_not_ready_until_topped_up(
+    flux_service: Service, start_fake: Callable[..., RunningFake]
+) -> None:
+    bfl = start_fake(credits=0)
+    client = flux_service(bfl, ready=False, bfl_key_check_interval=0.2)
+    wait_until(lambda: client.get("/health").json()["backends"]["flux-api"]["key_check"] == "no_credits")
+    health = client.get("/health")
+    assert health.status_code == 503  # flux-api is the default backend: readiness fails
+    state = health.json()["backends"]["flux-api"]
+    assert state["state"] == "error" and state["reason"].startswith("BFL account out of credits: add credits")
+    # Jobs are still taken and answered 402 (what a client of an empty account should hear) ...
+    response = txt2img(client)
+    assert response.status_code == 402 and response.json()["error"]["type"] == "payment_required"
+    # ... and the next key check sees the credits back.
+    bfl.fake.credits = 50
+    wait_until(lambda: client.get("/health").status_code == 200)
+    assert client.get("/health").json()["backends"]["flux-api"]["state"] == "ready"
+
+
+def test_a_wrong_key_with_an_empty_account_is_still_a_wrong_key(
+    flux_service: Service, start_fake: Callable[..., RunningFake]
+) -> None:
+    bfl = start_fake(credits=0)
+    client = flux_service(bfl, bfl_api_key="bfl_wrong-key", ready=False)
+    wait_until(lambda: client.get("/health").json()["backends"]["flux-api"]["key_check"] == "rejected")
+    state = client.get("/health").json()["backends"]["flux-api"]
+    assert state["state"] == "error" and state["reason"] == "BFL key rejected: check SD_BFL_API_KEY"
 
 
 def test_an_endpoint_without_credits_route_stays_ready(flux_service: Service, bfl: RunningFake) -> None:

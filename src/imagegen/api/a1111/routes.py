@@ -1,17 +1,18 @@
 """The AUTOMATIC1111 web UI API (`/sdapi/v1/*`), as Open WebUI, SillyTavern, LibreChat, n8n community
 nodes and the `webuiapi` package speak it, in front of every backend.
 
-Every txt2img is a job of the engine (queue limits, progress, cancel apply). Errors use A1111's shape
+Every txt2img and img2img is a job of the engine (queue limits, progress, cancel apply). Errors use A1111's shape
 (api/dialects.py). Model choice is limited to the configured models (api/model_catalog.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
 
@@ -20,17 +21,27 @@ from imagegen.api.a1111 import translate as a1111_translate
 from imagegen.api.a1111.samplers import SAMPLERS, SCHEDULE_TYPES
 from imagegen.api.a1111.schemas import (
     A1111_ERRORS,
+    CHECKPOINT_PARAM,
     A1111Checkpoint,
+    A1111Img2ImgRequest,
     A1111Progress,
     A1111Sampler,
     A1111Scheduler,
     A1111Txt2ImgRequest,
     A1111Txt2ImgResponse,
+    checkpoint_for,
 )
 from imagegen.api.deps import ServicesDep
 from imagegen.api.sync_jobs import raise_for_job, renamed, run_job
 from imagegen.engine.jobs import JobStatus
-from imagegen.errors import ConflictError, InvalidParameterError, NotFoundError
+from imagegen.errors import (
+    BackendNotConfiguredError,
+    ConflictError,
+    InvalidParameterError,
+    NotFoundError,
+    ServiceError,
+)
+from imagegen.storage.loras import SUFFIX
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], responses=A1111_ERRORS)
 
@@ -52,6 +63,25 @@ async def txt2img(body: A1111Txt2ImgRequest, request: Request, services: Service
     return await asyncio.to_thread(a1111_translate.response_body, body, job, plan, services.outputs)
 
 
+@router.post("/img2img", response_model=A1111Txt2ImgResponse)
+async def img2img(body: A1111Img2ImgRequest, request: Request, services: ServicesDep) -> dict[str, Any]:
+    """A1111 img2img: init_images (and mask: inpainting), denoising_strength, resize_mode; answered like
+    txt2img. Options this service does not have are listed in info.ignored_parameters."""
+
+    def rename(error: ServiceError) -> ServiceError:
+        return renamed(error, a1111_translate.A1111_NAMES)
+
+    try:
+        inputs = await asyncio.to_thread(a1111_translate.store_inputs, body, services.inputs, services.settings)
+        plan = a1111_translate.plan(body, services.registry, services.settings, inputs)
+    except ServiceError as error:
+        raise rename(error) from None
+    job = await run_job(services, request, plan.params, plan.backend_id, on_error=rename)
+    if job.status is not JobStatus.CANCELLED:
+        raise_for_job(job)
+    return await asyncio.to_thread(a1111_translate.response_body, body, job, plan, services.outputs)
+
+
 # -- options: the service's default checkpoint ---------------------------------------------------
 
 
@@ -70,7 +100,7 @@ async def get_options(services: ServicesDep) -> dict[str, Any]:
 
 
 @router.post("/options")
-async def set_options(services: ServicesDep, body: dict[str, Any] = Body(...)) -> None:  # noqa: B008
+async def set_options(services: ServicesDep, body: Annotated[dict[str, Any], Body()]) -> None:
     """Change the default checkpoint (in memory, until restart). Other keys are accepted and ignored."""
     name = body.get("sd_model_checkpoint")
     if name is None:
@@ -82,15 +112,14 @@ async def set_options(services: ServicesDep, body: dict[str, Any] = Body(...)) -
     if name == current.title:
         return None  # clients post the whole dict back: an unchanged value is never an error
     try:
-        pair = a1111_translate.checkpoint_for(registry, name)
+        pair = checkpoint_for(registry, name)
     except InvalidParameterError as error:
-        raise renamed(error, {a1111_translate.CHECKPOINT_PARAM: "sd_model_checkpoint"}) from None
+        raise renamed(error, {CHECKPOINT_PARAM: "sd_model_checkpoint"}) from None
     if pair != current:
-        backend = registry.get(pair.backend)
-        if not model_catalog.usable(backend):
-            health = backend.health()
-            raise InvalidParameterError(
-                f"checkpoint's backend '{backend.id}' is {health.state.value}: {health.reason}",
+        available = registry.get(pair.backend).availability()
+        if not available.accepts_jobs:
+            raise BackendNotConfiguredError(
+                f"checkpoint's backend '{pair.backend}' is {available.state.value}: {available.reason}",
                 param="sd_model_checkpoint",
             )
         registry.set_default(pair.backend, pair.model)
@@ -160,9 +189,24 @@ async def sd_vae() -> list[dict[str, Any]]:
 
 
 @router.get("/loras")
-async def loras() -> list[dict[str, Any]]:
-    """None."""
-    return []
+async def loras(services: ServicesDep) -> list[dict[str, Any]]:
+    """The LoRAs in SD_LORA_DIR as A1111 lists them: `name` is what `<lora:name:weight>` takes; `path`
+    is the file's name (never a server path); `metadata` the file's own (training) metadata."""
+    catalog = services.registry.loras
+    if catalog is None:
+        return []
+    entries = await asyncio.to_thread(catalog.list)
+    return [
+        {"name": entry.name, "alias": entry.name, "path": entry.name + SUFFIX, "metadata": entry.header.metadata}
+        for entry in entries
+    ]
+
+
+@router.post("/refresh-loras")
+async def refresh_loras(services: ServicesDep) -> None:
+    """Look at SD_LORA_DIR again (new, changed and removed files). Answers null, as A1111 does."""
+    if services.registry.loras is not None:
+        services.registry.loras.refresh()
 
 
 @router.get("/prompt-styles")
@@ -181,10 +225,11 @@ async def scripts() -> dict[str, list[str]]:
 
 
 @router.get("/progress", response_model=A1111Progress)
-async def progress(services: ServicesDep) -> dict[str, Any]:
-    """The running job's progress (the longest-running one when several run); 0 and job_count 0 when idle."""
-    running = services.engine.running()
-    job_count = len(running) + services.engine.queued_count()
+async def progress(services: ServicesDep, skip_current_image: bool = False) -> dict[str, Any]:
+    """The running job's progress (the longest-running one when several run), its ETA from the measured
+    step rate and its live preview (`current_image`, base64 JPEG); 0 and job_count 0 when idle."""
+    running = await services.engine.running()
+    job_count = len(running) + int((await services.engine.stats())["queued"])
     state: dict[str, Any] = {
         "skipped": False,
         "interrupted": False,
@@ -208,12 +253,17 @@ async def progress(services: ServicesDep) -> dict[str, Any]:
         sampling_step=done["step"],
         sampling_steps=done["total"],
     )
+    eta = job.eta_seconds()
+    if eta is None:  # no step rate yet: A1111's own estimate, the time so far scaled by what is left
+        eta = round(elapsed / fraction - elapsed, 3) if fraction > 0 else 0.0
+    preview = job.preview
     return {
         "progress": fraction,
-        # A1111's estimate: the time so far scaled by what is left.
-        "eta_relative": round(elapsed / fraction - elapsed, 3) if fraction > 0 else 0.0,
+        "eta_relative": eta,
         "state": state,
-        "current_image": None,
+        "current_image": None
+        if preview is None or skip_current_image
+        else base64.b64encode(preview.data).decode("ascii"),
         "textinfo": f"{job.backend}: step {done['step']} of {done['total']}",
     }
 
@@ -221,7 +271,7 @@ async def progress(services: ServicesDep) -> dict[str, Any]:
 @router.post("/interrupt")
 async def interrupt(services: ServicesDep) -> dict[str, Any]:
     """Cancel the running job(s), as A1111's Interrupt button does; queued jobs go on. Answers {}."""
-    for job in services.engine.running():
+    for job in await services.engine.running():
         with contextlib.suppress(ConflictError, NotFoundError):  # it ended meanwhile
             await services.engine.cancel(job.id, reason="interrupted (POST /sdapi/v1/interrupt)")
     return {}

@@ -8,12 +8,18 @@ own). A few extensions, sent by scripts through `extra_body`, reach the native p
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from imagegen.api import model_catalog
+from imagegen.api.dialects import Dialect, documented_errors
+from imagegen.api.translation import RequestDefaults, Target
 from imagegen.errors import InvalidParameterError
-from imagegen.generation import SEED_MAX
+from imagegen.generation import SEED_MAX, GenerationParams
+
+if TYPE_CHECKING:
+    from imagegen.backends.registry import BackendRegistry
 
 _HARD_MAX_TEXT = 100_000
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
@@ -74,6 +80,35 @@ class ImageGenerationRequest(BaseModel):
             return round(default_steps * 1.5)
         return None
 
+    # -- translation (api/translation.py) ---------------------------------------------------------
+    def target(self, registry: BackendRegistry) -> Target:
+        """What `model` names (GET /v1/models); a name the service does not know (dall-e-3,
+        gpt-image-1) means the default backend."""
+        pair = model_catalog.find(registry, self.model) if self.model else None
+        if pair is None:
+            return Target(registry.get(None))
+        return Target(registry.get(pair.backend), pair.model)
+
+    def to_params(self, defaults: RequestDefaults) -> GenerationParams:
+        if self.stream:
+            raise InvalidParameterError("streaming is not supported: omit stream or set it to false", param="stream")
+        width, height = self.dimensions()
+        steps = self.steps_for(defaults.default_steps)
+        if steps is not None and self.steps is None:
+            steps = min(steps, defaults.max_steps)  # quality never exceeds the limits
+        return GenerationParams(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=self.guidance_scale,
+            seed=self.seed,
+            num_images=self.n or 1,
+            output_format=self.output_format or "png",
+            model=defaults.model,
+        )
+
 
 class ImageData(BaseModel):
     b64_json: str | None = None
@@ -86,6 +121,34 @@ class ImagesResponse(BaseModel):
     background: Literal["opaque"] = "opaque"
     output_format: str
     size: str
+    ignored_parameters: list[str] | None = Field(
+        None, description="Edits only (extension): fields sent that changed nothing here."
+    )
+
+
+_EDIT_FIELDS: dict[str, Any] = {
+    "image": {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP (sniffed from the bytes)."},
+    "image[]": {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "Several images."},
+    "mask": {"type": "string", "format": "binary", "description": "Transparent pixels mark the area to edit."},
+    "prompt": {"type": "string"},
+    "model": {"type": "string"},
+    "n": {"type": "integer"},
+    "size": {"type": "string"},
+    "response_format": {"type": "string", "enum": ["b64_json", "url"]},
+    "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]},
+    "strength": {"type": "number", "description": "Extension: img2img/inpaint strength (0, 1]."},
+}
+#: The request body of POST /v1/images/edits for the OpenAPI document (the route parses it itself).
+EDIT_REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["image", "prompt"], "properties": _EDIT_FIELDS}
+            },
+        },
+    }
+}
 
 
 class ModelOut(BaseModel):
@@ -118,6 +181,6 @@ class OpenAIErrorResponse(BaseModel):
 
 
 #: Documented on every /v1/ route (invalid parameters are 400 in this dialect, as OpenAI answers).
-OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": OpenAIErrorResponse} for code in (400, 401, 402, 404, 413, 415, 422, 429, 500, 502, 503, 504)
-}
+OPENAI_ERRORS = documented_errors(
+    Dialect.OPENAI, OpenAIErrorResponse, (400, 401, 402, 404, 413, 415, 422, 429, 500, 502, 503, 504)
+)

@@ -3,6 +3,11 @@
 One image is one BFL task: submit, poll its `polling_url` until it is final, download the result at
 once (the URL expires), decode it and hand it to the engine, which stores it like every other output.
 
+Images (docs/editing.md): FLUX.2 models edit with reference images (`input_image`, `input_image_2`...,
+as many as each model takes), Kontext with one; a mask sends the request to FLUX.1 Fill [pro]
+(`flux-pro-1.0-fill`), whatever FLUX model was chosen. Inputs leave as PNGs re-encoded from their
+pixels (nothing of the uploaded file's metadata is forwarded), references scaled to at most 4 MP.
+
 Concurrency: the engine runs up to SD_BFL_MAX_ACTIVE_TASKS jobs at once on this backend's own lane,
 and a job may need several tasks, so the backend also holds one slot per active task (a semaphore of
 the same size): BFL never sees more active tasks than the limit from this service, and never answers
@@ -15,6 +20,8 @@ No torch here: this backend must stay importable and cheap on a machine without 
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import io
 import logging
 import time
@@ -24,7 +31,16 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from imagegen import metrics
-from imagegen.backends.base import BackendHealth, BackendState, Capabilities, ImageBackend, RunContext
+from imagegen.backends import conditioning
+from imagegen.backends.base import (
+    Availability,
+    BackendHealth,
+    BackendState,
+    Capabilities,
+    ImageBackend,
+    RunContext,
+    size_like,
+)
 from imagegen.backends.bfl.client import (
     FINAL_STATUSES,
     KEY_REJECTED,
@@ -35,10 +51,19 @@ from imagegen.backends.bfl.client import (
     raise_for_final_status,
 )
 from imagegen.backends.bfl.health import KeyMonitor
-from imagegen.backends.bfl.models import FOUR_MP, MODELS, BflModelRules, aspect_ratio, check_request
+from imagegen.backends.bfl.models import (
+    FILL,
+    FILL_MODEL,
+    FOUR_MP,
+    MODELS,
+    BflModelRules,
+    aspect_ratio,
+    check_request,
+    rules_for,
+)
 from imagegen.config import Backend, Settings
 from imagegen.errors import (
-    BackendUnavailableError,
+    BackendNotConfiguredError,
     ContentModeratedError,
     DeadlineExceededError,
     InvalidParameterError,
@@ -47,7 +72,8 @@ from imagegen.errors import (
     ServiceError,
     UpstreamError,
 )
-from imagegen.generation import GeneratedImage, GenerationParams, GenerationRequest
+from imagegen.generation import GeneratedImage, GenerationParams, GenerationRequest, Mode
+from imagegen.storage.inputs import InputStore
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -99,6 +125,12 @@ class _Slot:
             semaphore.release()
 
 
+def _png_b64(image: Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")  # pixels only: no metadata travels
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def decode_image(data: bytes) -> Image:
     """Bytes from BFL as a loaded PIL image; anything else is an upstream error (never a 500)."""
     from PIL import Image as PILImage
@@ -119,9 +151,8 @@ def decode_image(data: bytes) -> Image:
 
 def bfl_error_kind(error: ServiceError) -> str:
     """The metric kind of an error of this backend: the raise site's tag, else the error's class."""
-    tag = getattr(error, "bfl_kind", None)
-    if tag:
-        return str(tag)
+    if error.cause_kind:
+        return error.cause_kind
     by_class: tuple[tuple[type[ServiceError], str], ...] = (
         (PaymentRequiredError, "credits"),
         (ContentModeratedError, "moderated"),
@@ -171,6 +202,13 @@ class FluxApiBackend(ImageBackend):
                 timeout=min(10.0, settings.bfl_request_timeout),
             )
         self._background: set[asyncio.Task[Any]] = set()
+        self._inputs: InputStore | None = None
+
+    @property
+    def inputs(self) -> InputStore:
+        if self._inputs is None:
+            self._inputs = InputStore(self.settings.inputs_dir)
+        return self._inputs
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -207,7 +245,11 @@ class FluxApiBackend(ImageBackend):
             supports_guidance=False,
             default_guidance=None,
             output_formats=("png", "jpeg", "webp"),
+            modes=("txt2img", "edit", "inpaint"),
+            max_input_images=max(MODELS[name].max_references for name in self.models),
             notes=(
+                "images: reference images for the models that take them (max_reference_images in bfl_models); "
+                f"a mask goes to {FILL_MODEL} (FLUX.1 Fill [pro])",
                 "each model has its own rules: see bfl_models in GET /api/backends",
                 "FLUX.2: sizes are multiples of 16; FLUX.1: multiples of 32 in 256..1440",
                 "steps and guidance_scale apply to flux-2-flex, flux-pro and flux-dev only",
@@ -215,6 +257,14 @@ class FluxApiBackend(ImageBackend):
                 "safety_tolerance: 0 (strictest) .. 5 on FLUX.2, .. 6 on FLUX.1",
             ),
         )
+
+    def capabilities_for(self, model: str) -> Capabilities:
+        """The backend's bounds with this model's modes: references where it takes them, and
+        inpainting through the fill endpoint for every model."""
+        rules = MODELS[model]
+        caps = self.capabilities()
+        modes: tuple[Mode, ...] = ("txt2img", "edit", "inpaint") if rules.max_references else ("txt2img", "inpaint")
+        return dataclasses.replace(caps, modes=modes, max_input_images=rules.max_references)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -227,10 +277,28 @@ class FluxApiBackend(ImageBackend):
         return urlsplit(self.settings.bfl_api_url).netloc
 
     # -- health: never network I/O here; the key check runs in the background (bfl/health.py) -------
+    def availability(self) -> Availability:
+        if self._key is None:
+            return Availability(BackendState.NOT_CONFIGURED, "SD_BFL_API_KEY is not set")
+        state = self._key.current().state
+        if state == "rejected":
+            # A misconfiguration only the operator can fix: not ready, like a model that failed to load.
+            return Availability(BackendState.ERROR, KEY_REJECTED)
+        if state == "no_credits":
+            # Every request would answer 402 until the account is topped up: not ready (a readiness probe
+            # takes it out of rotation while it is the default). Jobs are still taken: the next key check,
+            # or a request that BFL accepts, sees the credits back.
+            return Availability(
+                BackendState.ERROR,
+                f"{OUT_OF_CREDITS}: add credits at https://api.bfl.ai/ (requests answer 402 until then)",
+            )
+        return Availability(BackendState.READY, f"BFL API at {self._api_host()}")
+
     def health(self) -> BackendHealth:
         model = self.settings.bfl_model
+        available = self.availability()
         if self._key is None:
-            return BackendHealth(BackendState.NOT_CONFIGURED, "SD_BFL_API_KEY is not set", model=model, device="cloud")
+            return BackendHealth(available.state, available.reason, model=model, device="cloud")
         check = self._key.current()
         details: dict[str, Any] = {
             "api_host": self._api_host(),
@@ -242,13 +310,11 @@ class FluxApiBackend(ImageBackend):
         if check.checked_at is not None:
             details["key_checked_seconds_ago"] = round(time.monotonic() - check.checked_at, 1)
         host = details["api_host"]
-        if check.state == "rejected":
-            # A misconfiguration only the operator can fix: not ready, like a model that failed to load.
-            return BackendHealth(BackendState.ERROR, KEY_REJECTED, model=model, device="cloud", details=details)
-        # Everything else stays ready: an empty account or a flaky credits call is no reason to restart
-        # the service; requests then answer 402 or their own error.
+        if available.state is not BackendState.READY:  # the key was rejected, or the account is empty
+            return BackendHealth(available.state, available.reason, model=model, device="cloud", details=details)
+        # Everything else stays ready: a flaky or missing credits call is no reason to take the service
+        # out of rotation; requests then answer their own error.
         reason = {
-            "no_credits": f"BFL API at {host}; {OUT_OF_CREDITS} (requests answer 402 until it is topped up)",
             "ok": f"BFL API at {host}" + (f"; {check.credits:g} credits" if check.credits is not None else ""),
             "unchecked": f"BFL API at {host}; key not checked yet",
             "disabled": f"BFL API at {host}; key not checked (SD_BFL_KEY_CHECK=false)",
@@ -264,9 +330,17 @@ class FluxApiBackend(ImageBackend):
 
     # -- validation ------------------------------------------------------------------------------
     def resolve(self, params: GenerationParams) -> GenerationRequest:
-        """The service-wide checks (base class), then the chosen BFL model's own rules."""
+        """The service-wide checks (base class), then the chosen BFL model's own rules; a mask makes it
+        a request to the fill endpoint, with the fill endpoint's rules."""
+        if params.mask is not None and params.images and params.width is None and params.height is None:
+            # Fill answers at the image's size: the image's own, within fill's bounds.
+            image = params.images[0]
+            caps = dataclasses.replace(self.capabilities(), size_multiple=FILL.size_multiple, min_size=FILL.min_size)
+            width, height = size_like(image.width, image.height, caps, FILL.max_size, FILL.max_size, FILL.max_pixels)
+            params = params.model_copy(update={"width": width, "height": height})
         request = super().resolve(params)
-        rules = MODELS[request.model]
+        fill = request.mode == "inpaint"
+        rules = FILL if fill else MODELS[request.model]
         unknown = sorted(set(params.backend_options) - set(_OPTIONS))
         if unknown:
             raise InvalidParameterError(f"unknown flux-api option '{unknown[0]}'", param=unknown[0])
@@ -281,25 +355,32 @@ class FluxApiBackend(ImageBackend):
             max_steps=self.settings.max_steps,
         )
         ignored = [name for name in request.ignored if name not in ("steps", "guidance_scale")]
-        return request.model_copy(
-            update={
-                "steps": checked.steps,
-                "guidance_scale": checked.guidance,
-                "ignored": (*ignored, *checked.ignored),
-                "backend_options": {"safety_tolerance": checked.safety_tolerance},
-            }
-        )
+        update: dict[str, Any] = {
+            "steps": checked.steps,
+            "guidance_scale": checked.guidance,
+            "ignored": (*ignored, *checked.ignored),
+            "backend_options": {"safety_tolerance": checked.safety_tolerance},
+        }
+        if fill:
+            # Fill takes no strength: the masked area is repainted.
+            update.update(model=FILL_MODEL, strength=None)
+            if params.strength is not None:
+                update["ignored"] = (*update["ignored"], "strength")
+        return request.model_copy(update=update)
 
-    def payload(self, request: GenerationRequest, seed: int) -> dict[str, Any]:
-        """The JSON body of `POST /v1/<model>` for one image."""
-        rules = MODELS[request.model]
+    def payload(self, request: GenerationRequest, seed: int, images: dict[str, str] | None = None) -> dict[str, Any]:
+        """The JSON body of `POST /v1/<model>` for one image; `images` the encoded inputs (see encode_inputs)."""
+        rules = rules_for(request.model)
         body: dict[str, Any] = {
             "prompt": request.prompt,
             "seed": seed,
             "safety_tolerance": int(request.backend_options["safety_tolerance"]),  # resolve() always sets it
             "output_format": self._bfl_format(request.output_format),
+            **(images or {}),
         }
-        if rules.size_mode == "size":
+        if rules is FILL:
+            pass  # fill answers at the image's size: no size field
+        elif rules.size_mode == "size":
             body.update(width=request.width, height=request.height)
         else:
             body["aspect_ratio"] = aspect_ratio(request.width, request.height)
@@ -319,7 +400,9 @@ class FluxApiBackend(ImageBackend):
     # -- generation ------------------------------------------------------------------------------
     async def generate(self, batch: Sequence[GenerationRequest], ctx: RunContext) -> list[list[GeneratedImage]]:
         if self._client is None:
-            raise BackendUnavailableError("backend 'flux-api' is not configured: SD_BFL_API_KEY is not set")
+            raise BackendNotConfiguredError(
+                "backend 'flux-api' is not configured: SD_BFL_API_KEY is not set", param="backend"
+            )
         fractions: list[float] = []
         reported = [-1]
 
@@ -337,9 +420,11 @@ class FluxApiBackend(ImageBackend):
         shape = []
         for request in batch:
             shape.append(len(request.seeds))
+            # Read, fit and encoded once per request, in a worker thread: every task sends the same.
+            encoded = {} if request.mode == "txt2img" else await asyncio.to_thread(self.encode_inputs, request)
             for seed in request.seeds:
                 fractions.append(0.0)
-                jobs.append(self._one_image(request, seed, ctx, progress_of(len(fractions) - 1)))
+                jobs.append(self._one_image(request, seed, ctx, progress_of(len(fractions) - 1), encoded))
         # Every image of every request runs at once (each waits for its own slot); the first failure
         # fails the batch and stops the others.
         tasks = [asyncio.ensure_future(job) for job in jobs]
@@ -358,18 +443,42 @@ class FluxApiBackend(ImageBackend):
             start += count
         return results
 
+    def encode_inputs(self, request: GenerationRequest) -> dict[str, str]:
+        """The request's images as the endpoint's fields, base64 PNGs re-encoded from their pixels:
+        fill's `image` and `mask` at the output size; the references as `input_image`, `input_image_2`...
+        scaled to at most 4 MP (the size BFL works at)."""
+        if request.mode == "txt2img":
+            return {}
+        inputs = conditioning.load(self.inputs, request)
+        if request.mode == "inpaint":
+            assert inputs.init is not None and inputs.mask is not None
+            return {"image": _png_b64(inputs.init), "mask": _png_b64(inputs.mask)}
+        fields = rules_for(request.model).reference_fields
+        encoded = {}
+        for name, image in zip(fields, inputs.references, strict=False):
+            if image.width * image.height > FOUR_MP:
+                scale = (FOUR_MP / (image.width * image.height)) ** 0.5
+                image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))))
+            encoded[name] = _png_b64(image)
+        return encoded
+
     async def _one_image(
-        self, request: GenerationRequest, seed: int, ctx: RunContext, progress: Callable[[float], None]
+        self,
+        request: GenerationRequest,
+        seed: int,
+        ctx: RunContext,
+        progress: Callable[[float], None],
+        images: dict[str, str],
     ) -> GeneratedImage:
         assert self._client is not None
         client = self._client
-        rules = MODELS[request.model]
+        rules = rules_for(request.model)
         deadline = _Deadline.for_task(ctx, self.settings.bfl_timeout)
         slot = await self._acquire_slot(rules, ctx, deadline)
         submission: Submission | None = None
         try:
             ctx.check()  # cancelled while waiting for a slot: spend no credits
-            submission = await client.submit(request.model, self.payload(request, seed), deadline=deadline.at)
+            submission = await client.submit(request.model, self.payload(request, seed, images), deadline=deadline.at)
             final = await self._wait_final(client, submission, ctx, deadline, progress)
         except BaseException:
             if submission is None:

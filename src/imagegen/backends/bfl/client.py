@@ -6,7 +6,10 @@ BFL's API as the service uses it is described in docs/flux-api.md. What this mod
 - 429/500/502/503/504 and unreachable hosts are retried a bounded number of times with exponential
   backoff and jitter, honouring `Retry-After`; a submit is retried only when it certainly never
   reached BFL (a connect error), since a repeated submit could start, and bill, a second task;
-- every BFL answer becomes one of our typed errors with a message that says what to do, never the key.
+- every BFL answer becomes one of our typed errors with a message that says what to do, never the key;
+- every transport failure is one of them too: BFL not reached at all (connect errors, after the
+  retries) is 503 `backend_unavailable`; an answer that broke on the way (a redirect loop, a protocol
+  or TLS error, a body that does not decode, a read that timed out) is 502 `upstream_error`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import email.utils
 import logging
 import re
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +51,7 @@ OUT_OF_CREDITS = "BFL account out of credits"
 
 def tagged(error: ServiceError, kind: str) -> ServiceError:
     """Mark an error with its kind for the `imagegen_bfl_errors_total` metric (see metrics.py)."""
-    error.bfl_kind = kind  # type: ignore[attr-defined]
+    error.cause_kind = kind
     return error
 
 
@@ -91,6 +95,44 @@ def is_bfl_api_url(url: str, api_url: str) -> bool:
     return scheme == "https" and port == 443 and _BFL_API_HOST.fullmatch(host) is not None
 
 
+def _tls_failure(error: BaseException) -> bool:
+    """True when a TLS error lies under this httpx error (httpx reports a failed handshake as a
+    ConnectError): the host was reached but its certificate or protocol is wrong, which a retry in a
+    second does not fix."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _not_reached(error: httpx.HTTPError) -> bool:
+    """True when the request certainly never reached BFL (nothing was sent): safe to retry anything."""
+    connect = isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+    return connect and not _tls_failure(error)
+
+
+def _retryable(error: httpx.HTTPError) -> bool:
+    """Failures a second try may not meet: not reached, a dropped connection, a timed-out read.
+    A redirect loop, a body that does not decode, an unsupported scheme or a TLS error are answers
+    that will be the same next time."""
+    if isinstance(error, (httpx.TooManyRedirects, httpx.DecodingError, httpx.UnsupportedProtocol)):
+        return False
+    return isinstance(error, httpx.TransportError) and not _tls_failure(error)
+
+
+def describe_failure(error: httpx.HTTPError) -> str:
+    """A short name for a transport failure (never the URL, which may carry a signature)."""
+    if isinstance(error, httpx.TooManyRedirects):
+        return "too many redirects"
+    if _tls_failure(error):
+        return "TLS error"
+    return type(error).__name__
+
+
 def retry_after_seconds(value: str | None) -> float | None:
     """Retry-After as seconds: either delta-seconds or an HTTP date."""
     if not value:
@@ -101,8 +143,6 @@ def retry_after_seconds(value: str | None) -> float | None:
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
-        return None
-    if when is None:
         return None
     return max(0.0, when.timestamp() - time.time())
 
@@ -184,7 +224,8 @@ class BflClient:
         # Older BFL answers carried no polling_url: the task is then polled on the configured host.
         polling_url = body.get("polling_url") or f"{self.api_url}/v1/get_result?id={task_id}"
         if not isinstance(polling_url, str) or not is_bfl_api_url(polling_url, self.api_url):
-            host = _origin(polling_url)[1] if isinstance(polling_url, str) and _origin(polling_url) else "?"
+            origin = _origin(polling_url) if isinstance(polling_url, str) else None
+            host = origin[1] if origin else "?"
             raise UpstreamError(
                 f"BFL returned a polling_url on a host that is not a BFL API host ({_short(host)}); "
                 "refused to send the key there"
@@ -268,8 +309,10 @@ class BflClient:
                 if len(data) > max_bytes:
                     raise too_large
             return bytes(data)
-        except httpx.TransportError as error:
-            raise UpstreamError(f"downloading the BFL result failed: {type(error).__name__}") from None
+        except httpx.HTTPError as error:  # a connection dropped mid-body, a body that does not decode
+            raise tagged(
+                UpstreamError(f"downloading the BFL result failed: {describe_failure(error)}"), "network"
+            ) from None
         finally:
             await response.aclose()
 
@@ -296,17 +339,21 @@ class BflClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceededError(f"the BFL {what} did not complete before the deadline")
-            request = client.build_request(
-                method, url, headers=headers, json=json, timeout=min(self._request_timeout, remaining)
-            )
+            try:
+                request = client.build_request(
+                    method, url, headers=headers, json=json, timeout=min(self._request_timeout, remaining)
+                )
+            except httpx.InvalidURL:
+                raise tagged(UpstreamError(f"BFL gave a {what} URL that is not a valid URL"), "bad_response") from None
             retry_after: float | None = None
             try:
                 response = await client.send(request, stream=stream)
-            except httpx.TransportError as error:
+            except httpx.HTTPError as error:
+                problem = describe_failure(error)
+                if not _retryable(error):
+                    raise tagged(UpstreamError(f"BFL's {what} failed: {problem}"), "bad_response") from None
                 # A connect failure means nothing reached BFL; anything later may have created a task.
-                safe = idempotent or isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
-                problem = f"{type(error).__name__}"
-                if not safe:
+                if not (idempotent or _not_reached(error)):
                     raise tagged(
                         UpstreamError(
                             f"BFL did not answer the {what} ({problem}); it is not retried because the task may "
@@ -315,15 +362,17 @@ class BflClient:
                         "network",
                     ) from None
                 status = None
+                reached = not _not_reached(error)
             else:
                 if response.status_code not in TRANSIENT_STATUSES:
                     return response
                 status = response.status_code
                 retry_after = retry_after_seconds(response.headers.get("retry-after"))
                 problem = f"HTTP {status}"
+                reached = True
                 await response.aclose()
             if attempt >= retries:
-                raise self._exhausted(what, status, problem, attempt + 1)
+                raise self._exhausted(what, status, problem, attempt + 1, reached=reached)
             delay = backoff_delay(attempt, self._retry_backoff, cap=_MAX_BACKOFF, retry_after=retry_after)
             if delay >= deadline - time.monotonic():
                 raise tagged(
@@ -337,7 +386,13 @@ class BflClient:
             await asyncio.sleep(delay)
 
     @staticmethod
-    def _exhausted(what: str, status: int | None, problem: str, attempts: int) -> ServiceError:
+    def _exhausted(what: str, status: int | None, problem: str, attempts: int, *, reached: bool) -> ServiceError:
+        if status is None and reached:
+            # BFL was reached but the answer broke on the way every time (a dropped connection, a
+            # protocol error, a read that timed out): an upstream failure, not an unavailable backend.
+            return tagged(
+                UpstreamError(f"BFL's {what} failed ({problem}) after {attempts} attempt(s); retry later"), "network"
+            )
         if status == 429:
             reason, kind = "BFL is busy (HTTP 429: too many active tasks)", "rate_limited"
         elif status is None:

@@ -6,7 +6,8 @@ no steps/guidance on flux-pro-1.1 (the table "Models and their rules" in docs/fl
 marked "BFL docs" were not in the API reference; they are BFL's documented defaults as far as known,
 kept here in one table so that a correction is a one-line change.
 
-Pure data and checks: no I/O, no imports beyond the standard library and our errors.
+Pure data and checks: no I/O, no imports beyond the standard library and our errors (whose range checks
+`ImageBackend.resolve` shares).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from imagegen.errors import InvalidParameterError
+from imagegen.errors import InvalidParameterError, require_between, require_pixels
 
 FOUR_MP = 2048 * 2048
 
@@ -39,6 +40,8 @@ class BflModelRules:
     ratio_range: tuple[float, float] | None = None
     #: BFL's own active-task limit for this model when lower than the account's (flux-kontext-max: 6).
     max_active: int | None = None
+    #: Reference images the endpoint takes (`input_image`, `input_image_2`, ...); 0: none.
+    max_references: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -60,7 +63,15 @@ class BflModelRules:
             data["aspect_ratio"] = {"min": _ratio_text(self.ratio_range[0]), "max": _ratio_text(self.ratio_range[1])}
         if self.max_active is not None:
             data["max_active_tasks"] = self.max_active
+        data["max_reference_images"] = self.max_references
         return data
+
+    @property
+    def reference_fields(self) -> tuple[str, ...]:
+        """`input_image`, `input_image_2`, ... up to max_references."""
+        return tuple(
+            "input_image" if index == 0 else f"input_image_{index + 1}" for index in range(self.max_references)
+        )
 
 
 def _flux2(name: str, **extra: Any) -> BflModelRules:
@@ -102,15 +113,17 @@ _WIDE = (9 / 21, 21 / 9)  # "between 21:9 and 9:21"
 MODELS: dict[str, BflModelRules] = {
     rules.name: rules
     for rules in (
-        _flux2("flux-2-klein-4b"),
-        _flux2("flux-2-klein-9b"),
-        _flux2("flux-2-pro"),
-        _flux2("flux-2-max"),
+        # Reference images: klein input_image..input_image_4 (API reference); pro, max and flex up to
+        # 8 (BFL docs); Kontext edits one input_image.
+        _flux2("flux-2-klein-4b", max_references=4),
+        _flux2("flux-2-klein-9b", max_references=4),
+        _flux2("flux-2-pro", max_references=8),
+        _flux2("flux-2-max", max_references=8),
         # BFL docs: flex takes steps 1..50 (default 50) and guidance 1.5..10 (default 4.5).
-        _flux2("flux-2-flex", steps=(1, 50, 50), guidance=(1.5, 10.0, 4.5)),
+        _flux2("flux-2-flex", steps=(1, 50, 50), guidance=(1.5, 10.0, 4.5), max_references=8),
         # Kontext answers text-to-image with an aspect ratio, about 1 MP (BFL docs).
-        _flux1("flux-kontext-pro", size_mode="aspect_ratio", ratio_range=_WIDE),
-        _flux1("flux-kontext-max", size_mode="aspect_ratio", ratio_range=_WIDE, max_active=6),
+        _flux1("flux-kontext-pro", size_mode="aspect_ratio", ratio_range=_WIDE, max_references=1),
+        _flux1("flux-kontext-max", size_mode="aspect_ratio", ratio_range=_WIDE, max_active=6, max_references=1),
         _flux1("flux-pro-1.1"),
         _flux1("flux-pro-1.1-ultra", size_mode="aspect_ratio", ratio_range=_WIDE),
         # BFL docs: flux-pro defaults to 40 steps, guidance 2.5; flux-dev to 28 steps, guidance 3.
@@ -118,6 +131,18 @@ MODELS: dict[str, BflModelRules] = {
         _flux1("flux-dev", steps=(1, 50, 28), guidance=(1.5, 5.0, 3.0)),
     )
 }
+
+
+#: The endpoint every inpainting request (a mask) goes to, whatever FLUX model was chosen: FLUX.1 Fill
+#: [pro]. It takes the image and the mask (white = repaint, the same size) and answers at the image's
+#: size; steps 15..50 (default 50), guidance 1.5..100 (default 60), safety_tolerance 0..6 (BFL docs).
+FILL_MODEL = "flux-pro-1.0-fill"
+FILL = _flux1(FILL_MODEL, max_size=2048, max_pixels=FOUR_MP, steps=(15, 50, 50), guidance=(1.5, 100.0, 60.0))
+
+
+def rules_for(model: str) -> BflModelRules:
+    """The rules of a selectable model, or of the fill endpoint."""
+    return FILL if model == FILL_MODEL else MODELS[model]
 
 
 def _ratio_text(ratio: float) -> str:
@@ -158,18 +183,16 @@ def check_request(
     """Apply one model's rules to already service-checked values; raise InvalidParameterError naming the
     parameter (a request BFL would refuse is refused here, before any credit is spent)."""
     ignored: list[str] = []
+    context = f" for BFL model '{rules.name}'"
     if rules.size_mode == "size":
         for name, value in (("width", width), ("height", height)):
             if not rules.min_size <= value <= rules.max_size or value % rules.size_multiple:
                 raise InvalidParameterError(
                     f"{name} must be a multiple of {rules.size_multiple} between {rules.min_size} and "
-                    f"{rules.max_size} for BFL model '{rules.name}'",
+                    f"{rules.max_size}{context}",
                     param=name,
                 )
-        if width * height > rules.max_pixels:
-            raise InvalidParameterError(
-                f"width x height must be at most {rules.max_pixels} pixels for BFL model '{rules.name}'", param="width"
-            )
+        require_pixels(width, height, rules.max_pixels, context=context)
     elif rules.ratio_range is not None:
         low, high = rules.ratio_range
         if not low - 1e-9 <= width / height <= high + 1e-9:
@@ -187,10 +210,7 @@ def check_request(
         low_steps, high_steps, default_steps = rules.steps
         high_steps = min(high_steps, max_steps)  # SD_MAX_STEPS may be lower than BFL's own bound
         resolved_steps = min(default_steps, high_steps) if steps is None else steps
-        if not low_steps <= resolved_steps <= high_steps:
-            raise InvalidParameterError(
-                f"steps must be between {low_steps} and {high_steps} for BFL model '{rules.name}'", param="steps"
-            )
+        require_between("steps", resolved_steps, low_steps, high_steps, context=context)
 
     resolved_guidance: float | None = None
     if rules.guidance is None:
@@ -199,11 +219,7 @@ def check_request(
     else:
         low_guidance, high_guidance, default_guidance = rules.guidance
         resolved_guidance = default_guidance if guidance is None else float(guidance)
-        if not low_guidance <= resolved_guidance <= high_guidance:
-            raise InvalidParameterError(
-                f"guidance_scale must be between {low_guidance:g} and {high_guidance:g} for BFL model '{rules.name}'",
-                param="guidance_scale",
-            )
+        require_between("guidance_scale", resolved_guidance, low_guidance, high_guidance, context=context)
 
     if safety_tolerance is None:
         # A service-wide default above this model's ceiling is lowered to it rather than failing requests.
@@ -212,9 +228,5 @@ def check_request(
         if isinstance(safety_tolerance, bool) or not isinstance(safety_tolerance, int):
             raise InvalidParameterError("safety_tolerance must be an integer", param="safety_tolerance")
         tolerance = safety_tolerance
-        if not 0 <= tolerance <= rules.max_safety_tolerance:
-            raise InvalidParameterError(
-                f"safety_tolerance must be between 0 and {rules.max_safety_tolerance} for BFL model '{rules.name}'",
-                param="safety_tolerance",
-            )
+        require_between("safety_tolerance", tolerance, 0, rules.max_safety_tolerance, context=context)
     return ModelParameters(resolved_steps, resolved_guidance, tolerance, tuple(ignored))

@@ -17,21 +17,32 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from imagegen import metrics
-from imagegen.backends.base import BackendHealth, BackendState, ImageBackend, RunContext
+from imagegen.backends import conditioning
+from imagegen.backends.base import Availability, BackendHealth, BackendState, ImageBackend, RunContext
+from imagegen.backends.conditioning import Conditioning
 from imagegen.backends.local.device_manager import DeviceManager
 from imagegen.config import Settings
 from imagegen.errors import (
+    BackendNotConfiguredError,
     BackendUnavailableError,
     GenerationFailedError,
     OutOfMemoryError,
     ServiceError,
 )
-from imagegen.generation import GeneratedImage, GenerationRequest
+from imagegen.generation import GeneratedImage, GenerationRequest, LoraWeight
+from imagegen.storage.inputs import InputStore
+from imagegen.storage.loras import LoraCatalog
+
+if TYPE_CHECKING:
+    from imagegen.backends.local.loras import AdapterSet
 
 log = logging.getLogger("imagegen.backends")
+
+#: diffusers' `callback_on_step_end(pipe, step, timestep, callback_kwargs) -> callback_kwargs`.
+StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
 
 #: After a failed load, requests fail fast with the reason; a new load is tried after this delay.
 RELOAD_AFTER_FAILURE_SECONDS = 30.0
@@ -47,6 +58,9 @@ class LoadState(str, enum.Enum):
     FAILED = "failed"
 
 
+DEPS_MISSING = "torch/diffusers are not installed (install the 'local' extra with `make install`)"
+
+
 class LoadedPipeline:
     """A loaded pipeline and what was decided while loading it."""
 
@@ -56,6 +70,14 @@ class LoadedPipeline:
         self.dtype = dtype
         self.safety = safety
         self.details = details
+        #: The LoRA adapters loaded into this pipeline (backends/local/loras.py), made on first use;
+        #: they go when the pipeline goes.
+        self.adapters: AdapterSet | None = None
+        #: Pipelines for the other modes (img2img, inpaint), made from this one on first use: they
+        #: share its components (from_pipe), so they cost no second copy of the weights.
+        self.derived: dict[str, Any] = {}
+        #: latents -> preview images, fitted on this pipeline's VAE (backends/local/previews.py); None: off
+        self.previewer: Any = None
 
 
 class DeviceThread(Executor):
@@ -105,11 +127,19 @@ def device_executor() -> DeviceThread:
         return _device_executor
 
 
+#: How long the answer to "are the model's files in the cache?" is reused (availability is read for
+#: every job admitted and every /health probe; `imagegen models pull` may fill the cache meanwhile).
+CACHE_CHECK_SECONDS = 2.0
+
+
 class LocalPipelineBackend(ImageBackend):
     lane = "local"
     concurrency = 1
     reports_start = True  # a batch may wait for the device (a load, the other backend's call)
     runs_on_device = True
+    #: Whether the model needs the standalone safety checker (SD_SAFETY_CHECKER_ID); None: its own
+    #: model_index.json says (SD 1.x models ship a checker of their own).
+    standalone_checker: bool | None = None
 
     def __init__(self, settings: Settings, model_id: str) -> None:
         super().__init__(settings)
@@ -132,6 +162,8 @@ class LocalPipelineBackend(ImageBackend):
         #: Called (from any thread) right after the load state changes: a load begins, ends or
         #: fails, a pipeline is unloaded. The device process reports health from it.
         self.on_change: Callable[[], None] | None = None
+        self._inputs: InputStore | None = None
+        self._uncached: tuple[str, float, list[str]] | None = None  # (model, monotonic time, missing repos)
 
     def attach_device_manager(self, manager: DeviceManager) -> None:
         """Share the device with the other local backends of this app (see device_manager.py)."""
@@ -175,9 +207,24 @@ class LocalPipelineBackend(ImageBackend):
         """Load the pipeline onto its device (runs in a background or worker thread)."""
         raise NotImplementedError
 
-    def run_pipeline(self, loaded: LoadedPipeline, batch: Sequence[GenerationRequest], ctx: RunContext) -> Any:
-        """One pipeline call for the whole batch; returns float images (N, H, W, 3) in [0, 1]."""
+    def run_pipeline(
+        self, loaded: LoadedPipeline, batch: Sequence[GenerationRequest], ctx: RunContext, inputs: Conditioning
+    ) -> Any:
+        """One pipeline call for the whole batch; returns float images (N, H, W, 3) in [0, 1]. A batch
+        shares its conditioning (the batch key holds the mode, strength and input hashes): `inputs`."""
         raise NotImplementedError
+
+    @property
+    def inputs(self) -> InputStore:
+        """The input store of SD_DATA_DIR, where a request's images are read from."""
+        if self._inputs is None:
+            self._inputs = InputStore(self.settings.inputs_dir)
+        return self._inputs
+
+    def preview_layout(self, loaded: LoadedPipeline) -> str | None:
+        """How the pipeline's denoising loop lays out its latents (previews.SD, FLUX1, FLUX2); None: no
+        previews for it."""
+        return None
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -207,8 +254,9 @@ class LocalPipelineBackend(ImageBackend):
             if self._loaded is not None:
                 return self._loaded
             if self._deps_missing:
-                raise BackendUnavailableError(
-                    "local backends need torch and diffusers: install with `make install` (the 'local' extra)"
+                raise BackendNotConfiguredError(
+                    "local backends need torch and diffusers: install with `make install` (the 'local' extra)",
+                    param="backend",
                 )
             if (
                 not force
@@ -223,6 +271,9 @@ class LocalPipelineBackend(ImageBackend):
             try:
                 with manager.loading(self) if manager is not None else contextlib.nullcontext():
                     loaded = self.load_pipeline()
+                    # Part of the load, inside the device manager's turn: another backend's load must not
+                    # start while this one is loaded but not yet marked so.
+                    loaded.previewer = self._calibrate_previews(loaded)
             except Exception as error:
                 from imagegen.backends.local.support import describe_load_error, release_memory
 
@@ -253,6 +304,18 @@ class LocalPipelineBackend(ImageBackend):
                 self._load_seconds,
             )
             return loaded
+
+    def _calibrate_previews(self, loaded: LoadedPipeline) -> Any:
+        """The live-preview map of a freshly loaded pipeline (previews.calibrate), or None: previews off
+        (SD_PREVIEW_INTERVAL=0), a pipeline without a known latent layout, or a calibration that failed."""
+        if self.settings.preview_interval <= 0:
+            return None
+        layout = self.preview_layout(loaded)
+        if layout is None:
+            return None
+        from imagegen.backends.local.previews import calibrate
+
+        return calibrate(loaded.pipe, layout)
 
     def unload(self, reason: str = "unloaded on request", *, wait_for_call: bool = False) -> bool:
         """Drop the pipeline and return its memory; the next request loads it again.
@@ -332,13 +395,55 @@ class LocalPipelineBackend(ImageBackend):
         await asyncio.get_running_loop().run_in_executor(None, self.unload, "the service stopped")
 
     # -- health ----------------------------------------------------------------------------------
-    def health(self) -> BackendHealth:
+    def uncached_models(self) -> list[str]:
+        """The hub repositories a load of the current model needs that are not in the cache (the model,
+        its standalone safety checker): a few file lookups, remembered for CACHE_CHECK_SECONDS."""
+        from imagegen.backends.local.support import uncached_hub_models
+
+        model = self.model_id
+        memo = self._uncached
+        if memo is not None and memo[0] == model and time.monotonic() - memo[1] < CACHE_CHECK_SECONDS:
+            return memo[2]
+        missing = uncached_hub_models(model, self.settings, standalone_checker=self.standalone_checker)
+        self._uncached = (model, time.monotonic(), missing)
+        return missing
+
+    def refresh(self) -> None:
+        """Look at the model cache again at the next health check (after `imagegen models pull`)."""
+        self._uncached = None
+
+    def _offline_problem(self) -> str | None:
+        """Why the model cannot load now without trying: HF_HUB_OFFLINE and files missing from the cache."""
+        from imagegen.backends.local.support import hub_offline, uncached_reason
+
+        if not hub_offline():
+            return None
+        missing = self.uncached_models()
+        return uncached_reason(missing, f"imagegen models pull {self.model_id}") if missing else None
+
+    def availability(self) -> Availability:
+        """The state without the report (no memory probe): what admission reads for every job."""
         if self._deps_missing:
-            return BackendHealth(
-                BackendState.UNAVAILABLE,
-                "torch/diffusers are not installed (install the 'local' extra with `make install`)",
-                model=self.model_id,
-            )
+            return Availability(BackendState.UNAVAILABLE, DEPS_MISSING)
+        state = self._state
+        if state is LoadState.LOADING:
+            return Availability(BackendState.LOADING, f"loading {self.model_id}")
+        if state is LoadState.FAILED:
+            return Availability(BackendState.ERROR, self._failure or "load failed")
+        if state is LoadState.UNLOADED:
+            # Offline and not cached: the first request would only fail; say so before it is sent.
+            problem = self._offline_problem()
+            if problem is not None:
+                return Availability(BackendState.ERROR, problem)
+        # Unloaded is ready too: the model loads on the first request.
+        return Availability(
+            BackendState.READY, f"{self.model_id} {'loaded' if state is LoadState.READY else 'not loaded'}"
+        )
+
+    def health(self) -> BackendHealth:
+        available = self.availability()
+        if available.state is BackendState.UNAVAILABLE:
+            return BackendHealth(available.state, available.reason, model=self.model_id)
         loaded = self._loaded
         state = self._state
         device = loaded.device if loaded else None
@@ -358,6 +463,8 @@ class LocalPipelineBackend(ImageBackend):
         if loaded is not None:
             # Everything the load decided, but the scheduler's config (internal, large).
             details.update((key, value) for key, value in loaded.details.items() if key != "scheduler_config")
+            if loaded.adapters is not None:
+                details["loras"] = loaded.adapters.describe()
         if self.device_manager is not None:
             details["residency"] = self.device_manager.describe()
         if self._last_unload is not None:
@@ -378,12 +485,8 @@ class LocalPipelineBackend(ImageBackend):
                 memory=memory,
                 details=details,
             )
-        if state is LoadState.LOADING:
-            return BackendHealth(BackendState.LOADING, f"loading {self.model_id}", model=self.model_id, details=details)
-        if state is LoadState.FAILED:
-            return BackendHealth(
-                BackendState.ERROR, self._failure or "load failed", model=self.model_id, details=details
-            )
+        if available.state is not BackendState.READY:  # loading, or the load failed: the reason says which
+            return BackendHealth(available.state, available.reason, model=self.model_id, details=details)
         reason = "not loaded; loads on the first request"
         if self._last_unload is not None:
             reason = f"{self._last_unload[0]}; loads again on the next request"
@@ -398,8 +501,11 @@ class LocalPipelineBackend(ImageBackend):
 
     # -- generation ------------------------------------------------------------------------------
     async def generate(self, batch: Sequence[GenerationRequest], ctx: RunContext) -> list[list[GeneratedImage]]:
+        # The input images are read and fitted in a worker thread first: the device never waits for
+        # the CPU to decode them.
+        inputs = await asyncio.to_thread(conditioning.load, self.inputs, batch[0])
         loop = asyncio.get_running_loop()
-        call = loop.run_in_executor(device_executor(), self._generate_blocking, list(batch), ctx)
+        call = loop.run_in_executor(device_executor(), self._generate_blocking, list(batch), ctx, inputs)
         try:
             return await asyncio.shield(call)
         except asyncio.CancelledError:
@@ -411,7 +517,9 @@ class LocalPipelineBackend(ImageBackend):
             await asyncio.wait({call})
             raise
 
-    def _generate_blocking(self, batch: list[GenerationRequest], ctx: RunContext) -> list[list[GeneratedImage]]:
+    def _generate_blocking(
+        self, batch: list[GenerationRequest], ctx: RunContext, inputs: Conditioning
+    ) -> list[list[GeneratedImage]]:
         from imagegen.backends.local import support
 
         with self._lock:
@@ -420,7 +528,9 @@ class LocalPipelineBackend(ImageBackend):
             loaded = self.ensure_loaded()
             ctx.check()
             try:
-                images = self.run_pipeline(loaded, batch, ctx)
+                # A batch shares one set of LoRAs (the batch key has it): every image gets them.
+                applied = self._activate_loras(loaded, batch[0].loras)
+                images = self.run_pipeline(loaded, batch, ctx, inputs)
                 flags = self._check_images(loaded, images)
             except ServiceError:
                 raise  # cancelled, deadline, and the backend's own typed errors pass through
@@ -447,7 +557,22 @@ class LocalPipelineBackend(ImageBackend):
                 raise GenerationFailedError("the pipeline failed to generate an image") from None
             finally:
                 self._last_used = time.monotonic()  # idle time counts from the end of the last call
-        return self._split(batch, images, flags)
+        return self._split(batch, images, flags, {"loras": applied} if applied else {})
+
+    def _activate_loras(self, loaded: LoadedPipeline, loras: Sequence[LoraWeight]) -> list[dict[str, Any]]:
+        """Put exactly these LoRAs on the pipeline (none: the base model); what was applied."""
+        if loaded.adapters is None:
+            if not loras:
+                return []  # never had an adapter: nothing to switch off
+            from imagegen.backends.local.loras import AdapterSet
+
+            loaded.adapters = AdapterSet(
+                loaded.pipe,
+                self.lora_catalog or LoraCatalog(self.settings.lora_folder),
+                self.settings.max_loaded_loras,
+                f"model '{self.model_id}' on backend '{self.id}'",
+            )
+        return loaded.adapters.activate(loras)
 
     def _check_images(self, loaded: LoadedPipeline, images: Any) -> list[bool]:
         import numpy as np
@@ -458,9 +583,11 @@ class LocalPipelineBackend(ImageBackend):
             )
         if loaded.safety is None:
             return [False] * len(images)
-        return loaded.safety.check(images)
+        return [bool(flag) for flag in loaded.safety.check(images)]
 
-    def _split(self, batch: list[GenerationRequest], images: Any, flags: list[bool]) -> list[list[GeneratedImage]]:
+    def _split(
+        self, batch: list[GenerationRequest], images: Any, flags: list[bool], info: dict[str, Any]
+    ) -> list[list[GeneratedImage]]:
         from PIL import Image
 
         results: list[list[GeneratedImage]] = []
@@ -475,21 +602,42 @@ class LocalPipelineBackend(ImageBackend):
                     if int(array.max()) == 0:
                         raise GenerationFailedError("the model produced an all-black image")
                     pixels = Image.fromarray(array)
-                items.append(GeneratedImage(seed=seed, image=pixels, nsfw=nsfw))
+                items.append(GeneratedImage(seed=seed, image=pixels, nsfw=nsfw, info=dict(info)))
                 index += 1
             results.append(items)
         return results
 
     @staticmethod
-    def step_callback(ctx: RunContext, total_steps: int):  # type: ignore[no-untyped-def]
-        """diffusers' callback_on_step_end: report progress, stop between steps when asked.
+    def batch_preview(loaded: LoadedPipeline, batch: Sequence[GenerationRequest]) -> Any:
+        """What the step callback needs to preview this batch (previews.BatchPreview), or None."""
+        if loaded.previewer is None:
+            return None
+        from imagegen.backends.local.previews import BatchPreview
+
+        first = batch[0]
+        return BatchPreview.of(loaded.previewer, [request.num_images for request in batch], first.width, first.height)
+
+    @staticmethod
+    def step_callback(ctx: RunContext, total_steps: int, preview: Any = None) -> StepCallback:
+        """diffusers' callback_on_step_end: report progress, a live preview when one is due (`preview`:
+        a previews.BatchPreview), stop between steps when asked.
 
         Raising stops the pipeline at once and leaves it usable (setting `_interrupt` would still
         decode and return an image, which a cancelled job must not get)."""
+        state = {"preview": preview}
 
-        def callback(pipe, step, timestep, kwargs):  # type: ignore[no-untyped-def]
+        def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             total = getattr(pipe, "_num_timesteps", None) or total_steps
             ctx.report_step(step + 1, total)
+            previewer = state["preview"]
+            if previewer is not None and ctx.preview_due(step + 1, total) and kwargs.get("latents") is not None:
+                try:
+                    images = previewer.render(kwargs["latents"])
+                except Exception:  # a preview must never fail a generation (logged with its traceback)
+                    log.warning("live preview failed (%s); none more in this call", type(pipe).__name__, exc_info=True)
+                    state["preview"] = None
+                else:
+                    ctx.report_preview(step + 1, total, images)
             ctx.check()
             return kwargs
 

@@ -3,6 +3,10 @@
 The pipeline class comes from the model's own model_index.json (DiffusionPipeline picks it), and
 what the model accepts comes from its configs: klein's `is_distilled`, FLUX.1's `guidance_embeds`.
 Parameters a model does not use are reported as ignored, never faked.
+
+Modes (docs/editing.md): FLUX.2 [klein] edits with up to four reference images (`image=` list) and
+inpaints (Flux2KleinInpaintPipeline); FLUX.1 does img2img and inpainting (FluxImg2ImgPipeline,
+FluxInpaintPipeline). The pipelines of the other modes are made with `from_pipe` from the loaded one.
 """
 
 from __future__ import annotations
@@ -12,15 +16,29 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagegen.backends.base import BackendHealth, Capabilities, RunContext
+from imagegen.backends.conditioning import Conditioning
 from imagegen.backends.local import tiny_models
 from imagegen.backends.local.base import LoadedPipeline, LocalPipelineBackend
 from imagegen.config import Backend, Settings
-from imagegen.errors import BackendUnavailableError
-from imagegen.generation import GenerationRequest
+from imagegen.errors import BackendUnavailableError, InvalidParameterError
+from imagegen.generation import GenerationParams, GenerationRequest, Mode
+from imagegen.storage.lora_format import LoraFamily
 
 KLEIN = "Flux2KleinPipeline"
 FLUX1 = "FluxPipeline"
 SUPPORTED_PIPELINES = (KLEIN, FLUX1)
+#: What each family does with images, and the pipeline class of each derived mode.
+MODES: dict[str, tuple[Mode, ...]] = {KLEIN: ("txt2img", "edit", "inpaint"), FLUX1: ("txt2img", "img2img", "inpaint")}
+DERIVED: dict[tuple[str, str], str] = {
+    (KLEIN, "inpaint"): "Flux2KleinInpaintPipeline",
+    (FLUX1, "img2img"): "FluxImg2ImgPipeline",
+    (FLUX1, "inpaint"): "FluxInpaintPipeline",
+}
+#: FLUX.2 [klein] takes up to four reference images (model card; BFL's klein endpoints alike), each
+#: at least 64 px a side and at most 8:1 (Flux2ImageProcessor.check_image_input).
+KLEIN_MAX_REFERENCES = 4
+KLEIN_MIN_REFERENCE_SIDE = 64
+KLEIN_MAX_REFERENCE_RATIO = 8
 
 #: FLUX latents are packed in 2x2 patches of a VAE with scale factor 8: sizes in multiples of 16.
 SIZE_MULTIPLE = 16
@@ -97,10 +115,16 @@ _BUILTIN_CONFIGS: dict[str, tuple[dict[str, Any] | None, ...]] = {
 
 class FluxLocalBackend(LocalPipelineBackend):
     id = Backend.FLUX_LOCAL.value
+    standalone_checker = True  # FLUX models ship no safety checker
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, settings.flux_model_id)
         self._peeked: FluxProfile | None = None
+
+    def refresh(self) -> None:
+        """Read the model's configs again (they may have been pulled into the cache since)."""
+        super().refresh()
+        self._peeked = None
 
     # -- what the model accepts: from its configs on disk, exact once loaded ----------------------
     def profile(self) -> FluxProfile:
@@ -164,8 +188,30 @@ class FluxLocalBackend(LocalPipelineBackend):
             default_guidance=profile.default_guidance,
             schedulers=(),
             default_scheduler=None,
+            supports_loras=True,
             notes=tuple(notes),
+            modes=MODES[profile.pipeline_class],
+            max_input_images=KLEIN_MAX_REFERENCES if profile.pipeline_class == KLEIN else 0,
         )
+
+    def lora_family(self, model: str) -> LoraFamily:
+        """flux2 (klein) or flux1, from the model's pipeline class."""
+        return LoraFamily("flux2" if self.profile().pipeline_class == KLEIN else "flux1")
+
+    def resolve(self, params: GenerationParams) -> GenerationRequest:
+        """The service-wide checks, then what klein's pipeline refuses in a reference (a 422 here, not
+        a failed job later)."""
+        request = super().resolve(params)
+        if request.mode == "edit":
+            for index, image in enumerate(request.images):
+                small = min(image.width, image.height) < KLEIN_MIN_REFERENCE_SIDE
+                if small or max(image.width / image.height, image.height / image.width) > KLEIN_MAX_REFERENCE_RATIO:
+                    raise InvalidParameterError(
+                        f"images[{index}] must be at least {KLEIN_MIN_REFERENCE_SIDE} px a side and at most "
+                        f"{KLEIN_MAX_REFERENCE_RATIO}:1 to be a FLUX.2 [klein] reference",
+                        param="images",
+                    )
+        return request
 
     def info(self) -> dict[str, Any]:
         profile = self.profile()
@@ -179,7 +225,7 @@ class FluxLocalBackend(LocalPipelineBackend):
         return health
 
     # -- loading ---------------------------------------------------------------------------------
-    def pick_dtype(self, device: str):  # type: ignore[no-untyped-def]
+    def pick_dtype(self, device: str) -> Any:  # a torch.dtype
         """SD_FLUX_DTYPE, or the FLUX rule (bf16 on CUDA, fp32 elsewhere). Never float16: FLUX
         overflows in fp16 and gives NaN/black images (diffusers #9096)."""
         import torch
@@ -247,25 +293,59 @@ class FluxLocalBackend(LocalPipelineBackend):
             details["cpu_offload_note"] = "SD_FLUX_CPU_OFFLOAD needs a GPU or MPS device; ignored on cpu"
         return LoadedPipeline(pipe, device, dtype, safety, details)
 
+    def preview_layout(self, loaded: LoadedPipeline) -> str | None:
+        from imagegen.backends.local.previews import FLUX1, FLUX2
+
+        profile: FluxProfile = loaded.details["profile"]
+        return FLUX2 if profile.pipeline_class == KLEIN else FLUX1
+
     # -- generation ------------------------------------------------------------------------------
-    def run_pipeline(self, loaded: LoadedPipeline, batch: Sequence[GenerationRequest], ctx: RunContext) -> Any:
+    def pipeline_for(self, loaded: LoadedPipeline, mode: Mode) -> Any:
+        """The loaded pipeline (txt2img, klein's reference editing), or one made from it with
+        `from_pipe` for img2img and inpainting: the same components, the dtype passed (from_pipe
+        would cast to float32 otherwise)."""
+        profile: FluxProfile = loaded.details["profile"]
+        class_name = DERIVED.get((profile.pipeline_class, mode))
+        if class_name is None:
+            return loaded.pipe
+        pipe = loaded.derived.get(mode)
+        if pipe is None:
+            import diffusers
+
+            pipe = getattr(diffusers, class_name).from_pipe(loaded.pipe, dtype=loaded.dtype)
+            pipe.set_progress_bar_config(disable=True)
+            loaded.derived[mode] = pipe
+        return pipe
+
+    def run_pipeline(
+        self, loaded: LoadedPipeline, batch: Sequence[GenerationRequest], ctx: RunContext, inputs: Conditioning
+    ) -> Any:
         import torch
 
         from imagegen.backends.local.support import cpu_generators
 
-        pipe = loaded.pipe
         profile: FluxProfile = loaded.details["profile"]
         first = batch[0]
+        pipe = self.pipeline_for(loaded, first.mode)
         seeds = [seed for request in batch for seed in request.seeds]
         prompts = [request.prompt for request in batch for _ in request.seeds]
         # A fresh scheduler per call: schedulers carry per-call state (timesteps, step index).
-        pipe.scheduler = type(pipe.scheduler).from_config(loaded.details["scheduler_config"])
+        pipe.scheduler = type(loaded.pipe.scheduler).from_config(loaded.details["scheduler_config"])
+        guidance: float | None
         if profile.guidance == "none":
             # The value the model card uses; klein warns about anything > 1 and then ignores it.
             guidance = 1.0 if profile.pipeline_class == KLEIN else 0.0
         else:
             guidance = first.guidance_scale if first.guidance_scale is not None else profile.default_guidance
         steps = first.steps or profile.default_steps
+        arguments: dict[str, Any] = {}
+        if first.mode == "edit":
+            arguments["image"] = list(inputs.references)  # klein: every reference, in order
+        elif first.mode in ("img2img", "inpaint"):
+            arguments.update(image=inputs.init, strength=first.strength)
+            if first.mode == "inpaint":
+                arguments["mask_image"] = inputs.mask
+        total = int(steps * first.strength) if first.strength is not None else steps
         with torch.inference_mode():
             output = pipe(
                 prompt=prompts,  # by keyword: klein's first positional argument is `image`
@@ -276,6 +356,7 @@ class FluxLocalBackend(LocalPipelineBackend):
                 generator=cpu_generators(seeds),
                 max_sequence_length=profile.max_sequence_length,
                 output_type="np",
-                callback_on_step_end=self.step_callback(ctx, steps),
+                callback_on_step_end=self.step_callback(ctx, total, self.batch_preview(loaded, batch)),
+                **arguments,
             )
         return output.images

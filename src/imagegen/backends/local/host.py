@@ -22,7 +22,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, cast
 
@@ -42,6 +42,7 @@ from imagegen.backends.local.protocol import (
     LoadBackend,
     LogEvent,
     MetricEvent,
+    RefreshBackend,
     Reply,
     RunBatch,
     Shutdown,
@@ -51,6 +52,7 @@ from imagegen.backends.local.protocol import (
 )
 from imagegen.config import Settings
 from imagegen.errors import BackendUnavailableError, GenerationFailedError, ServiceError
+from imagegen.storage.loras import LoraCatalog
 
 log = logging.getLogger("imagegen.device")
 
@@ -171,6 +173,10 @@ class DeviceHost:
             # (its log line, a reply) reaches the service.
             backend.on_change = self.report_changes
             self.backends[backend_id] = backend
+        # One LoRA folder cache (headers, hashes) for the backends here, as the service's registry does.
+        catalog = LoraCatalog(self.settings.lora_folder)
+        for backend in self.backends.values():
+            backend.lora_catalog = catalog
         self.manager = DeviceManager.share(self.settings, self.backends.values())
 
     def send(self, message: object) -> None:
@@ -213,7 +219,7 @@ class DeviceHost:
 
     def _dispatch(self, command: object) -> None:
         if isinstance(command, RunBatch):
-            self._spawn(self._run(command, self._context(command.batch_id, len(command.requests))))
+            self._spawn(self._run(command, self._context(command)))
         elif isinstance(command, CancelBatch):
             ctx = self._batches.get(command.batch_id)
             if ctx is not None:
@@ -222,6 +228,12 @@ class DeviceHost:
             self._load(command.backend_id)
         elif isinstance(command, UnloadBackend):
             self._spawn(self._unload(command))
+        elif isinstance(command, RefreshBackend):
+            refreshed = self.backends.get(command.backend_id)
+            if refreshed is not None:
+                refreshed.refresh()
+                self._report(refreshed, force=True)  # before the reply: the service's next /health has it
+            self.send(Reply(command.request_id, refreshed is not None))
         else:
             log.warning("device process: unknown command %s", type(command).__name__)
 
@@ -236,12 +248,20 @@ class DeviceHost:
         if backend is not None and not backend.dependencies_missing:
             backend.begin_load()
 
-    def _context(self, batch_id: int, size: int) -> RunContext:
-        """The batch's RunContext, registered at once: a CancelBatch right behind the RunBatch finds it."""
+    def _context(self, command: RunBatch) -> RunContext:
+        """The batch's RunContext, registered at once: a CancelBatch right behind the RunBatch finds it.
+        Previews are made here only when the service wants them (the step callback asks `preview_due`)."""
+        batch_id = command.batch_id
+
+        def on_preview(step: int, total: int, previews: Sequence[bytes | None]) -> None:
+            self.send(BatchProgress(batch_id, step, total, tuple(previews)))
+
         ctx = RunContext(
-            [str(index) for index in range(size)],
+            [str(index) for index in range(len(command.requests))],
             on_progress=lambda step, total: self.send(BatchProgress(batch_id, step, total)),
             on_started=lambda: self.send(BatchStarted(batch_id)),
+            on_preview=on_preview if command.preview_interval > 0 else None,
+            preview_interval=command.preview_interval,
         )
         self._batches[batch_id] = ctx
         return ctx

@@ -20,7 +20,9 @@ from imagegen.backends.local.base import LocalPipelineBackend
 from imagegen.backends.local.supervisor import DeviceSupervisor
 from imagegen.config import Settings
 from imagegen.errors import BackendUnavailableError
-from imagegen.generation import GeneratedImage, GenerationRequest
+from imagegen.generation import GeneratedImage, GenerationParams, GenerationRequest, LoraWeight
+from imagegen.storage.lora_format import LoraFamily
+from imagegen.storage.loras import LoraCatalog
 
 
 class IsolatedBackend(ImageBackend):
@@ -47,8 +49,39 @@ class IsolatedBackend(ImageBackend):
     def default_model(self, model: str | None) -> None:
         self.inner.default_model = model
 
+    # The LoRA folder the registry shares: the service-side instance checks requests against it
+    # (resolve_loras); the device process reads the same folder (host.py).
+    @property
+    def lora_catalog(self) -> LoraCatalog | None:
+        return self.inner.lora_catalog
+
+    @lora_catalog.setter
+    def lora_catalog(self, catalog: LoraCatalog | None) -> None:
+        self.inner.lora_catalog = catalog
+
     def capabilities(self) -> Capabilities:
         return self.inner.capabilities()
+
+    def default_model_id(self) -> str:
+        return self.inner.default_model_id()
+
+    def resolve(self, params: GenerationParams) -> GenerationRequest:
+        """Checked on this side, by the backend's own rules (sizes, modes, LoRA families): nothing is
+        sent to the device process for a request that is refused."""
+        return self.inner.resolve(params)
+
+    def lora_family(self, model: str) -> LoraFamily:
+        return self.inner.lora_family(model)
+
+    def resolve_loras(self, loras: Sequence[LoraWeight], model: str) -> tuple[LoraWeight, ...]:
+        return self.inner.resolve_loras(loras, model)
+
+    def refresh(self) -> None:
+        """Both sides look at the disk again: this one (configs for requests' checks) and the device
+        process (cache state in its health reports), whose fresh report is here when this returns."""
+        self.inner.refresh()
+        if not self.inner.dependencies_missing:
+            self.supervisor.refresh_blocking(self.id)
 
     def capabilities_for(self, model: str) -> Capabilities:
         return self.inner.capabilities_for(model)

@@ -29,7 +29,11 @@ class RunBatch:
 
     batch_id: int
     backend_id: str
+    #: the requests as the service resolved them; input images and masks are content hashes of files
+    #: in Settings.inputs_dir, which the device process reads itself (same machine, same folder)
     requests: tuple[GenerationRequest, ...]
+    #: seconds between two live previews the service wants (RunContext.preview_interval); 0: none
+    preview_interval: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,15 @@ class UnloadBackend:
     request_id: int
     backend_id: str
     reason: str
+
+
+@dataclass(frozen=True)
+class RefreshBackend:
+    """Forget what was learnt from disk about the models (backend.refresh(): A1111's
+    refresh-checkpoints); answered with a Reply after the backend's fresh health report."""
+
+    request_id: int
+    backend_id: str
 
 
 @dataclass(frozen=True)
@@ -90,11 +103,14 @@ class BatchStarted:
 
 @dataclass(frozen=True)
 class BatchProgress:
+    """A denoising step done. With `previews`, the live previews of that step (one encoded image or
+    None per request of the batch, RunContext.report_preview): sent right after the step's own
+    progress, so the step is not counted again."""
+
     batch_id: int
     step: int
     total: int
-    #: room for a small preview image of the current step (encoded bytes), not sent yet
-    preview: bytes | None = None
+    previews: tuple[bytes | None, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ class SafetyChecker:
         checker_id = tiny_models.checker_for(settings.safety_checker_id, model_id)
         source = model_source(checker_id, settings)
         kwargs = {key: value for key, value in source.kwargs.items() if key != "use_safetensors"}
-        checker = StableDiffusionSafetyChecker.from_pretrained(
+        # Any: transformers types `.to()` of its models in a way mypy cannot follow through from_pretrained.
+        checker: Any = StableDiffusionSafetyChecker.from_pretrained(
             source.location, subfolder="safety_checker", use_safetensors=True, dtype=dtype, **kwargs
         )
         processor = CLIPImageProcessor.from_pretrained(source.location, subfolder="feature_extractor", **kwargs)

@@ -51,6 +51,7 @@ from imagegen.backends.local.protocol import (
     LoadBackend,
     LogEvent,
     MetricEvent,
+    RefreshBackend,
     Reply,
     RunBatch,
     Shutdown,
@@ -193,6 +194,7 @@ class DeviceSupervisor:
         self._batch: _Batch | None = None
         self._reports: dict[str, tuple[BackendReport, float]] = {}
         self._replies: dict[int, asyncio.Future[Any]] = {}
+        self._refreshes: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._restarts = 0
         self._failures = 0  # device processes in a row that died soon after starting
@@ -219,7 +221,9 @@ class DeviceSupervisor:
 
     def memory(self) -> tuple[int | None, tuple[tuple[str, str, int], ...]]:
         """(RSS, accelerator memory) of the device process, from its last report."""
-        latest = max(self._reports.values(), key=lambda item: item[1], default=None)
+        # Only a loaded backend's report measures the process (an unloaded one says nothing of memory).
+        measured = [item for item in self._reports.values() if item[0].rss_bytes is not None]
+        latest = max(measured or self._reports.values(), key=lambda item: item[1], default=None)
         if latest is None:
             return None, ()
         return latest[0].rss_bytes, latest[0].accelerator_memory
@@ -421,7 +425,10 @@ class DeviceSupervisor:
             batch.started_at = time.monotonic()
             batch.ctx.mark_started()
         elif isinstance(message, BatchProgress):
-            batch.ctx.report_step(message.step, message.total)
+            if message.previews is None:
+                batch.ctx.report_step(message.step, message.total)
+            else:  # the step itself came just before
+                batch.ctx.report_preview(message.step, message.total, message.previews)
         elif isinstance(message, BatchResult):
             if not batch.future.done():
                 batch.future.set_result(unpack_images(message.images))
@@ -523,7 +530,9 @@ class DeviceSupervisor:
             batch.future.add_done_callback(_retrieve)
             self._batch = batch
             try:
-                if not child.send(RunBatch(batch.id, backend_id, tuple(requests))):
+                if not child.send(
+                    RunBatch(batch.id, backend_id, tuple(requests), ctx.preview_interval if ctx.wants_previews else 0.0)
+                ):
                     raise BackendUnavailableError(self.unavailable_reason())
                 return await self._outcome(batch)
             finally:
@@ -598,6 +607,37 @@ class DeviceSupervisor:
             return bool(await asyncio.wait_for(future, 120))
         finally:
             self._replies.pop(request_id, None)
+
+    async def refresh(self, backend_id: str) -> None:
+        """The backend in the device process looks at its models on disk again; returns once its fresh
+        health report is here (a running device process only: a new one reads the disk anyway)."""
+        child = self._child
+        if child is None or not self.ready:
+            return
+        loop = asyncio.get_running_loop()
+        request_id = next(self._ids)
+        future: asyncio.Future[Any] = loop.create_future()
+        self._replies[request_id] = future
+        try:
+            if child.send(RefreshBackend(request_id, backend_id)):
+                await asyncio.wait_for(future, 10)
+        except TimeoutError:
+            log.warning("device: backend=%s did not answer a refresh within 10 s", backend_id)
+        finally:
+            self._replies.pop(request_id, None)
+
+    def refresh_blocking(self, backend_id: str, timeout: float = 15) -> None:
+        """`refresh` from any thread: waits for it from another thread than the service's loop, and
+        only starts it from the loop's own thread (which must not block)."""
+        loop = self._loop
+        if loop is None or self._child is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            task = loop.create_task(self.refresh(backend_id))
+            self._refreshes.add(task)
+            task.add_done_callback(self._refreshes.discard)
+            return
+        asyncio.run_coroutine_threadsafe(self.refresh(backend_id), loop).result(timeout)
 
     def unload_blocking(self, backend_id: str, reason: str = "unloaded on request", timeout: float = 120) -> bool:
         """`unload` from another thread than the service's loop (a test, a maintenance thread)."""

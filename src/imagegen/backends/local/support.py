@@ -56,7 +56,7 @@ def pick_device(choice: str) -> str:
     return choice
 
 
-def pick_dtype(device: str, family: str):  # type: ignore[no-untyped-def]
+def pick_dtype(device: str, family: str) -> Any:  # a torch.dtype
     """The dtype for a device and model family.
 
     CPU: float32 (half precision is many times slower there). MPS: float32 (float16 gives black
@@ -104,9 +104,10 @@ class ModelSource:
         if path is None or not path.is_file():
             return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
+        return data if isinstance(data, dict) else None
 
 
 def model_source(model_id: str, settings: Settings) -> ModelSource:
@@ -129,9 +130,79 @@ def model_source(model_id: str, settings: Settings) -> ModelSource:
     kwargs: dict[str, Any] = {**common, "cache_dir": str(settings.model_dir)}
     if settings.huggingface_token is not None:
         kwargs["token"] = settings.huggingface_token.get_secret_value()
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if hub_offline():
         kwargs["local_files_only"] = True
     return ModelSource(model_id, False, kwargs)
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set: hub models load from the cache only (no network call at all)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_hub_id(model_id: str) -> bool:
+    """A Hugging Face repository id (owner/name), not a built-in model or an existing folder."""
+    return (
+        not tiny_models.is_builtin(model_id)
+        and not Path(model_id).expanduser().is_dir()
+        and bool(_REPO_ID.match(model_id))
+    )
+
+
+def _cached_json(repo_id: str, filename: str, settings: Settings) -> dict[str, Any] | None:
+    """A JSON file of a hub repository from the cache under SD_MODEL_DIR ({} when cached but unreadable),
+    or None when it is not there. Never downloads."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=str(settings.model_dir))
+    except Exception:  # noqa: BLE001 - huggingface_hub missing or a damaged cache: not cached
+        return None
+    if not isinstance(found, str) or not Path(found).is_file():
+        return None
+    try:
+        loaded = json.loads(Path(found).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def uncached_hub_models(model_id: str, settings: Settings, *, standalone_checker: bool | None) -> list[str]:
+    """The hub repositories that loading `model_id` needs and the cache under SD_MODEL_DIR lacks: the
+    model itself, and the standalone safety checker (SD_SAFETY_CHECKER_ID) when the model needs one.
+    standalone_checker None: the model's own model_index.json says (SD 1.x ships its own checker).
+    Cheap (a few file lookups), no torch, never a network call."""
+    missing: list[str] = []
+    index: dict[str, Any] | None = None
+    if is_hub_id(model_id):
+        index = _cached_json(model_id, "model_index.json", settings)
+        if index is None:
+            missing.append(model_id)
+    if not settings.safety_checker:
+        return missing
+    if standalone_checker is None:
+        if index is None:
+            return missing  # a folder or built-in model: its own files decide when it loads
+        entry = index.get("safety_checker")
+        standalone_checker = not (isinstance(entry, list) and any(entry))
+    checker = tiny_models.checker_for(settings.safety_checker_id, model_id)
+    if (
+        standalone_checker
+        and is_hub_id(checker)
+        and _cached_json(checker, "safety_checker/config.json", settings) is None
+    ):
+        missing.append(checker)
+    return missing
+
+
+def uncached_reason(missing: list[str], pull: str, *, why: str = "HF_HUB_OFFLINE is set") -> str:
+    """What to do about hub models that are not in the cache while the hub cannot be used; `pull` is
+    the command that fetches them (e.g. `imagegen models pull --backend flux-local`)."""
+    names = ", ".join(f"'{name}'" for name in missing)
+    return (
+        f"{names} {'is' if len(missing) == 1 else 'are'} not in the model cache (SD_MODEL_DIR) and {why}: "
+        f"run `{pull}` where the network works, then start again"
+    )
 
 
 def _error_chain(error: BaseException) -> list[BaseException]:
@@ -233,7 +304,7 @@ def release_memory() -> None:
         mps.empty_cache()
 
 
-def cpu_generators(seeds: list[int]):  # type: ignore[no-untyped-def]
+def cpu_generators(seeds: list[int]) -> list[Any]:  # torch.Generator
     """One CPU generator per image: the same seed gives the same image on any device."""
     import torch
 

@@ -2,8 +2,9 @@
 
 No machine here reaches a model hub, so the real loading path (`from_pretrained` on a folder) is
 exercised on pipelines the project builds itself: same classes, same files on disk, a few hundred
-kilobytes of random weights. `tiny-sd`, `tiny-sdxl` (sd backend), `tiny-flux2-klein` and `tiny-flux`
-(flux-local backend) are selectable model ids (`make demo` uses them); the builders also take options
+kilobytes of random weights. `tiny-sd`, `tiny-sd-512`, `tiny-sdxl` (sd backend), `tiny-flux2-klein` and
+`tiny-flux` (flux-local backend) are selectable model ids (`make demo` serves tiny-sd-512, whose VAE has
+SD's real scale factor: 512x512 images in about a second on a CPU); the builders also take options
 tests need (a safety checker that flags every image, a VAE that produces NaN).
 
 Weights are seeded, so a tiny model and its images are identical on every machine. Everything
@@ -19,8 +20,10 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 TINY_SD = "tiny-sd"
+TINY_SD_512 = "tiny-sd-512"
 TINY_SDXL = "tiny-sdxl"
 TINY_SAFETY_CHECKER = "tiny-safety-checker"
 TINY_FLUX2_KLEIN = "tiny-flux2-klein"
@@ -33,7 +36,7 @@ BUILTIN_SUBDIR = "builtin"
 _build_lock = threading.Lock()
 
 
-def _clip_tokenizer():  # type: ignore[no-untyped-def]
+def _clip_tokenizer() -> Any:
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
@@ -49,7 +52,7 @@ def _clip_tokenizer():  # type: ignore[no-untyped-def]
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def _clip_text_config(tokenizer, **overrides):  # type: ignore[no-untyped-def]
+def _clip_text_config(tokenizer: Any, **overrides: Any) -> Any:
     from transformers import CLIPTextConfig
 
     values = dict(
@@ -68,7 +71,7 @@ def _clip_text_config(tokenizer, **overrides):  # type: ignore[no-untyped-def]
     return CLIPTextConfig(**values)
 
 
-def _safety_checker(flag_all: bool):  # type: ignore[no-untyped-def]
+def _safety_checker(flag_all: bool) -> tuple[Any, Any]:
     """A tiny CLIP safety checker. Random weights never flag (thresholds start at 1.0 and a flag
     needs cosine > threshold); a weight of -2.0 makes every image flagged."""
     import torch
@@ -104,7 +107,7 @@ def _safety_checker(flag_all: bool):  # type: ignore[no-untyped-def]
     return checker, processor
 
 
-def _ddim():  # type: ignore[no-untyped-def]
+def _ddim() -> Any:
     from diffusers import DDIMScheduler
 
     # steps_offset=1 matches real SD configs (and silences the "outdated config" warning).
@@ -118,36 +121,50 @@ def _ddim():  # type: ignore[no-untyped-def]
     )
 
 
-def _tiny_vae():  # type: ignore[no-untyped-def]
+def _tiny_vae(blocks: int = 2) -> Any:
     from diffusers import AutoencoderKL
 
-    # Two blocks: a scale factor of 2 (real SD VAEs have 8).
+    # Two blocks: a scale factor of 2; four blocks: 8, as real SD VAEs have.
+    channels = [4, 8, 8, 8][:blocks]
     return AutoencoderKL(
-        block_out_channels=[4, 8],
+        block_out_channels=channels,
         in_channels=3,
         out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
+        down_block_types=["DownEncoderBlock2D"] * blocks,
+        up_block_types=["UpDecoderBlock2D"] * blocks,
         latent_channels=4,
         norm_num_groups=2,
-        sample_size=64,
+        sample_size=64 * 2 ** (blocks - 2),
     )
 
 
-def build_tiny_sd(target: Path, *, with_safety_checker: bool = True, flag_all: bool = False) -> None:
-    """An SD 1.x-style pipeline (StableDiffusionPipeline with its own safety checker)."""
+def build_tiny_sd(
+    target: Path,
+    *,
+    with_safety_checker: bool = True,
+    flag_all: bool = False,
+    inpainting: bool = False,
+    native_size: int = 64,
+) -> None:
+    """An SD 1.x-style pipeline (StableDiffusionPipeline with its own safety checker).
+
+    `inpainting`: an inpainting checkpoint instead (a 9-channel UNet: latents, masked-image latents and
+    the mask, saved as a StableDiffusionInpaintPipeline, as such checkpoints are). `native_size` 64: a
+    VAE with a scale factor of 2 (latents 32x32); 512: SD's real factor of 8 (latents 64x64), so that
+    512x512 images cost what 64x64 ones cost with the first (`make demo`'s tiny-sd-512)."""
     import torch
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(0)
     tokenizer = _clip_tokenizer()
     text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
+    vae_blocks = 4 if native_size >= 512 else 2
     unet = UNet2DConditionModel(
         block_out_channels=(4, 8),
         layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
+        sample_size=native_size // 2 ** (vae_blocks - 1),
+        in_channels=9 if inpainting else 4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -155,8 +172,10 @@ def build_tiny_sd(target: Path, *, with_safety_checker: bool = True, flag_all: b
         norm_num_groups=2,
     )
     checker, processor = _safety_checker(flag_all) if with_safety_checker else (None, None)
-    pipe = StableDiffusionPipeline(
-        vae=_tiny_vae(),
+    pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    # Any: diffusers declares save_pretrained on a mixin mypy does not see through.
+    pipe: Any = pipeline_class(
+        vae=_tiny_vae(vae_blocks),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
@@ -166,6 +185,11 @@ def build_tiny_sd(target: Path, *, with_safety_checker: bool = True, flag_all: b
         requires_safety_checker=with_safety_checker,
     )
     pipe.save_pretrained(target, safe_serialization=True)
+
+
+def build_tiny_sd_512(target: Path) -> None:
+    """tiny-sd with SD's VAE scale factor (8): native 512x512, as fast as tiny-sd at 64x64."""
+    build_tiny_sd(target, native_size=512)
 
 
 def build_tiny_sdxl(target: Path) -> None:
@@ -205,7 +229,7 @@ def build_tiny_sdxl(target: Path) -> None:
         timestep_spacing="leading",
         steps_offset=1,
     )
-    pipe = StableDiffusionXLPipeline(
+    pipe: Any = StableDiffusionXLPipeline(
         vae=_tiny_vae(),
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
@@ -240,7 +264,7 @@ _QWEN_CHAT_TEMPLATE = (
 )
 
 
-def _qwen_tokenizer():  # type: ignore[no-untyped-def]
+def _qwen_tokenizer() -> Any:
     """A byte-level BPE tokenizer with Qwen's special tokens and chat template (no merges)."""
     from tokenizers import pre_tokenizers
     from transformers import Qwen2Tokenizer
@@ -256,7 +280,7 @@ def _qwen_tokenizer():  # type: ignore[no-untyped-def]
     return tokenizer
 
 
-def _t5_tokenizer():  # type: ignore[no-untyped-def]
+def _t5_tokenizer() -> Any:
     """A unigram T5 tokenizer over printable ASCII (bare and word-initial pieces)."""
     import string
 
@@ -269,13 +293,30 @@ def _t5_tokenizer():  # type: ignore[no-untyped-def]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
-def _poison(module) -> None:  # type: ignore[no-untyped-def]
+def _poison(module: Any) -> None:
     """Fill every floating-point weight with NaN: a model that can only produce NaN pixels."""
     import torch
 
     with torch.no_grad():
         for parameter in module.parameters():
             parameter.fill_(float("nan"))
+
+
+#: The tiny FLUX VAEs (klein's and FLUX.1's): two blocks, a scale factor of 2 (the real one has 8);
+#: sample_size is the VAE's tile size.
+_FLUX_VAE: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "block_out_channels": (4, 8),
+    "layers_per_block": 1,
+    "latent_channels": 1,
+    "norm_num_groups": 1,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
 
 
 def build_tiny_flux2_klein(target: Path, *, distilled: bool = True, nan_vae: bool = False) -> None:
@@ -320,23 +361,10 @@ def build_tiny_flux2_klein(target: Path, *, distilled: bool = True, nan_vae: boo
         axes_dims_rope=[4, 4, 4, 4],
         guidance_embeds=False,
     )
-    # Two blocks: a scale factor of 2 (the real one has 8); sample_size is the VAE's tile size.
-    vae = AutoencoderKLFlux2(
-        sample_size=64,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        latent_channels=1,
-        norm_num_groups=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae: Any = AutoencoderKLFlux2(**_FLUX_VAE)
     if nan_vae:
         _poison(vae.decoder)
-    pipe = Flux2KleinPipeline(
+    pipe: Any = Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
         text_encoder=text_encoder,
@@ -370,20 +398,20 @@ def build_tiny_flux(
     tokenizer = _clip_tokenizer()
     tokenizer_2 = _t5_tokenizer()
     text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=max(len(tokenizer_2), t5_vocab_rows or 0),
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
+    # A dict: T5Config takes decoder_start_token_id through **kwargs, which its stubs do not declare.
+    t5_config: dict[str, Any] = dict(
+        vocab_size=max(len(tokenizer_2), t5_vocab_rows or 0),
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
     )
+    text_encoder_2 = T5EncoderModel(T5Config(**t5_config))
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=4,
@@ -396,24 +424,14 @@ def build_tiny_flux(
         axes_dims_rope=[4, 4, 8],  # sums to the head dim
         guidance_embeds=guidance_embeds,
     )
-    vae = AutoencoderKL(
-        sample_size=64,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        latent_channels=1,
-        norm_num_groups=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
+    vae: Any = AutoencoderKL(
+        **_FLUX_VAE,
         shift_factor=0.0609,
         scaling_factor=1.5035,
     )
     if nan_vae:
         _poison(vae.decoder)
-    pipe = FluxPipeline(
+    pipe: Any = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
         text_encoder=text_encoder,
@@ -431,6 +449,7 @@ def build_tiny_flux(
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
     TINY_SD: build_tiny_sd,
+    TINY_SD_512: build_tiny_sd_512,
     TINY_SDXL: build_tiny_sdxl,
     TINY_SAFETY_CHECKER: build_tiny_safety_checker,
     TINY_FLUX2_KLEIN: build_tiny_flux2_klein,
