@@ -137,3 +137,43 @@ def test_imagegen_serve_keeps_torch_out_of_the_service_process(tmp_path: Path) -
         assert not torch_in(service.process.pid)
         assert torch_in(device_pid)
     assert not psutil.pid_exists(device_pid) or psutil.Process(device_pid).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+def test_previews_loras_and_editing_work_in_either_isolation(
+    serve: Callable[..., httpx.Client], model_dir: Path, isolation: str
+) -> None:
+    """What main gained beside the device process, through it and through the thread alike: live
+    previews on the event stream (the progress event of the protocol carries them), a LoRA from the
+    folder by name (its hash in the image's parameters), and img2img whose input image is stored by
+    content on this side and read by the device process from Settings.inputs_dir."""
+    import hashlib
+
+    from tests.engine.test_jobs_api import submit
+    from tests.support.editing import b64, gradient
+    from tests.support.loras import lora_folder
+    from tests.support.sse import read_events
+
+    client = serve(device_isolation=isolation, preview_interval=0.001, lora_dir=lora_folder(model_dir))
+    sd = client.get("/health").json()["backends"]["sd"]
+    assert ("device_process" in sd) == (isolation == "process")
+
+    job = submit(client, prompt="a red fox", steps=4, seed=3, width=64, height=64)
+    events = list(read_events(client, f"/api/jobs/{job['id']}/events?previews=true"))
+    assert events[-1]["event"] == "succeeded", events[-1]
+    assert [event["data"]["step"] for event in events if event["event"] == "preview"] == [1, 2, 3]
+    assert [event["data"]["step"] for event in events if event["event"] == "progress"] == [1, 2, 3, 4]
+
+    body = {"prompt": "a red fox", "steps": 3, "seed": 7, "width": 64, "height": 64}
+    plain = client.post("/api/txt2img", json=body).json()
+    styled = client.post("/api/txt2img", json={**body, "loras": [{"name": "sd-style", "weight": 1.0}]})
+    assert styled.status_code == 200, styled.text
+    digest = hashlib.sha256((lora_folder(model_dir) / "sd-style.safetensors").read_bytes()).hexdigest()
+    assert styled.json()["images"][0]["loras"] == [{"name": "sd-style", "weight": 1.0, "sha256": digest}]
+    assert pixels(styled.json()) != pixels(plain)  # the adapter ran where the pipeline lives
+    assert pixels(client.post("/api/txt2img", json=body).json()) == pixels(plain)  # never fused
+
+    edited = client.post("/api/img2img", json={**body, "images": [b64(gradient(64, 64))], "strength": 0.5})
+    assert edited.status_code == 200, edited.text
+    assert edited.json()["parameters"]["mode"] == "img2img"
+    assert pixels(edited.json()) != pixels(plain)
