@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from imagegen.backends.base import Capabilities, RunContext
+from imagegen.backends.conditioning import Conditioning
 from imagegen.backends.local.base import LoadedPipeline, LocalPipelineBackend
 from imagegen.config import Settings
 from imagegen.generation import GenerationRequest
@@ -74,7 +75,9 @@ class FakeLocalBackend(LocalPipelineBackend):
     def load_pipeline(self) -> LoadedPipeline:
         return LoadedPipeline(None, "cpu", "float32", None, {"pipeline_class": "FakeLocalPipeline", "native_size": 64})
 
-    def run_pipeline(self, loaded: LoadedPipeline, batch: Sequence[GenerationRequest], ctx: RunContext) -> Any:
+    def run_pipeline(
+        self, loaded: LoadedPipeline, batch: Sequence[GenerationRequest], ctx: RunContext, inputs: Conditioning
+    ) -> Any:
         import numpy as np
 
         first = batch[0]
