@@ -274,6 +274,14 @@ class LocalPipelineBackend(ImageBackend):
                     # Part of the load, inside the device manager's turn: another backend's load must not
                     # start while this one is loaded but not yet marked so.
                     loaded.previewer = self._calibrate_previews(loaded)
+                    # Marked loaded inside the turn too: a backend making room next must count it (else
+                    # both stay loaded past SD_MAX_LOADED_PIPELINES).
+                    self._load_seconds = time.monotonic() - started
+                    metrics.record_model_load(self.id, self._load_seconds, ok=True)  # counted before it shows
+                    self._loaded = loaded
+                    self._last_used = time.monotonic()
+                    self._failure = None
+                    self._state = LoadState.READY
             except Exception as error:
                 from imagegen.backends.local.support import describe_load_error, release_memory
 
@@ -288,12 +296,6 @@ class LocalPipelineBackend(ImageBackend):
                 )
                 release_memory()
                 raise BackendUnavailableError(f"backend '{self.id}' failed to load: {self._failure}") from None
-            self._load_seconds = time.monotonic() - started
-            metrics.record_model_load(self.id, self._load_seconds, ok=True)  # counted before it shows as ready
-            self._loaded = loaded
-            self._last_used = time.monotonic()
-            self._failure = None
-            self._state = LoadState.READY
             self._changed()
             log.info(
                 "loaded backend=%s model=%s device=%s dtype=%s seconds=%.2f",
