@@ -205,6 +205,19 @@ class Settings(BaseSettings):
     )
 
     # --- sharing the device between local backends ---------------------------------------------
+    device_isolation: Literal["process", "thread"] = Field(
+        "process",
+        description="Where the local backends (sd, flux-local) run: process (default) in a supervised child "
+        "process that a deadline, a cancel or a shutdown can stop for certain; thread in a thread of the "
+        "service (debugging, platforms without subprocesses: a pipeline call then cannot be interrupted).",
+    )
+    device_stop_grace: float = Field(
+        5.0,
+        ge=0,
+        le=600,
+        description="Seconds the device process gets to stop a cancelled or overrun job between denoising steps "
+        "before it is killed and restarted (models load again on first use).",
+    )
     max_loaded_pipelines: int = Field(
         0,
         ge=0,
@@ -315,7 +328,20 @@ class Settings(BaseSettings):
     max_batch: int = Field(
         4, ge=1, le=64, description="Most images merged into one pipeline call from compatible queued jobs."
     )
-    job_timeout: float = Field(300.0, gt=0, le=86_400, description="Seconds a job may run before it fails (504).")
+    job_timeout: float = Field(
+        300.0,
+        gt=0,
+        le=86_400,
+        description="Seconds a job may run once it has the device (504 beyond; queue time not counted). A request "
+        "whose cost, estimated from the step times measured on this device, exceeds it is refused up front (422).",
+    )
+    queue_timeout: float = Field(
+        0.0,
+        ge=0,
+        le=86_400,
+        description="Seconds a job may wait in the queue before it starts (503 queue_timeout with Retry-After "
+        "beyond). 0 (default): no bound.",
+    )
     max_attempts: int = Field(
         3, ge=1, le=20, description="Times a job interrupted by a crash or restart is run before it fails."
     )

@@ -38,6 +38,8 @@ class ServiceError(Exception):
     def from_dict(cls, data: dict[str, Any], status_code: int) -> ServiceError:
         """Rebuild an error stored with a job (the job store keeps dicts, not exceptions)."""
         error = cls(str(data.get("message", "")), param=data.get("param"))
+        if data.get("retry_after") is not None:
+            error.headers = {"Retry-After": str(data["retry_after"])}
         error.status_code = status_code
         error.error_type = str(data.get("type", cls.error_type))
         return error
@@ -124,6 +126,23 @@ class ServiceDrainingError(ServiceError):
 class DeadlineExceededError(ServiceError):
     status_code = 504
     error_type = "deadline_exceeded"
+
+
+class DeadlineUnreachableError(InvalidParameterError):
+    """Refused up front: the request's estimated cost on this device exceeds the job deadline."""
+
+    error_type = "deadline_unreachable"
+
+
+class QueueTimeoutError(ServiceError):
+    """The job waited in the queue longer than SD_QUEUE_TIMEOUT without getting the device."""
+
+    status_code = 503
+    error_type = "queue_timeout"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
 
 
 class JobCancelledError(ServiceError):

@@ -112,6 +112,8 @@ class TextFormatter(logging.Formatter):
         line = self._fmt % values if self._fmt else record.message
         if record.exc_info:
             line += "\n" + _indented(self.formatException(record.exc_info))
+        elif record.exc_text:  # a record from the device process carries its traceback as text
+            line += "\n" + _indented(record.exc_text)
         if record.stack_info:
             line += "\n" + _indented(self.formatStack(record.stack_info))
         return line
@@ -132,6 +134,8 @@ class JsonFormatter(logging.Formatter):
                 data[key] = value
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # a record from the device process carries its traceback as text
+            data["exc"] = record.exc_text
         # JSON would escape C0 characters but not DEL, C1 or U+2028: every field is escaped the same
         # way as in text lines, so a consumer printing a field (`jq -r .message`) prints one safe line.
         return json.dumps({key: _escape_value(value) for key, value in data.items()}, ensure_ascii=False)

@@ -17,7 +17,8 @@ Two kinds, kept apart on purpose:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -156,13 +157,31 @@ def record_final_job(
         IMAGES.labels(backend=backend).inc(delivered)
 
 
+#: Events a device process (backends/local/host.py) forwards to the service that owns it, which
+#: counts them: loads and unloads happen there, the scrape happens here.
+FORWARDED = frozenset({"record_model_load", "record_model_unload"})
+_forward: Callable[[str, tuple[Any, ...]], None] | None = None
+
+
+def forward_events(sink: Callable[[str, tuple[Any, ...]], None] | None) -> None:
+    """In a device process: hand the FORWARDED events to `sink(name, args)` instead of counting them."""
+    global _forward
+    _forward = sink
+
+
 def record_model_load(backend: str, seconds: float | None, ok: bool) -> None:
+    if _forward is not None:
+        _forward("record_model_load", (backend, seconds, ok))
+        return
     MODEL_LOADS.labels(backend=backend, result="success" if ok else "failure").inc()
     if ok and seconds is not None:
         MODEL_LOAD_SECONDS.labels(backend=backend).observe(seconds)
 
 
 def record_model_unload(backend: str) -> None:
+    if _forward is not None:
+        _forward("record_model_unload", (backend,))
+        return
     MODEL_UNLOADS.labels(backend=backend).inc()
 
 

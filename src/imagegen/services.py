@@ -115,14 +115,20 @@ def build_services(
     distributed: an API replica of the cluster at SD_REDIS_URL (default: whether it is set); False
     for the in-process CLI, which runs its job here whatever the settings say.
     """
-    registry = BackendRegistry.from_settings(settings, backend_factories, default_id=default_backend)
+    cluster = settings.distributed if distributed is None else distributed
+    # An API replica runs no pipeline (its workers do): its local backends only validate, so no
+    # device process is set up for them.
+    registry = BackendRegistry.from_settings(
+        settings.model_copy(update={"device_isolation": "thread"}) if cluster else settings,
+        backend_factories,
+        default_id=default_backend,
+    )
     outputs = OutputStore(settings.output_dir)
     events = JobEvents()
     webhooks = None
     if webhook_body is not None:
         body = webhook_body
         webhooks = WebhookSender(settings, lambda job: body(job, outputs))
-    cluster = settings.distributed if distributed is None else distributed
     engine: Engine
     job_store: JobStore | None = None
     if cluster:

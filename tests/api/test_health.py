@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,21 +12,27 @@ import httpx
 
 from imagegen.backends.local.base import LoadedPipeline
 from imagegen.backends.local.sd import StableDiffusionBackend
+from imagegen.config import Settings
 
 
 class GatedStableDiffusionBackend(StableDiffusionBackend):
-    """The real sd backend whose load waits for a gate, so a test can look at /health mid-load."""
-
-    gate = threading.Event()
+    """The real sd backend whose load waits for a gate, so a test can look at /health mid-load. The
+    gate is a file (SD_DATA_DIR/load-gate): the load runs in the device process."""
 
     def load_pipeline(self) -> LoadedPipeline:
-        assert self.gate.wait(60)
+        gate = self.settings.data_dir / "load-gate"
+        deadline = time.monotonic() + 60
+        while not gate.exists():
+            assert time.monotonic() < deadline, "the gate was never opened"
+            time.sleep(0.02)
         return super().load_pipeline()
 
 
-def test_health_is_503_while_loading_then_200(serve: Callable[..., httpx.Client]) -> None:
-    GatedStableDiffusionBackend.gate.clear()
-    client = serve(factories={"sd": GatedStableDiffusionBackend}, ready=False)
+def test_health_is_503_while_loading_then_200(
+    serve: Callable[..., httpx.Client], make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings()
+    client = serve(settings, factories={"sd": GatedStableDiffusionBackend}, ready=False)
     loading = client.get("/health")
     assert loading.status_code == 503
     body = loading.json()
@@ -39,7 +46,8 @@ def test_health_is_503_while_loading_then_200(serve: Callable[..., httpx.Client]
         target=lambda: result.update(response=client.post("/api/txt2img", json={"prompt": "x", "steps": 2}))
     )
     worker.start()
-    GatedStableDiffusionBackend.gate.set()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / "load-gate").touch()
     worker.join(60)
     assert result["response"].status_code == 200
 
@@ -95,8 +103,6 @@ def test_a_backend_that_cannot_load_offline_is_not_ready_before_any_request(
 
 
 def _wait_state(client: httpx.Client, state: str, timeout: float = 60) -> dict[str, Any]:
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         response = client.get("/health")
@@ -176,7 +182,6 @@ def test_public_health_is_states_and_reasons_only(serve: Callable[..., httpx.Cli
             default_backend="fake",
             ready=False,
         )
-        GatedStableDiffusionBackend.gate.set()
         import time
 
         deadline = time.monotonic() + 30

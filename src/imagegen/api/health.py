@@ -37,14 +37,17 @@ def _public(backend: dict[str, Any]) -> dict[str, Any]:
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
 async def health(request: Request, services: ServicesDep) -> JSONResponse:
-    """Readiness: 200 when the default backend is ready, 503 while it loads, after it failed, while
-    draining, or (in a cluster) while Redis is unreachable or no worker serves the default backend.
+    """Readiness: 200 when the default backend is ready; 503 while it loads or restarts, after it failed,
+    while its device is past a job's deadline and not free yet ("overrun"), while draining, or (in a
+    cluster) while Redis is unreachable or no worker serves the default backend.
     Without the key (when one is set): states and reasons only; with it, each backend's details too
-    (model, device, memory, BFL host and credits), the version and a cluster's Redis and workers."""
+    (model, device, memory, BFL host and credits, the device process), the version, what each lane's
+    device is doing (`queue.lanes`: the batch on it, since when, its deadline, whether it is stopping or
+    overrun) and a cluster's Redis and workers."""
     engine = services.engine
     backends = {backend.id: backend.health().to_dict() for backend in services.registry}
-    default = services.registry.default_id
-    state = backends[default]["state"]
+    default = services.registry.default
+    state = backends[default.id]["state"]
     problem = engine.problem()
     headers: dict[str, str] = {}
     stats: dict[str, Any] | None = None
@@ -53,19 +56,31 @@ async def health(request: Request, services: ServicesDep) -> JSONResponse:
             stats = await engine.stats()
         except ServiceError as error:  # the store went away between two looks
             problem = EngineProblem("unavailable", error.message, 2)
-    ready = problem is None and state == BackendState.READY.value and not engine.draining
+    overrun = engine.overrun(default.lane)
+    ready = problem is None and state == BackendState.READY.value and not engine.draining and not overrun
     if problem is not None:
         status = problem.status
         headers["Retry-After"] = str(problem.retry_after)
+    elif ready:
+        status = "ok"
+    elif engine.draining:
+        status = "draining"
+    elif state != BackendState.READY.value:
+        status = state
     else:
-        status = "ok" if ready else ("draining" if engine.draining else state)
-    queue = {"queued": None, "running": None, "max_queue": services.settings.max_queue}
+        status = "overrun"
+    queue: dict[str, Any] = {"queued": None, "running": None, "max_queue": services.settings.max_queue}
     if stats is not None:
         queue = {"queued": stats["queued"], "running": stats["running"], "max_queue": stats["max_queue"]}
     details = sees_details(request, services)
+    if details and stats is not None:
+        queue["lanes"] = {
+            name: {"queued": lane["queued"], "batches": lane.get("batches", [])}
+            for name, lane in stats["lanes"].items()
+        }
     body: dict[str, Any] = {
         "status": status,
-        "default_backend": default,
+        "default_backend": default.id,
         "backends": backends if details else {name: _public(backend) for name, backend in backends.items()},
         "queue": queue,
     }
@@ -85,8 +100,10 @@ def live() -> dict[str, str]:
 
 @router.get("/api/backends", response_model=BackendsResponse)
 def backends(services: ServicesDep) -> dict[str, Any]:
-    """Every backend: availability, model, device, dtype, capabilities and limits."""
+    """Every backend: availability, model, device, dtype, capabilities and limits, and what its lane's
+    device is doing now (`lane`: the batch on it, since when, its deadline, overrun or stopping)."""
     listed = []
+    engine = services.engine
     for backend in services.registry:
         capabilities = backend.capabilities()
         entry = {
@@ -96,6 +113,11 @@ def backends(services: ServicesDep) -> dict[str, Any]:
             **backend.info(),
             "default_model": backend.default_model_id(),
             "capabilities": capabilities.to_dict(),
+            "lane": {
+                "name": backend.lane,
+                "overrun": engine.overrun(backend.lane),
+                "batches": engine.lane_activity(backend.lane),
+            },
         }
         if len(capabilities.models) > 1:  # sizes and defaults differ per model (an SDXL beside an SD 1.5)
             entry["model_capabilities"] = {
@@ -134,15 +156,17 @@ def _speed_modes(services: ServicesDep) -> dict[str, Any]:
 @router.get("/info")
 async def info(services: ServicesDep) -> dict[str, Any]:
     """Version, default backend, devices seen, library versions, limits, directories. No secrets."""
-    from imagegen.backends.local.support import devices_seen
-
     settings = services.settings
     return {
         "name": "imagegen",
         "version": __version__,
         "default_backend": services.registry.default_id,
         "backends": services.registry.ids(),
-        "devices": {"setting": settings.device, **devices_seen()},
+        "devices": {
+            "setting": settings.device,
+            "isolation": settings.device_isolation,
+            **services.registry.devices_seen(),
+        },
         "versions": {
             "python": platform.python_version(),
             **{name: _version(name) for name in ("torch", "diffusers", "transformers", "fastapi", "pillow")},
@@ -159,6 +183,7 @@ async def info(services: ServicesDep) -> dict[str, Any]:
             "max_queue": settings.max_queue,
             "max_batch": settings.max_batch,
             "job_timeout_seconds": settings.job_timeout,
+            "queue_timeout_seconds": settings.queue_timeout or None,
         },
         "output_dir": str(services.outputs.root),
         "model_dir": str(settings.model_dir.resolve()),

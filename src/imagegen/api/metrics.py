@@ -22,7 +22,6 @@ from prometheus_client.registry import Collector
 
 from imagegen import __version__, metrics
 from imagegen.backends.base import BackendState
-from imagegen.backends.local.support import accelerator_memory
 from imagegen.errors import ServiceError
 from imagegen.services import Services
 
@@ -160,8 +159,18 @@ class ServiceCollector(Collector):
             "Resident memory of the service process (psutil; also on macOS).",
             value=psutil.Process().memory_info().rss,
         )
-        # Never imports torch: reported once a local backend has imported it.
-        found = accelerator_memory()
+        registry = self.services.registry
+        if registry.device_process is not None:
+            rss, _ = registry.device_process.memory()
+            if rss is not None:
+                yield GaugeMetricFamily(
+                    "imagegen_device_process_resident_memory_bytes",
+                    "Resident memory of the device process the local backends run in (SD_DEVICE_ISOLATION=process).",
+                    value=rss,
+                )
+        # Never imports torch: reported once a local backend has imported it (in the device process,
+        # from its last report).
+        found = registry.accelerator_memory()
         if found:
             gpu = GaugeMetricFamily(
                 "imagegen_gpu_memory_bytes",

@@ -153,16 +153,20 @@ PreviewCallback = Callable[[int, int, Sequence[bytes | None]], None]
 class RunContext:
     """Given to `generate`: progress reporting, live previews, cancellation and the deadline of a batch.
 
-    Thread-safe; local backends call it from their worker thread between denoising steps. Everything
+    Thread-safe; local backends call it from their device thread between denoising steps. Everything
     it carries out of the backend is plain data (step numbers, image bytes), so the same calls work
-    whether the backend runs in this process or in another one.
+    whether the backend runs in this process or in another one (the device process, SD_DEVICE_ISOLATION).
+    A backend that queues for a device of its own (`ImageBackend.reports_start`) calls `mark_started()`
+    when the batch really has it: the engine counts the run deadline from then, and shows the jobs
+    `running` only from then. Before that the deadline is infinite (`math.inf`).
     """
 
     def __init__(
         self,
         job_ids: Sequence[str],
-        deadline: float,
+        deadline: float = math.inf,
         on_progress: Callable[[int, int], None] | None = None,
+        on_started: Callable[[], None] | None = None,
         *,
         on_preview: PreviewCallback | None = None,
         preview_interval: float = 0.0,
@@ -170,12 +174,18 @@ class RunContext:
         self.job_ids = list(job_ids)
         self.deadline = deadline
         self._on_progress = on_progress
+        self._on_started = on_started
         self._on_preview = on_preview
         #: Seconds between two previews (0: no previews). The first comes after one interval.
         self.preview_interval = preview_interval
         self._last_preview = time.monotonic()
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
+        self._started_at: float | None = None
+        #: Why the engine stopped the batch (deadline, cancelled, shutdown), for logs and health.
+        self.stop_reason: str | None = None
+        #: Set by the engine when the batch must end now (shutdown): no cooperative grace.
+        self.urgent = False
 
     def cancel(self, index: int) -> None:
         with self._lock:
@@ -190,9 +200,27 @@ class RunContext:
         with self._lock:
             return len(self._cancelled) >= len(self.job_ids)
 
+    def mark_started(self) -> None:
+        """The batch has the device now (called once, from any thread; later calls do nothing)."""
+        with self._lock:
+            if self._started_at is not None:
+                return
+            self._started_at = time.monotonic()
+        if self._on_started is not None:
+            self._on_started()
+
+    @property
+    def started(self) -> bool:
+        return self._started_at is not None
+
     def report_step(self, step: int, total: int) -> None:
         if self._on_progress is not None:
             self._on_progress(step, total)
+
+    @property
+    def wants_previews(self) -> bool:
+        """Whether previews are asked for at all (a receiver and an interval above 0)."""
+        return self._on_preview is not None and self.preview_interval > 0
 
     def preview_due(self, step: int, total: int) -> bool:
         """Whether to make a preview after this step: previews are wanted, one interval has passed since
@@ -231,6 +259,12 @@ class ImageBackend(abc.ABC):
     #: The model a request that names none gets; None: the first of `capabilities().models`.
     #: Changed at runtime when a client picks the service's default model (A1111 options).
     default_model: str | None = None
+    #: True when `generate` may wait for a device of its own before the batch runs, and says when it
+    #: has it (`RunContext.mark_started`); otherwise the engine counts the batch started at once.
+    reports_start: bool = False
+    #: True when the backend runs on this machine's device: the engine measures its step times and
+    #: refuses up front a request that could not finish within SD_JOB_TIMEOUT (engine/cost.py).
+    runs_on_device: bool = False
     #: The LoRA folder, shared by the backends of one registry (set by the registry).
     lora_catalog: LoraCatalog | None = None
 
@@ -277,6 +311,11 @@ class ImageBackend(abc.ABC):
 
     async def close(self) -> None:
         """Release everything the backend holds."""
+
+    async def until_available(self) -> None:
+        """Return when a batch sent now would get the device without waiting for it to come back
+        (a device process restarting); the engine asks before it takes the next batch off the queue,
+        so that jobs wait at their queue position. Backends without such a device return at once."""
 
     @abc.abstractmethod
     async def generate(self, batch: Sequence[GenerationRequest], ctx: RunContext) -> list[list[GeneratedImage]]:

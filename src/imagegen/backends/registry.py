@@ -1,15 +1,24 @@
-"""Maps backend ids to factories and holds the backends of one app instance, with the DeviceManager
-the local ones share; `start()` and `close()` bring them all up and down."""
+"""Maps backend ids to factories and holds the backends of one app instance; `start()` and `close()`
+bring them all up and down.
+
+The local backends share one device. With SD_DEVICE_ISOLATION=process (the default) they run in a
+device process (backends/local/isolated.py, supervisor.py) that the registry owns and stops last;
+with SD_DEVICE_ISOLATION=thread they run here, and the registry owns the DeviceManager that decides
+which of their pipelines stay loaded (in the device process, the process's own manager does)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator
+from typing import TYPE_CHECKING, Any
 
 from imagegen.backends.base import ImageBackend
 from imagegen.backends.local.device_manager import DeviceManager
 from imagegen.config import Backend, Settings
 from imagegen.errors import InvalidParameterError
 from imagegen.storage.loras import LoraCatalog
+
+if TYPE_CHECKING:
+    from imagegen.backends.local.supervisor import DeviceSupervisor
 
 BackendFactory = Callable[[Settings], ImageBackend]
 
@@ -48,15 +57,19 @@ class BackendRegistry:
         default_id: str,
         device_manager: DeviceManager | None = None,
         loras: LoraCatalog | None = None,
+        device_process: DeviceSupervisor | None = None,
     ) -> None:
         if default_id not in backends:
             raise ValueError(f"default backend '{default_id}' is not registered")
         self._backends = backends
         self.default_id = default_id
-        #: decides which local pipelines stay loaded on the device they share (None: no local backends)
+        #: decides which local pipelines stay loaded on the device they share, when they run in this
+        #: process (None: no local backends here)
         self.device_manager = device_manager
         #: the LoRA folder (SD_LORA_DIR) the backends read, one cache of headers and hashes for all
         self.loras = loras
+        #: the supervisor of the device process the local backends run in (None: they run here)
+        self.device_process = device_process
         for backend_id, backend in backends.items():
             backend.preload = backend_id == default_id
             if loras is not None:
@@ -76,9 +89,15 @@ class BackendRegistry:
         if only is not None:
             factories = {backend_id: factory for backend_id, factory in factories.items() if backend_id in only}
         backends = {backend_id: factory(settings) for backend_id, factory in factories.items()}
+        default = default_id or settings.default_backend.value
+        if settings.device_isolation == "process":
+            from imagegen.backends.local.isolated import isolate
+
+            isolated, supervisor = isolate(settings, backends)
+            return cls(isolated, default, loras=LoraCatalog(settings.lora_folder), device_process=supervisor)
         # The local backends share one device: one manager decides which of them stay loaded.
         manager = DeviceManager.share(settings, backends.values())
-        return cls(backends, default_id or settings.default_backend.value, manager, LoraCatalog(settings.lora_folder))
+        return cls(backends, default, manager, LoraCatalog(settings.lora_folder))
 
     async def start(self) -> None:
         """Start every backend (the default one may begin loading), then the device manager's
@@ -95,6 +114,24 @@ class BackendRegistry:
             await self.device_manager.stop()
         for backend in self:
             await backend.close()
+        if self.device_process is not None:
+            await self.device_process.close()
+
+    def devices_seen(self) -> dict[str, Any]:
+        """The devices torch sees where the local backends run (support.devices_seen); never imports torch."""
+        from imagegen.backends.local.support import devices_seen
+
+        if self.device_process is not None and self.device_process.devices:
+            return dict(self.device_process.devices)
+        return devices_seen()
+
+    def accelerator_memory(self) -> list[tuple[str, str, int]]:
+        """(device, kind, bytes) of the accelerators the local backends use, wherever they run."""
+        if self.device_process is not None:
+            return list(self.device_process.memory()[1])
+        from imagegen.backends.local.support import accelerator_memory
+
+        return accelerator_memory()
 
     def refresh(self) -> None:
         """Every backend looks at its models on disk again (A1111's refresh-checkpoints)."""

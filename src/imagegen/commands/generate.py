@@ -178,6 +178,9 @@ async def _in_process(
     from imagegen.services import build_services
 
     configure_logging("debug" if args.verbose else "warning", settings.log_format)
+    # One job, in this process: the pipeline runs in a thread here, no device process is started
+    # (there is no queue to protect from a wedged call, and Ctrl+C ends the whole process).
+    settings = settings.model_copy(update={"device_isolation": "thread"})
     try:
         # No webhooks (a CLI job takes no callback URL) and none of a service's upkeep (retention,
         # disk measurement); the job store in memory: never the queue a service left in SD_DATA_DIR.

@@ -105,6 +105,17 @@ class Engine(abc.ABC):
         """Why the engine cannot work now (its shared store is unreachable), or None. Cheap: no I/O."""
         return None
 
+    def overrun(self, lane_name: str) -> bool:
+        """Whether a batch of this lane is past its deadline while its backend has not returned (the
+        device is not free): readiness is 503 meanwhile. Cheap: no I/O. Engines that run no batches
+        in this process say False."""
+        return False
+
+    def lane_activity(self, lane_name: str) -> list[dict[str, Any]]:
+        """The batches on a lane's device now (jobs, since, deadline, overrun, stopping), for /health
+        and /api/backends. Cheap: no I/O. Engines that run no batches in this process say []."""
+        return []
+
     def health_details(self) -> dict[str, Any]:
         """What /health adds for this engine (a cluster: Redis, workers, warnings). Cheap: no I/O."""
         return {}

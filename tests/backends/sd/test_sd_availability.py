@@ -37,7 +37,10 @@ def test_availability_reads_the_state_without_the_health_report(
 
 def test_a_local_backend_without_torch_refuses_jobs_with_a_4xx(serve: Callable[..., httpx.Client]) -> None:
     client = serve(factories={"fake": FakeBackend}, default_backend="fake")
-    client.app.state.services.registry.get("sd")._deps_missing = True  # type: ignore[attr-defined]
+    sd = client.app.state.services.registry.get("sd")  # type: ignore[attr-defined]
+    # Torch missing, as the backend finds it; with the device process (the default) the service-side
+    # instance is the one that knows, and no device process is started for it.
+    getattr(sd, "inner", sd)._deps_missing = True
     response = client.post("/api/txt2img", json={"prompt": "x", "backend": "sd"})
     assert response.status_code == 422
     error = response.json()["error"]

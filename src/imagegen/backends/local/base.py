@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import importlib.util
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import Executor, Future
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from imagegen import metrics
 from imagegen.backends import conditioning
@@ -45,6 +47,9 @@ StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
 
 #: After a failed load, requests fail fast with the reason; a new load is tried after this delay.
 RELOAD_AFTER_FAILURE_SECONDS = 30.0
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class LoadState(str, enum.Enum):
@@ -77,12 +82,42 @@ class LoadedPipeline:
         self.previewer: Any = None
 
 
-_device_executor: ThreadPoolExecutor | None = None
+class DeviceThread(Executor):
+    """One daemon thread that runs the calls submitted to it, in order.
+
+    A daemon thread, unlike ThreadPoolExecutor's (joined at interpreter exit): a pipeline call that
+    never returns must not keep the process from exiting once the service has stopped."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        future: Future[T] = Future()
+        self._calls.put((future, functools.partial(fn, *args, **kwargs)))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, call = self._calls.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = call()
+            except BaseException as error:  # noqa: BLE001 - handed to the caller through its future
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+            del future, call
+
+
+_device_executor: DeviceThread | None = None
 _device_executor_lock = threading.Lock()
 
 
-def device_executor() -> ThreadPoolExecutor:
-    """The one thread that runs every local pipeline call.
+def device_executor() -> DeviceThread:
+    """The one thread that runs every local pipeline call of this process.
 
     The local backends share the device and the engine runs one call at a time on it; running
     them all on the same thread also keeps one OpenMP/intra-op thread team warm, where alternating
@@ -90,7 +125,7 @@ def device_executor() -> ThreadPoolExecutor:
     global _device_executor
     with _device_executor_lock:
         if _device_executor is None:
-            _device_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagegen-device")
+            _device_executor = DeviceThread("imagegen-device")
         return _device_executor
 
 
@@ -102,6 +137,8 @@ CACHE_CHECK_SECONDS = 2.0
 class LocalPipelineBackend(ImageBackend):
     lane = "local"
     concurrency = 1
+    reports_start = True  # a batch may wait for the device (a load, the other backend's call)
+    runs_on_device = True
     #: Whether the model needs the standalone safety checker (SD_SAFETY_CHECKER_ID); None: its own
     #: model_index.json says (SD 1.x models ship a checker of their own).
     standalone_checker: bool | None = None
@@ -121,6 +158,12 @@ class LocalPipelineBackend(ImageBackend):
         self._last_used = 0.0  # monotonic time of the last load or pipeline call
         self._last_unload: tuple[str, float] | None = None  # (reason, monotonic time)
         self._unloads = 0
+        # What loads elsewhere decided, by model: a parent-side instance that never loads itself
+        # (device isolation) learns native sizes and pipeline classes from the device process.
+        self._reported_details: dict[str, dict[str, Any]] = {}
+        #: Called (from any thread) right after the load state changes: a load begins, ends or
+        #: fails, a pipeline is unloaded. The device process reports health from it.
+        self.on_change: Callable[[], None] | None = None
         self._inputs: InputStore | None = None
         self._uncached: tuple[str, float, list[str]] | None = None  # (model, monotonic time, missing repos)
         self._speed: SpeedModes | None = None  # SD_COMPILE / SD_QUANTIZE of the last load (speed.py)
@@ -132,6 +175,31 @@ class LocalPipelineBackend(ImageBackend):
     @property
     def is_loaded(self) -> bool:
         return self._loaded is not None
+
+    @property
+    def dependencies_missing(self) -> bool:
+        """torch or diffusers cannot be imported here: the backend cannot run (health says why)."""
+        return self._deps_missing
+
+    def load_details(self, model: str) -> dict[str, Any] | None:
+        """What loading `model` decided (pipeline class, native size, profile...): from the pipeline
+        loaded here, else as reported by the device process that loaded it; None while unknown."""
+        loaded = self._loaded  # read once: the device manager may unload it from another thread
+        if loaded is not None and model == self.model_id:
+            return loaded.details
+        return self._reported_details.get(model)
+
+    def shareable_load_details(self) -> tuple[str, dict[str, Any]] | None:
+        """(model, details) of the loaded pipeline as plain values another process can hold (the
+        scheduler's config stays here: it is large and only a pipeline call needs it)."""
+        loaded = self._loaded
+        if loaded is None:
+            return None
+        return self.model_id, {key: value for key, value in loaded.details.items() if key != "scheduler_config"}
+
+    def adopt_load_details(self, model: str, details: dict[str, Any]) -> None:
+        """Remember what a device process's load of `model` decided (see `load_details`)."""
+        self._reported_details[model] = dict(details)
 
     @property
     def last_used(self) -> float:
@@ -173,6 +241,7 @@ class LocalPipelineBackend(ImageBackend):
             if self._state in (LoadState.READY, LoadState.LOADING):
                 return
             self._state = LoadState.LOADING
+        self._changed()
         self._loader = threading.Thread(target=self._load_in_background, name=f"load-{self.id}", daemon=True)
         self._loader.start()
 
@@ -213,24 +282,31 @@ class LocalPipelineBackend(ImageBackend):
                     loaded.previewer = self._calibrate_previews(loaded)
                     if speed is not None:
                         speed.apply(loaded, self.settings.model_dir)
+                    # Marked loaded inside the turn too: a backend making room next must count it (else
+                    # both stay loaded past SD_MAX_LOADED_PIPELINES).
+                    self._load_seconds = time.monotonic() - started
+                    metrics.record_model_load(self.id, self._load_seconds, ok=True)  # counted before it shows
+                    self._loaded = loaded
+                    self._last_used = time.monotonic()
+                    self._failure = None
+                    # Straight to warming when there are shapes to compile: /health never says ready before.
+                    warming = speed is not None and speed.needs_warm_up
+                    self._state = LoadState.WARMING if warming else LoadState.READY
             except Exception as error:
                 from imagegen.backends.local.support import describe_load_error, release_memory
 
                 self._failure = describe_load_error(error, self.model_id)
                 self._failed_at = time.monotonic()
+                # Counted before it shows as failed: a device process's counts reach the service first.
+                metrics.record_model_load(self.id, None, ok=False)
                 self._state = LoadState.FAILED
+                self._changed()
                 log.error(
                     "backend=%s load failed: %s", self.id, self._failure, exc_info=not isinstance(error, ServiceError)
                 )
-                metrics.record_model_load(self.id, None, ok=False)
                 release_memory()
                 raise BackendUnavailableError(f"backend '{self.id}' failed to load: {self._failure}") from None
-            self._load_seconds = time.monotonic() - started
-            self._loaded = loaded
-            self._last_used = time.monotonic()
-            self._failure = None
-            # Straight to warming when there are shapes to compile: /health never says ready before.
-            self._state = LoadState.WARMING if speed is not None and speed.needs_warm_up else LoadState.READY
+            self._changed()
             log.info(
                 "loaded backend=%s model=%s device=%s dtype=%s seconds=%.2f",
                 self.id,
@@ -239,7 +315,6 @@ class LocalPipelineBackend(ImageBackend):
                 str(loaded.dtype).replace("torch.", ""),
                 self._load_seconds,
             )
-            metrics.record_model_load(self.id, self._load_seconds, ok=True)
             if speed is not None and speed.needs_warm_up:
                 self._begin_warm_up(loaded, speed)
             return loaded
@@ -271,6 +346,7 @@ class LocalPipelineBackend(ImageBackend):
                 if self._loaded is loaded and self._state is LoadState.WARMING:
                     self._state = LoadState.READY
                 self._last_used = time.monotonic()
+        self._changed()  # a device process reports ready (or the fallback) to the service
 
     def _calibrate_previews(self, loaded: LoadedPipeline) -> Any:
         """The live-preview map of a freshly loaded pipeline (previews.calibrate), or None: previews off
@@ -325,12 +401,20 @@ class LocalPipelineBackend(ImageBackend):
         from imagegen.backends.local.support import release_memory
 
         release_memory()
+        metrics.record_model_unload(self.id)
         # Recorded last: once /health shows last_unload, the memory has been handed back.
         self._last_unload = (reason, time.monotonic())
         self._unloads += 1
+        self._changed()
         log.info("unloaded backend=%s model=%s: %s", self.id, self.model_id, reason)
-        metrics.record_model_unload(self.id)
         return True
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change()
+            except Exception:  # reporting must never break a load or an unload
+                log.exception("backend=%s: reporting a change failed", self.id)
 
     def _switch_model_locked(self, model: str) -> None:
         """Make `model` the one to load: a backend serving several models (sd with SD_MODELS) holds one
@@ -468,7 +552,17 @@ class LocalPipelineBackend(ImageBackend):
         # the CPU to decode them.
         inputs = await asyncio.to_thread(conditioning.load, self.inputs, batch[0])
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(device_executor(), self._generate_blocking, list(batch), ctx, inputs)
+        call = loop.run_in_executor(device_executor(), self._generate_blocking, list(batch), ctx, inputs)
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            # A pipeline call cannot be abandoned: the device stays busy until it returns. Ask it to
+            # stop between steps and return only once the device is free, so that the engine never
+            # starts another batch behind a call it gave up on (a cancel arriving again ends the wait).
+            ctx.cancel_all()
+            call.add_done_callback(lambda done: done.cancelled() or done.exception())
+            await asyncio.wait({call})
+            raise
 
     def _generate_blocking(
         self, batch: list[GenerationRequest], ctx: RunContext, inputs: Conditioning
@@ -476,6 +570,7 @@ class LocalPipelineBackend(ImageBackend):
         from imagegen.backends.local import support
 
         with self._lock:
+            ctx.mark_started()  # the device is this batch's now (a load or another call may have held it)
             self._switch_model_locked(batch[0].model)  # a batch never mixes models (the batch key has it)
             loaded = self.ensure_loaded()
             ctx.check()
@@ -503,6 +598,7 @@ class LocalPipelineBackend(ImageBackend):
                     self._state = LoadState.FAILED
                     self._failed_at = time.monotonic()
                     support.release_memory()
+                    self._changed()
                     raise BackendUnavailableError(f"backend '{self.id}' hit a device error and is reloading") from None
                 log.exception("backend=%s generation failed", self.id)
                 raise GenerationFailedError("the pipeline failed to generate an image") from None

@@ -128,10 +128,9 @@ class FluxLocalBackend(LocalPipelineBackend):
 
     # -- what the model accepts: from its configs on disk, exact once loaded ----------------------
     def profile(self) -> FluxProfile:
-        loaded = self._loaded  # read once: the device manager may unload it from another thread
-        if loaded is not None:
-            profile: FluxProfile = loaded.details["profile"]
-            return profile
+        known = (self.load_details(self.model_id) or {}).get("profile")
+        if isinstance(known, FluxProfile):
+            return known
         if self._peeked is not None:
             return self._peeked
         configs, on_disk = self._configs_on_disk()

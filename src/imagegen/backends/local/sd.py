@@ -54,10 +54,7 @@ class StableDiffusionBackend(LocalPipelineBackend):
         return self.capabilities_for(self.default_model_id())
 
     def capabilities_for(self, model: str) -> Capabilities:
-        loaded = self._loaded  # read once: the device manager may unload it from another thread
-        if loaded is not None and self.model_id == model:
-            return self._capabilities_from(loaded.details, model)
-        return self._capabilities_from(self._peek_config(model), model)
+        return self._capabilities_from(self.load_details(model) or self._peek_config(model), model)
 
     def _peek_config(self, model: str) -> dict[str, Any]:
         """What can be learnt without loading weights: the pipeline class of a built-in model, the
@@ -147,8 +144,7 @@ class StableDiffusionBackend(LocalPipelineBackend):
         return found
 
     def info(self) -> dict[str, Any]:
-        loaded = self._loaded
-        details = loaded.details if loaded else self._peek_config(self.model_id)
+        details = self.load_details(self.model_id) or self._peek_config(self.model_id)
         return {"family": _family_of(details.get("pipeline_class"), self.model_id)}
 
     # -- loading ---------------------------------------------------------------------------------

@@ -51,6 +51,10 @@ from imagegen.generation import GeneratedImage, GenerationRequest
 from imagegen.storage.outputs import OutputStore
 from imagegen.storage.shared import output_sharing
 
+#: After a stop past the grace, how long a call told to end at once may take to return (a device
+#: process is killed at once; a backend in a thread of this process may never return).
+SHUTDOWN_STOP_WAIT = 5.0
+
 log = logging.getLogger("imagegen.worker")
 
 #: Seconds an idle slot waits for a wake-up before it looks at its queues anyway.
@@ -437,31 +441,57 @@ class Worker:
         def on_progress(step: int, total: int) -> None:  # from the backend's thread
             loop.call_soon_threadsafe(progress.push, step, total)
 
-        ctx = RunContext(
-            [job.id for job in batch], deadline=time.monotonic() + self.settings.job_timeout, on_progress=on_progress
-        )
+        timeout = self.settings.job_timeout
+        started = asyncio.Event()
+
+        def on_started() -> None:  # any thread: the backend says the batch has the device now
+            ctx.deadline = time.monotonic() + timeout
+            loop.call_soon_threadsafe(started.set)
+
+        # The deadline counts from when the batch has the device (a device process restarting, a
+        # model loading: not the job's time), as in one process (docs/operations.md).
+        ctx = RunContext([job.id for job in batch], on_progress=on_progress, on_started=on_started)
         for index, job in enumerate(batch):
             self._contexts[job.id] = (ctx, index)
             if job.id in self._lost:
                 ctx.cancel(index)
+        if not backend.reports_start:
+            ctx.mark_started()
         began = time.monotonic()
         results: list[list[GeneratedImage]] | None = None
         error: ServiceError | None = None
+        call = asyncio.ensure_future(backend.generate([job.request for job in batch], ctx))
         try:
-            results = await asyncio.wait_for(
-                backend.generate([job.request for job in batch], ctx), timeout=self.settings.job_timeout
-            )
+            waiter = asyncio.ensure_future(started.wait())
+            try:
+                await asyncio.wait({call, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if not call.done():
+                await asyncio.wait({call}, timeout=max(0.0, ctx.deadline - time.monotonic()))
+            if not call.done():
+                # Past the deadline: the jobs are answered now (504), the call is stopped (a device
+                # process that does not stop within SD_DEVICE_STOP_GRACE is killed and restarted) and
+                # this slot takes no other batch until the backend has returned: the device is free.
+                await progress.close()
+                self._deadline_passed(batch, tokens, began)
+                ctx.stop_reason = "deadline exceeded"
+                ctx.cancel_all()
+                call.cancel()
+                await asyncio.wait({call})
+                return False
+            results = call.result()
             if len(results) != len(batch):
                 raise GenerationFailedError("the backend returned a result per request that does not match")
-        except TimeoutError:
-            ctx.cancel_all()
-            error = DeadlineExceededError(
-                f"the job did not finish within {self.settings.job_timeout:g} s (SD_JOB_TIMEOUT)"
-            )
         except ServiceError as exc:
             error = exc
         except asyncio.CancelledError:
+            # The worker is stopping past its grace: end the call now and give the jobs back.
+            ctx.stop_reason = "shutdown"
+            ctx.urgent = True
             ctx.cancel_all()
+            call.cancel()
+            await asyncio.wait({call}, timeout=SHUTDOWN_STOP_WAIT)
             await progress.close()
             await self._release(batch, tokens)
             raise
@@ -481,6 +511,17 @@ class Worker:
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
         return False
+
+    def _deadline_passed(self, batch: list[Job], tokens: dict[str, str], began: float) -> None:
+        """Fail the batch's jobs with 504 now, while its call is still being stopped."""
+        error = DeadlineExceededError(
+            f"the job did not finish within {self.settings.job_timeout:g} s of getting the device (SD_JOB_TIMEOUT)"
+        )
+        seconds = time.monotonic() - began
+        self._durations.append(seconds)
+        task = asyncio.create_task(self._finish(batch, tokens, None, error, seconds))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
 
     async def _release(self, batch: list[Job], tokens: dict[str, str]) -> None:
         """Shutdown interrupted these jobs: back to their queue at once, the attempt not counted."""
