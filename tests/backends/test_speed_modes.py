@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -51,10 +52,12 @@ def test_compiled_sd_warms_up_before_ready_then_matches_eager_and_runs_other_siz
 ) -> None:
     # Hold the device thread: the warm-up must wait for it (it runs there), so `warming` lasts
     # until the test lets it go.
+    # In thread mode: the test holds this process's device thread and counts this process's compiles
+    # (test_the_warm_up_runs_in_the_device_process covers the default mode).
     hold = threading.Event()
     device_executor().submit(hold.wait, 120)
     try:
-        client = serve(compile="full", compile_sizes=["64x64"], ready=False, **COMPILED)
+        client = serve(compile="full", compile_sizes=["64x64"], ready=False, device_isolation="thread", **COMPILED)
         deadline = time.monotonic() + 120
         while True:
             health = client.get("/health")
@@ -93,11 +96,29 @@ def test_compiled_sd_warms_up_before_ready_then_matches_eager_and_runs_other_siz
     assert compiled_graphs() == warm  # warmed shapes reuse their graphs; 80x72 ran eagerly, no compile
     assert pixels(unusual).shape == (72, 80, 3)
 
-    eager_client = serve(**{**COMPILED, "compile": "off"})
+    eager_client = serve(**{**COMPILED, "compile": "off", "device_isolation": "thread"})
     eager = generate(eager_client, width=64, height=64)
     assert "speed_modes" not in eager_client.get("/health").json()["backends"]["sd"]
     difference = np.abs(pixels(compiled) - pixels(eager))
     assert difference.max() <= 2, difference.max()  # the same image, up to rounding
+
+
+def test_the_warm_up_runs_in_the_device_process(serve: Callable[..., httpx.Client]) -> None:
+    """The default mode: the pipeline, its compile and its warm-up live in the device process; the
+    service learns of them from its reports (a compile counted there, none here)."""
+    before = compiled_graphs()
+    client = serve(compile="full", compile_sizes=["64x64"], ready=False, **COMPILED)
+    deadline = time.monotonic() + 120
+    while client.get("/health").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/health").json()
+        time.sleep(0.1)
+    status = client.get("/info").json()["speed_modes"]["backends"]["sd"]
+    assert status["warmed"] == ["64x64x1", "64x64x2"]
+    reported = client.get("/health").json()["backends"]["sd"]
+    assert reported["speed_modes"]["compiled_graphs"] > 0  # counted in the device process
+    assert reported["device_process"]["pid"] not in (None, os.getpid())
+    assert pixels(generate(client, width=64, height=64)).shape == (64, 64, 3)
+    assert compiled_graphs() == before  # nothing compiled in the service process
 
 
 def test_regional_compile_of_a_flux_transformer_matches_eager(make_settings: Callable[..., Settings]) -> None:
