@@ -98,7 +98,7 @@ async def _service(client: httpx.AsyncClient, service_url: str, seed: int, size:
 
 async def _measure(report_progress: bool, pairs: int, throughput: bool) -> dict[str, Any]:
     with _processes(report_progress) as (fake_url, service_url):
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=2.0)
         async with httpx.AsyncClient(timeout=60, limits=limits) as client:
             await _service(client, service_url, 0)  # warm-up: first connections, lazy imports
             await _direct(client, fake_url, 0)
@@ -157,7 +157,7 @@ async def _concurrent_before_after(before: Path) -> dict[str, list[float]]:
     """24 concurrent / one at 1024x1024 for this checkout and for `before`, rounds alternating."""
     with _processes(True) as (fake_after, after_url), _processes(True, before) as (fake_before, before_url):
         del fake_after, fake_before
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=2.0)
         found: dict[str, list[float]] = {"after": [], "before": [], "after_one": [], "before_one": []}
         async with httpx.AsyncClient(timeout=60, limits=limits) as client:
             for url in (after_url, before_url):

@@ -550,7 +550,9 @@ def main(argv: list[str] | None = None) -> None:
         report_progress=not args.no_progress,
     )
     print(f"fake BFL API on http://{args.host}:{args.port} (x-key: {args.key})", flush=True)
-    uvicorn.run(fake.app, host=args.host, port=args.port, log_level="warning")
+    # Idle connections kept 75 s, as the proxies in front of real APIs do (nginx's default), not
+    # uvicorn's 5 s.
+    uvicorn.run(fake.app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=75)
 
 
 if __name__ == "__main__":

@@ -188,7 +188,10 @@ class BflClient:
             self._api = httpx.AsyncClient(
                 follow_redirects=False,
                 timeout=httpx.Timeout(self._request_timeout),
-                limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+                # An idle connection is dropped here before a server's usual idle timeout (uvicorn's is
+                # 5 s) can close it under a submit: a submit that dies on a reused connection is not
+                # retried (the task may exist), so that race would be a 502.
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=32, keepalive_expiry=4.0),
                 headers={"accept": "application/json"},
             )
         return self._api
@@ -214,6 +217,10 @@ class BflClient:
         response = await self._send(
             "POST", f"{self.api_url}/v1/{model}", deadline=deadline, json=payload, idempotent=False, what="submit"
         )
+        # When the task started at BFL, as near as this side can tell: when the (last) submit was sent,
+        # not when its answer came back. Polls aimed at the estimated finish then land just after it, not
+        # just before it (an early poll costs a whole backoff pause; under load the answer is late).
+        sent_at = time.monotonic() - response.elapsed.total_seconds()
         if response.status_code != 200:
             self._raise_for_status(response, "submit", model=model)
         self._report_key("ok")
@@ -236,7 +243,7 @@ class BflClient:
             task_id=task_id,
             polling_url=polling_url,
             cost=float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None,
-            submitted_at=time.monotonic(),
+            submitted_at=sent_at,
         )
 
     async def poll(self, submission: Submission, *, deadline: float) -> dict[str, Any]:
