@@ -1,0 +1,153 @@
+"""The device never waits for the CPU (issue 16): the device thread's part of a batch ends with the
+pixels on their way to the host, the finisher thread makes the images, and the engine's lane hands the
+device the next batch meanwhile, with at most one batch finishing at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import itertools
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagegen.backends.base import RunContext
+from imagegen.backends.conditioning import Conditioning
+from imagegen.backends.local.base import LoadedPipeline
+from imagegen.backends.local.finisher import HostImages
+from imagegen.backends.local.sd import StableDiffusionBackend
+from imagegen.config import Settings
+from imagegen.generation import GeneratedImage, GenerationParams, GenerationRequest
+from tests.support.fake_local import FakeLocalBackend, pixel_value
+
+FINISH_SECONDS = 0.6
+
+
+class SlowFinishBackend(FakeLocalBackend):
+    """The fake local backend (the real base class, device thread, finisher and engine) whose finishing
+    is slow; it records when each batch's pipeline call and finishing begin and end."""
+
+    events: list[tuple[str, str, float]] = []
+    lock = threading.Lock()
+
+    def _record(self, what: str, batch: Sequence[GenerationRequest]) -> None:
+        with self.lock:
+            self.events.append((what, batch[0].prompt, time.monotonic()))
+
+    def run_pipeline(
+        self, loaded: LoadedPipeline, batch: Sequence[GenerationRequest], ctx: RunContext, inputs: Conditioning
+    ) -> Any:
+        self._record("pipeline-start", batch)
+        try:
+            return super().run_pipeline(loaded, batch, ctx, inputs)
+        finally:
+            self._record("pipeline-end", batch)
+
+    def _finish(
+        self, batch: list[GenerationRequest], host: HostImages, info: dict[str, Any]
+    ) -> list[list[GeneratedImage]]:
+        self._record("finish-start", batch)
+        time.sleep(FINISH_SECONDS)
+        try:
+            return super()._finish(batch, host, info)
+        finally:
+            self._record("finish-end", batch)
+
+
+def test_next_batch_denoises_while_the_previous_one_finishes(serve: Callable[..., httpx.Client]) -> None:
+    SlowFinishBackend.events.clear()
+    client = serve(
+        factories={"fake-local": SlowFinishBackend},
+        default_backend="fake-local",
+        device_isolation="thread",
+        max_batch=1,
+    )
+    prompts = [f"job {index}" for index in range(4)]
+    ids = []
+    for index, prompt in enumerate(prompts):
+        response = client.post("/api/jobs", json={"prompt": prompt, "seed": 10 + index, "steps": 4})
+        assert response.status_code == 202, response.text
+        ids.append(response.json()["id"])
+    seen_finishing = False
+    deadline = time.monotonic() + 60
+    bodies: dict[str, Any] = {}
+    while len(bodies) < len(ids):
+        assert time.monotonic() < deadline, bodies
+        batches = client.get("/health").json()["queue"]["lanes"]["local"]["batches"]
+        seen_finishing |= any(batch["state"] == "finishing" for batch in batches)
+        for job_id in ids:
+            body = client.get(f"/api/jobs/{job_id}").json()
+            if body["status"] in ("succeeded", "failed", "cancelled"):
+                bodies[job_id] = body
+        time.sleep(0.05)
+    for index, job_id in enumerate(ids):
+        body = bodies[job_id]
+        assert body["status"] == "succeeded", body
+        image = Image.open(io.BytesIO(base64.b64decode(body["result"]["images"][0]["b64"]))).convert("RGB")
+        assert image.getpixel((0, 0))[0] == round(pixel_value(10 + index) * 255)
+    assert seen_finishing  # /health showed a batch finishing off the device
+    at = {(what, prompt): when for what, prompt, when in SlowFinishBackend.events}
+    for first, second in itertools.pairwise(prompts):
+        # The next batch's pipeline started before the previous batch's finishing ended...
+        assert at[("pipeline-start", second)] < at[("finish-end", first)]
+        # ...but never two batches finishing at once.
+        assert at[("finish-start", second)] >= at[("finish-end", first)]
+    for first, third in zip(prompts, prompts[2:], strict=False):
+        # Bounded: a batch's finishing ends before the lane releases the device to the batch after next.
+        assert at[("pipeline-start", third)] >= at[("finish-end", first)]
+
+
+def test_finished_images_equal_the_numpy_path(make_settings: Callable[..., Settings], monkeypatch: Any) -> None:
+    """Same seed, same pixels: the tensors decoded and converted on the device equal diffusers' numpy
+    output converted on the host the way the service did before (round, clip, uint8)."""
+    settings = make_settings(device_isolation="thread", safety_checker=False)
+    backend = StableDiffusionBackend(settings)
+    request = backend.resolve(GenerationParams(prompt="a castle", seed=8, steps=3, num_images=2))
+
+    def generate() -> list[bytes]:
+        results = asyncio.run(backend.generate([request], RunContext(["job"])))
+        return [image.image.tobytes() for image in results[0] if image.image is not None]
+
+    on_device = generate()
+    pipe_class = type(backend.ensure_loaded().pipe)
+    call = pipe_class.__call__
+
+    def numpy_output(self: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["output_type"] = "np"
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipe_class, "__call__", numpy_output)
+    on_host = generate()
+    assert len(on_device) == 2 and on_device == on_host
+    assert on_device[0] != on_device[1]  # two seeds, two images
+
+
+def test_black_image_is_refused_from_a_host_array() -> None:
+    from imagegen.backends.local.finisher import to_host
+    from imagegen.errors import GenerationFailedError
+
+    host = to_host(np.zeros((1, 8, 8, 3), dtype=np.float32), None)
+    with pytest.raises(GenerationFailedError, match="all-black"):
+        host.wait()
+    with pytest.raises(GenerationFailedError, match="NaN"):
+        to_host(np.full((1, 8, 8, 3), np.nan, dtype=np.float32), None)
+
+
+def test_black_and_nan_are_refused_on_the_device() -> None:
+    torch = pytest.importorskip("torch")
+    from imagegen.backends.local.finisher import to_host
+    from imagegen.errors import GenerationFailedError
+
+    with pytest.raises(GenerationFailedError, match="all-black"):
+        to_host(torch.zeros((2, 3, 8, 8)), None)
+    with pytest.raises(GenerationFailedError, match="NaN"):
+        to_host(torch.full((1, 3, 8, 8), float("nan")), None)
+    pixels = to_host(torch.full((1, 3, 4, 4), 0.5), None).wait()
+    assert pixels.shape == (1, 4, 4, 3) and pixels.dtype == np.uint8 and int(pixels[0, 0, 0, 0]) == 128
