@@ -11,6 +11,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -25,7 +26,7 @@ from imagegen.backends.local.finisher import HostImages
 from imagegen.backends.local.sd import StableDiffusionBackend
 from imagegen.config import Settings
 from imagegen.generation import GeneratedImage, GenerationParams, GenerationRequest
-from tests.support.fake_local import FakeLocalBackend, pixel_value
+from tests.support.fake_local import SLOW_FINISH_SECONDS, FakeLocalBackend, pixel_value
 
 FINISH_SECONDS = 0.6
 
@@ -151,3 +152,37 @@ def test_black_and_nan_are_refused_on_the_device() -> None:
         to_host(torch.full((1, 3, 8, 8), float("nan")), None)
     pixels = to_host(torch.full((1, 3, 4, 4), 0.5), None).wait()
     assert pixels.shape == (1, 4, 4, 3) and pixels.dtype == np.uint8 and int(pixels[0, 0, 0, 0]) == 128
+
+
+def test_the_device_process_releases_the_device_before_the_images_are_finished(
+    serve: Callable[..., httpx.Client],
+) -> None:
+    """SD_DEVICE_ISOLATION=process (the default): the device process reports the device released
+    (BatchReleased) and runs the next batch while the previous one finishes there."""
+    client = serve(factories={"fake-local": FakeLocalBackend}, default_backend="fake-local", max_batch=1)
+    ids = []
+    for index in range(3):
+        response = client.post("/api/jobs", json={"prompt": f"slowfinish {index}", "seed": 20 + index, "steps": 4})
+        assert response.status_code == 202, response.text
+        ids.append(response.json()["id"])
+    deadline = time.monotonic() + 60
+    bodies: dict[str, Any] = {}
+    while len(bodies) < len(ids):
+        assert time.monotonic() < deadline, bodies
+        for job_id in ids:
+            body = client.get(f"/api/jobs/{job_id}").json()
+            if body["status"] in ("succeeded", "failed", "cancelled"):
+                bodies[job_id] = body
+        time.sleep(0.05)
+    jobs = [bodies[job_id] for job_id in ids]
+    for index, body in enumerate(jobs):
+        assert body["status"] == "succeeded", body
+        image = Image.open(io.BytesIO(base64.b64decode(body["result"]["images"][0]["b64"]))).convert("RGB")
+        assert image.getpixel((0, 0))[0] == round(pixel_value(20 + index) * 255)
+
+    def at(body: dict[str, Any], key: str) -> float:
+        return datetime.fromisoformat(body[key]).timestamp()
+
+    for first, second in itertools.pairwise(jobs):
+        # The next batch had the device well before the previous one's images were finished.
+        assert at(second, "started_at") < at(first, "finished_at") - SLOW_FINISH_SECONDS / 2

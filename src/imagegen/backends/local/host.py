@@ -34,6 +34,7 @@ from imagegen.backends.local.protocol import (
     BackendReport,
     BatchError,
     BatchProgress,
+    BatchReleased,
     BatchResult,
     BatchStarted,
     CancelBatch,
@@ -260,6 +261,7 @@ class DeviceHost:
             [str(index) for index in range(len(command.requests))],
             on_progress=lambda step, total: self.send(BatchProgress(batch_id, step, total)),
             on_started=lambda: self.send(BatchStarted(batch_id)),
+            on_released=lambda: self.send(BatchReleased(batch_id)),
             on_preview=on_preview if command.preview_interval > 0 else None,
             preview_interval=command.preview_interval,
         )
