@@ -600,7 +600,6 @@ class JobEngine(Engine):
                     continue
                 self._publish_positions(lane)
                 released = asyncio.Event()
-                lane.busy += 1
                 flow = asyncio.create_task(self._run_jobs(lane, batch, released), name=f"jobs-{batch[0].id}")
                 waiter = asyncio.ensure_future(released.wait())
                 try:
@@ -626,8 +625,9 @@ class JobEngine(Engine):
             await asyncio.wait({finishing})  # the worker ends once its last batch has finished
 
     async def _run_jobs(self, lane: Lane, batch: Batch, released: asyncio.Event) -> None:
-        """One batch taken off the lane (`lane.busy` counted by the caller), and when a merged batch
-        fails before its device was released, its jobs one by one."""
+        """One batch taken off the lane, and when a merged batch fails before its device was released,
+        its jobs one by one."""
+        lane.busy += 1
         try:
             backend = self.registry.get(batch[0].backend)
             failed = await self._run_batch(lane, backend, batch, released)
@@ -687,6 +687,8 @@ class JobEngine(Engine):
         lane.runs.append(run)
         for index, job in enumerate(batch):
             self._runs[job.id] = (run, index)
+            if job.final:  # ended (cancel, queue timeout) between leaving the queue and this run's start
+                ctx.cancel(index)
         if not backend.reports_start:
             ctx.mark_started()  # before the call: a backend reads ctx.deadline as it begins
         task = asyncio.create_task(backend.generate([job.request for job in batch], ctx), name=f"batch-{batch[0].id}")
