@@ -186,3 +186,44 @@ def test_the_device_process_releases_the_device_before_the_images_are_finished(
     for first, second in itertools.pairwise(jobs):
         # The next batch had the device well before the previous one's images were finished.
         assert at(second, "started_at") < at(first, "finished_at") - SLOW_FINISH_SECONDS / 2
+
+
+def wait_final(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while True:
+        body: dict[str, Any] = client.get(f"/api/jobs/{job_id}").json()
+        if body["status"] in ("succeeded", "failed", "cancelled"):
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(0.02)
+
+
+def test_the_finishing_counts_to_the_deadline_and_can_be_cancelled(serve: Callable[..., httpx.Client]) -> None:
+    """The job's deadline and cancel hold until its images are finished, not only until the device
+    is released; the lane runs on afterwards."""
+    SlowFinishBackend.events.clear()
+    client = serve(
+        factories={"fake-local": SlowFinishBackend},
+        default_backend="fake-local",
+        device_isolation="thread",
+        max_batch=1,
+        job_timeout=FINISH_SECONDS / 2,
+    )
+    late = client.post("/api/jobs", json={"prompt": "late", "seed": 1, "steps": 2}).json()["id"]
+    body = wait_final(client, late)
+    assert body["status"] == "failed" and "SD_JOB_TIMEOUT" in body["error"]["message"], body
+    assert any(what == "finish-start" and prompt == "late" for what, prompt, _ in SlowFinishBackend.events)
+
+
+def test_a_cancel_while_the_images_finish_ends_the_job(serve: Callable[..., httpx.Client]) -> None:
+    SlowFinishBackend.events.clear()
+    client = serve(factories={"fake-local": SlowFinishBackend}, default_backend="fake-local", device_isolation="thread")
+    job_id = client.post("/api/jobs", json={"prompt": "cancel me", "seed": 1, "steps": 2}).json()["id"]
+    deadline = time.monotonic() + 30
+    while not any(what == "finish-start" for what, _, _ in SlowFinishBackend.events):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert client.post(f"/api/jobs/{job_id}/cancel").status_code == 200
+    assert wait_final(client, job_id)["status"] == "cancelled"
+    after = client.post("/api/jobs", json={"prompt": "after", "seed": 3, "steps": 2}).json()["id"]
+    assert wait_final(client, after)["status"] == "succeeded"
