@@ -1,6 +1,6 @@
 """The service's side of the device process (host.py): `DeviceSupervisor` starts it, sends it one batch
-at a time, watches it, stops it for certain and starts a new one (docs/operations.md, "The device
-process").
+at a time (the next once the previous has released the device: BatchReleased), watches it, stops it
+for certain and starts a new one (docs/operations.md, "The device process").
 
 The rules it keeps:
 - a batch counts as started when the device process says it has the device (`RunContext.mark_started`);
