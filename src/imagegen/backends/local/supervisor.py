@@ -586,15 +586,16 @@ class DeviceSupervisor:
         reason = ctx.stop_reason or "cancelled"
         batch.stop_reason = reason
         batch.stop_requested_at = time.monotonic()
-        if batch.future.done():
+        if batch.device_free.done():
             return
         child = batch.child
         grace = self.settings.device_stop_grace
         jobs = ",".join(ctx.job_ids)
         if not ctx.urgent and grace > 0 and child.send(CancelBatch(batch.id)):
             log.info("device: stopping batch of job(s) %s (%s) between denoising steps", jobs, reason)
-            done, _ = await asyncio.wait({batch.future}, timeout=grace)
-            if done:
+            # Released counts as stopped: what is left (its images being finished) does not hold the device.
+            stopped, _ = await asyncio.wait({batch.device_free}, timeout=grace)
+            if stopped:
                 log.info(
                     "device: batch of job(s) %s stopped after %.2f s; the device is free",
                     jobs,
