@@ -227,3 +227,25 @@ def test_a_cancel_while_the_images_finish_ends_the_job(serve: Callable[..., http
     assert wait_final(client, job_id)["status"] == "cancelled"
     after = client.post("/api/jobs", json={"prompt": "after", "seed": 3, "steps": 2}).json()["id"]
     assert wait_final(client, after)["status"] == "succeeded"
+
+
+def test_a_cancel_while_the_device_process_finishes_kills_nothing(serve: Callable[..., httpx.Client]) -> None:
+    """A cancel while a released batch's images are finished in the device process (for longer than
+    SD_DEVICE_STOP_GRACE) answers the job at once and never kills the process: the device is free."""
+    client = serve(
+        factories={"fake-local": FakeLocalBackend},
+        default_backend="fake-local",
+        device_stop_grace=SLOW_FINISH_SECONDS / 4,
+    )
+    job_id = client.post("/api/jobs", json={"prompt": "slowfinish", "seed": 1, "steps": 2}).json()["id"]
+    deadline = time.monotonic() + 30
+    while client.get(f"/api/jobs/{job_id}").json()["progress"]["step"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(SLOW_FINISH_SECONDS / 4)  # released by now; its images are being finished
+    assert client.post(f"/api/jobs/{job_id}/cancel").status_code == 200
+    assert wait_final(client, job_id)["status"] == "cancelled"
+    after = client.post("/api/jobs", json={"prompt": "after", "seed": 3, "steps": 2}).json()["id"]
+    assert wait_final(client, after)["status"] == "succeeded"
+    process = client.get("/health").json()["backends"]["fake-local"]["device_process"]
+    assert process["restarts"] == 0, process
