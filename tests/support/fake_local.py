@@ -12,6 +12,8 @@ Words in the prompt change that:
   "crawl"     every step takes CRAWL_STEP_SECONDS (cooperative: it stops between steps)
   "die"       the process kills itself with SIGKILL at the second step (what the OOM killer does)
   "segfault"  the process dies of SIGSEGV at the second step
+  "slowfinish" finishing the images (after the device is released, on the finisher thread) takes
+              SLOW_FINISH_SECONDS
 Never send "die" or "segfault" to a backend running in the test process (SD_DEVICE_ISOLATION=thread).
 """
 
@@ -27,14 +29,16 @@ from typing import Any
 from imagegen.backends.base import Capabilities, RunContext
 from imagegen.backends.conditioning import Conditioning
 from imagegen.backends.local.base import LoadedPipeline, LocalPipelineBackend
+from imagegen.backends.local.finisher import HostImages
 from imagegen.config import Settings
-from imagegen.generation import GenerationRequest
+from imagegen.generation import GeneratedImage, GenerationRequest
 
 MODEL = "fake-local-model"
 STEP_SECONDS_PER_MEGAPIXEL = 0.25
 MIN_STEP_SECONDS = 0.01
 CRAWL_STEP_SECONDS = 0.2
 WEDGE_SECONDS = 300.0
+SLOW_FINISH_SECONDS = 0.8
 
 _WEDGE = re.compile(r"wedge(\d+(?:\.\d+)?)?")
 
@@ -100,3 +104,10 @@ class FakeLocalBackend(LocalPipelineBackend):
         return np.stack(
             [np.full((first.height, first.width, 3), pixel_value(seed), dtype=np.float32) for seed in seeds]
         )
+
+    def _finish(
+        self, batch: list[GenerationRequest], host: HostImages, info: dict[str, Any]
+    ) -> list[list[GeneratedImage]]:
+        if any("slowfinish" in request.prompt for request in batch):
+            time.sleep(SLOW_FINISH_SECONDS)
+        return super()._finish(batch, host, info)

@@ -159,6 +159,9 @@ class RunContext:
     A backend that queues for a device of its own (`ImageBackend.reports_start`) calls `mark_started()`
     when the batch really has it: the engine counts the run deadline from then, and shows the jobs
     `running` only from then. Before that the deadline is infinite (`math.inf`).
+    A backend whose call goes on after the device is done with the batch (the local backends finish the
+    images on a thread of their own) calls `release_device()` then: the engine's lane hands the device
+    the next batch while this one finishes (the call's end still decides the jobs' results).
     """
 
     def __init__(
@@ -170,12 +173,15 @@ class RunContext:
         *,
         on_preview: PreviewCallback | None = None,
         preview_interval: float = 0.0,
+        on_released: Callable[[], None] | None = None,
     ) -> None:
         self.job_ids = list(job_ids)
         self.deadline = deadline
         self._on_progress = on_progress
         self._on_started = on_started
         self._on_preview = on_preview
+        self._on_released = on_released
+        self._released = False
         #: Seconds between two previews (0: no previews). The first comes after one interval.
         self.preview_interval = preview_interval
         self._last_preview = time.monotonic()
@@ -212,6 +218,19 @@ class RunContext:
     @property
     def started(self) -> bool:
         return self._started_at is not None
+
+    def release_device(self) -> None:
+        """The device is done with this batch (called once, from any thread; later calls do nothing)."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        if self._on_released is not None:
+            self._on_released()
+
+    @property
+    def released(self) -> bool:
+        return self._released
 
     def report_step(self, step: int, total: int) -> None:
         if self._on_progress is not None:

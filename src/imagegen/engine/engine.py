@@ -150,8 +150,9 @@ class _Run:
 
     @property
     def overrun(self) -> bool:
-        """Past its deadline while its backend call has not returned: the device is not free."""
-        return self.overrun_at is not None and not self.done
+        """Past its deadline while its backend call has not returned: the device is not free (unless
+        the batch released it and is only finishing)."""
+        return self.overrun_at is not None and not self.done and not self.ctx.released
 
     def describe(self, now: float) -> dict[str, Any]:
         if self.interrupted:
@@ -160,6 +161,8 @@ class _Run:
             state = "overrun"
         elif self.stop_reason is not None:
             state = "stopping"
+        elif self.ctx.released:
+            state = "finishing"  # off the device: the next batch may run meanwhile
         elif self.started_at is not None:
             state = "running"
         else:
@@ -291,8 +294,8 @@ class JobEngine(Engine):
         counting the attempt (as after a crash)."""
         for lane in self._lanes.values():
             for run in list(lane.runs):
-                if run.interrupted or run.done:
-                    continue
+                if run.interrupted or run.done or run.ctx.released:
+                    continue  # a batch that released the device only finishes its images: let it
                 run.interrupted = True
                 jobs = [job for job in run.batch if not job.final]
                 self._requeue_interrupted(run, jobs)
@@ -574,36 +577,70 @@ class JobEngine(Engine):
         return self._stopping or self.draining
 
     async def _worker(self, lane: Lane) -> None:
-        while not self._halted():
-            await lane.wait()
-            if self._halted():
-                return
-            head = lane.peek()
-            if head is None:
-                continue
-            # A device that is coming back (a device process restarting) keeps the jobs at their
-            # queue positions rather than in a batch that cannot start.
-            await self.registry.get(head.backend).until_available()
-            if self._stopping or self.draining:
-                return
-            batch = lane.pop_batch(self._max_batch_images)
-            if not batch:
-                continue
-            self._publish_positions(lane)
-            lane.busy += 1
-            try:
-                backend = self.registry.get(batch[0].backend)
-                failed = await self._run_batch(lane, backend, batch)
-                if failed and len(batch) > 1:
-                    # Merging was the service's choice, not the callers': a merged call that fails
-                    # (out of memory, one bad prompt) is retried one job at a time, so each job
-                    # gets the result it would have had alone.
-                    log.info("batch of %d failed; retrying its jobs one by one", len(batch))
-                    for job in batch:
-                        if not job.final and not (self._stopping or self.draining):
-                            await self._run_batch(lane, backend, [job])
-            finally:
-                lane.busy -= 1
+        """Take batches off the lane one at a time. A batch whose backend releases the device before its
+        call ends (RunContext.release_device: a local backend finishing its images off the device thread)
+        lets the next batch start while it finishes; at most one batch finishes while another runs."""
+        finishing: asyncio.Task[None] | None = None  # the previous batch, off the device, still finishing
+        flow: asyncio.Task[None] | None = None
+        try:
+            while not self._halted():
+                await lane.wait()
+                if self._halted():
+                    break
+                head = lane.peek()
+                if head is None:
+                    continue
+                # A device that is coming back (a device process restarting) keeps the jobs at their
+                # queue positions rather than in a batch that cannot start.
+                await self.registry.get(head.backend).until_available()
+                if self._stopping or self.draining:
+                    break
+                batch = lane.pop_batch(self._max_batch_images)
+                if not batch:
+                    continue
+                self._publish_positions(lane)
+                released = asyncio.Event()
+                flow = asyncio.create_task(self._run_jobs(lane, batch, released), name=f"jobs-{batch[0].id}")
+                waiter = asyncio.ensure_future(released.wait())
+                try:
+                    await asyncio.wait({flow, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                if finishing is not None:
+                    await asyncio.wait({finishing})  # never a second batch finishing while one runs
+                    finishing.result()
+                finishing, flow = (None, flow) if flow.done() else (flow, None)
+                if flow is not None:
+                    flow.result()
+                    flow = None
+        except asyncio.CancelledError:
+            # The worker itself is cancelled (a shutdown past its grace): its batches end now.
+            pending = {task for task in (flow, finishing) if task is not None and not task.done()}
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=SHUTDOWN_STOP_WAIT + 1)
+            raise
+        if finishing is not None:
+            await asyncio.wait({finishing})  # the worker ends once its last batch has finished
+
+    async def _run_jobs(self, lane: Lane, batch: Batch, released: asyncio.Event) -> None:
+        """One batch taken off the lane, and when a merged batch fails before its device was released,
+        its jobs one by one."""
+        lane.busy += 1
+        try:
+            backend = self.registry.get(batch[0].backend)
+            failed = await self._run_batch(lane, backend, batch, released)
+            if failed and len(batch) > 1:
+                # Merging was the service's choice, not the callers': a merged call that fails
+                # (out of memory, one bad prompt) is retried one job at a time, so each job
+                # gets the result it would have had alone.
+                log.info("batch of %d failed; retrying its jobs one by one", len(batch))
+                for job in batch:
+                    if not job.final and not (self._stopping or self.draining):
+                        await self._run_batch(lane, backend, [job])
+        finally:
+            lane.busy -= 1
 
     def _max_batch_images(self, job: Job) -> int:
         backend = self.registry.get(job.backend)
@@ -615,14 +652,17 @@ class JobEngine(Engine):
                 limit = max(job.request.num_images, min(limit, fitting))
         return limit
 
-    async def _run_batch(self, lane: Lane, backend: ImageBackend, batch: Batch) -> bool:
+    async def _run_batch(
+        self, lane: Lane, backend: ImageBackend, batch: Batch, released: asyncio.Event | None = None
+    ) -> bool:
         """Run one backend call for the batch. Returns True when a merged batch failed with an error
         worth retrying job by job (its jobs are then back in the queued state, not finalized).
 
         The jobs stay `queued` until the backend says the batch has the device; their deadline
         (SD_JOB_TIMEOUT) counts from then. A batch past its deadline, or whose jobs have all been
         cancelled, is stopped: its jobs are answered at once, and the lane takes the next batch
-        only when the backend has returned (the device is free)."""
+        only when the backend has returned (the device is free) or has released the device
+        (`released` is set then: the caller may start the next batch while this one finishes)."""
         loop = asyncio.get_running_loop()
         started = asyncio.Event()
         timeout = self.settings.job_timeout
@@ -631,17 +671,24 @@ class JobEngine(Engine):
             ctx.deadline = time.monotonic() + timeout
             loop.call_soon_threadsafe(started.set)
 
+        def on_released() -> None:  # any thread: the device thread, the loop
+            if released is not None:
+                loop.call_soon_threadsafe(released.set)
+
         ctx = RunContext(
             [job.id for job in batch],
             on_progress=lambda step, total: self._progress_from_thread(run, step, total),
             on_started=on_started,
             on_preview=lambda step, total, previews: self._preview_from_thread(batch, step, total, previews),
             preview_interval=self.settings.preview_interval,
+            on_released=on_released,
         )
         run = _Run(lane, backend, batch, ctx)
         lane.runs.append(run)
         for index, job in enumerate(batch):
             self._runs[job.id] = (run, index)
+            if job.final:  # ended (cancel, queue timeout) between leaving the queue and this run's start
+                ctx.cancel(index)
         if not backend.reports_start:
             ctx.mark_started()  # before the call: a backend reads ctx.deadline as it begins
         task = asyncio.create_task(backend.generate([job.request for job in batch], ctx), name=f"batch-{batch[0].id}")
@@ -693,6 +740,7 @@ class JobEngine(Engine):
             len(batch) > 1
             and error is not None
             and run.stop_reason is None
+            and not ctx.released  # the lane has moved on: the next batch has the device
             and not isinstance(error, (JobCancelledError, DeadlineExceededError))
         ):
             for job in batch:

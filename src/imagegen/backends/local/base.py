@@ -37,6 +37,7 @@ from imagegen.storage.inputs import InputStore
 from imagegen.storage.loras import LoraCatalog
 
 if TYPE_CHECKING:
+    from imagegen.backends.local.finisher import HostImages
     from imagegen.backends.local.loras import AdapterSet
     from imagegen.backends.local.speed import SpeedModes
 
@@ -129,6 +130,19 @@ def device_executor() -> DeviceThread:
         return _device_executor
 
 
+_finisher_executor: DeviceThread | None = None
+
+
+def finisher_executor() -> DeviceThread:
+    """The one thread that finishes the local backends' batches off the device thread: waits for the
+    copy of the pixels to the host, numpy -> PIL, the split into GeneratedImage (finisher.py)."""
+    global _finisher_executor
+    with _device_executor_lock:
+        if _finisher_executor is None:
+            _finisher_executor = DeviceThread("imagegen-finisher")
+        return _finisher_executor
+
+
 #: How long the answer to "are the model's files in the cache?" is reused (availability is read for
 #: every job admitted and every /health probe; `imagegen models pull` may fill the cache meanwhile).
 CACHE_CHECK_SECONDS = 2.0
@@ -213,7 +227,8 @@ class LocalPipelineBackend(ImageBackend):
     def run_pipeline(
         self, loaded: LoadedPipeline, batch: Sequence[GenerationRequest], ctx: RunContext, inputs: Conditioning
     ) -> Any:
-        """One pipeline call for the whole batch; returns float images (N, H, W, 3) in [0, 1]. A batch
+        """One pipeline call for the whole batch; returns the decoded images as a tensor on the device
+        (N, 3, H, W) in [0, 1] (`output_type="pt"`), or host float images (N, H, W, 3) in [0, 1]. A batch
         shares its conditioning (the batch key holds the mode, strength and input hashes): `inputs`."""
         raise NotImplementedError
 
@@ -554,7 +569,7 @@ class LocalPipelineBackend(ImageBackend):
         loop = asyncio.get_running_loop()
         call = loop.run_in_executor(device_executor(), self._generate_blocking, list(batch), ctx, inputs)
         try:
-            return await asyncio.shield(call)
+            host, info = await asyncio.shield(call)
         except asyncio.CancelledError:
             # A pipeline call cannot be abandoned: the device stays busy until it returns. Ask it to
             # stop between steps and return only once the device is free, so that the engine never
@@ -563,11 +578,17 @@ class LocalPipelineBackend(ImageBackend):
             call.add_done_callback(lambda done: done.cancelled() or done.exception())
             await asyncio.wait({call})
             raise
+        # The device is free (ctx.release_device): the rest runs on the finisher thread, and its time
+        # still counts to the jobs (their deadline holds until this returns).
+        return await loop.run_in_executor(finisher_executor(), self._finish, list(batch), host, info)
 
     def _generate_blocking(
         self, batch: list[GenerationRequest], ctx: RunContext, inputs: Conditioning
-    ) -> list[list[GeneratedImage]]:
+    ) -> tuple[HostImages, dict[str, Any]]:
+        """The device thread's part of a batch: the pipeline call, the checks on the device and the copy of
+        the pixels to the host (finisher.py). The device is released (ctx.release_device) on return."""
         from imagegen.backends.local import support
+        from imagegen.backends.local.finisher import to_host
 
         with self._lock:
             ctx.mark_started()  # the device is this batch's now (a load or another call may have held it)
@@ -578,7 +599,8 @@ class LocalPipelineBackend(ImageBackend):
                 # A batch shares one set of LoRAs (the batch key has it): every image gets them.
                 applied = self._activate_loras(loaded, batch[0].loras)
                 images = self.run_pipeline(loaded, batch, ctx, inputs)
-                flags = self._check_images(loaded, images)
+                host = to_host(images, loaded.safety)
+                del images  # the device's copy goes before the next batch allocates its own
             except ServiceError:
                 raise  # cancelled, deadline, and the backend's own typed errors pass through
             except Exception as error:
@@ -604,7 +626,27 @@ class LocalPipelineBackend(ImageBackend):
                 raise GenerationFailedError("the pipeline failed to generate an image") from None
             finally:
                 self._last_used = time.monotonic()  # idle time counts from the end of the last call
-        return self._split(batch, images, flags, {"loras": applied} if applied else {})
+        ctx.release_device()
+        return host, {"loras": applied} if applied else {}
+
+    def _finish(
+        self, batch: list[GenerationRequest], host: HostImages, info: dict[str, Any]
+    ) -> list[list[GeneratedImage]]:
+        """The finisher thread's part: the pixels once on the host, as one GeneratedImage per seed."""
+        from PIL import Image
+
+        pixels = host.wait()
+        results: list[list[GeneratedImage]] = []
+        index = 0
+        for request in batch:
+            items = []
+            for seed in request.seeds:
+                nsfw = host.nsfw[index]
+                image = None if nsfw else Image.fromarray(pixels[index])
+                items.append(GeneratedImage(seed=seed, image=image, nsfw=nsfw, info=dict(info)))
+                index += 1
+            results.append(items)
+        return results
 
     def _activate_loras(self, loaded: LoadedPipeline, loras: Sequence[LoraWeight]) -> list[dict[str, Any]]:
         """Put exactly these LoRAs on the pipeline (none: the base model); what was applied."""
@@ -620,39 +662,6 @@ class LocalPipelineBackend(ImageBackend):
                 f"model '{self.model_id}' on backend '{self.id}'",
             )
         return loaded.adapters.activate(loras)
-
-    def _check_images(self, loaded: LoadedPipeline, images: Any) -> list[bool]:
-        import numpy as np
-
-        if not np.isfinite(images).all():
-            raise GenerationFailedError(
-                "the model produced invalid (NaN) pixels; on CUDA this usually means an unsuitable dtype"
-            )
-        if loaded.safety is None:
-            return [False] * len(images)
-        return [bool(flag) for flag in loaded.safety.check(images)]
-
-    def _split(
-        self, batch: list[GenerationRequest], images: Any, flags: list[bool], info: dict[str, Any]
-    ) -> list[list[GeneratedImage]]:
-        from PIL import Image
-
-        results: list[list[GeneratedImage]] = []
-        index = 0
-        for request in batch:
-            items = []
-            for seed in request.seeds:
-                nsfw = flags[index]
-                pixels = None
-                if not nsfw:
-                    array = (images[index] * 255).round().clip(0, 255).astype("uint8")
-                    if int(array.max()) == 0:
-                        raise GenerationFailedError("the model produced an all-black image")
-                    pixels = Image.fromarray(array)
-                items.append(GeneratedImage(seed=seed, image=pixels, nsfw=nsfw, info=dict(info)))
-                index += 1
-            results.append(items)
-        return results
 
     @staticmethod
     def batch_preview(loaded: LoadedPipeline, batch: Sequence[GenerationRequest]) -> Any:

@@ -355,7 +355,7 @@ class FluxLocalBackend(LocalPipelineBackend):
                 guidance_scale=guidance,
                 generator=cpu_generators(seeds),
                 max_sequence_length=profile.max_sequence_length,
-                output_type="np",
+                output_type="pt",  # decoded on the device; finisher.py takes it from there
                 callback_on_step_end=self.step_callback(ctx, total, self.batch_preview(loaded, batch)),
                 **arguments,
             )

@@ -5,11 +5,14 @@ restarts (docs/operations.md, "The device process").
 A pipeline call cannot be interrupted between its own operations, so a deadline, a cancel or a
 shutdown is certain only at a process boundary: whatever the device is doing, the supervisor can end
 it with SIGKILL and start a new process. This side knows nothing of jobs, queues or HTTP: it builds
-its backends from settings and class paths ("module:Class"), runs batches one at a time and answers
-commands over one Connection (protocol.py). A future worker process can drive it the same way.
+its backends from settings and class paths ("module:Class"), runs batches one at a time on the device
+(a batch reports BatchReleased once the device is done with it, and the next may run while its images
+are finished) and answers commands over one Connection (protocol.py). A future worker process can
+drive it the same way.
 
 Threads here: the asyncio loop (commands, batches, health reports), one reader thread (the
-Connection), the backends' device thread (pipeline calls) and their load threads. Everything sent
+Connection), the backends' device thread (pipeline calls), the finisher thread (images off the device,
+finisher.py) and their load threads. Everything sent
 goes through `send`, which serialises writers.
 """
 
@@ -34,6 +37,7 @@ from imagegen.backends.local.protocol import (
     BackendReport,
     BatchError,
     BatchProgress,
+    BatchReleased,
     BatchResult,
     BatchStarted,
     CancelBatch,
@@ -260,6 +264,7 @@ class DeviceHost:
             [str(index) for index in range(len(command.requests))],
             on_progress=lambda step, total: self.send(BatchProgress(batch_id, step, total)),
             on_started=lambda: self.send(BatchStarted(batch_id)),
+            on_released=lambda: self.send(BatchReleased(batch_id)),
             on_preview=on_preview if command.preview_interval > 0 else None,
             preview_interval=command.preview_interval,
         )

@@ -25,7 +25,8 @@ from imagegen.generation import GeneratedImage, GenerationRequest
 
 @dataclass(frozen=True)
 class RunBatch:
-    """Run one pipeline call for these requests on `backend_id` (one batch at a time)."""
+    """Run one pipeline call for these requests on `backend_id` (one batch on the device at a time; the
+    next may be sent once the previous one is released: BatchReleased)."""
 
     batch_id: int
     backend_id: str
@@ -97,6 +98,14 @@ class HostFailed:
 @dataclass(frozen=True)
 class BatchStarted:
     """The batch has the device now: the run deadline counts from here."""
+
+    batch_id: int
+
+
+@dataclass(frozen=True)
+class BatchReleased:
+    """The device is done with the batch (RunContext.release_device): its images are being finished on
+    the device process's finisher thread, and the next RunBatch may run on the device meanwhile."""
 
     batch_id: int
 

@@ -252,7 +252,7 @@ class StableDiffusionBackend(LocalPipelineBackend):
                 num_inference_steps=first.steps,
                 guidance_scale=first.guidance_scale,
                 generator=cpu_generators(seeds),
-                output_type="np",
+                output_type="pt",  # decoded on the device; finisher.py takes it from there
                 callback_on_step_end=self.step_callback(
                     ctx, first.denoising_steps or 1, self.batch_preview(loaded, batch)
                 ),

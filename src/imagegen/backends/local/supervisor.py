@@ -1,6 +1,6 @@
 """The service's side of the device process (host.py): `DeviceSupervisor` starts it, sends it one batch
-at a time, watches it, stops it for certain and starts a new one (docs/operations.md, "The device
-process").
+at a time (the next once the previous has released the device: BatchReleased), watches it, stops it
+for certain and starts a new one (docs/operations.md, "The device process").
 
 The rules it keeps:
 - a batch counts as started when the device process says it has the device (`RunContext.mark_started`);
@@ -43,6 +43,7 @@ from imagegen.backends.local.protocol import (
     BackendReport,
     BatchError,
     BatchProgress,
+    BatchReleased,
     BatchResult,
     BatchStarted,
     CancelBatch,
@@ -161,10 +162,17 @@ class _Batch:
     ctx: RunContext
     child: _Child
     future: asyncio.Future[list[list[GeneratedImage]]]
+    #: done once the device is free of the batch: released (BatchReleased) or the batch has ended
+    device_free: asyncio.Future[None]
     sent_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     stop_reason: str | None = None
     stop_requested_at: float | None = None
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -191,7 +199,9 @@ class DeviceSupervisor:
         self._child: _Child | None = None
         self._starting: asyncio.Task[None] | None = None
         self._run_lock: asyncio.Lock | None = None
-        self._batch: _Batch | None = None
+        self._batch: _Batch | None = None  # the batch on the device (or waiting for it)
+        #: batches released from the device whose images are finishing in the device process, by id
+        self._finishing: dict[int, _Batch] = {}
         self._reports: dict[str, tuple[BackendReport, float]] = {}
         self._replies: dict[int, asyncio.Future[Any]] = {}
         self._refreshes: set[asyncio.Task[None]] = set()
@@ -403,7 +413,10 @@ class DeviceSupervisor:
             return
         if child is not self._child:
             return  # from a device process already replaced
-        batch = self._batch
+        batch_id = getattr(message, "batch_id", None)
+        batch = self._batch if self._batch is not None and self._batch.id == batch_id else None
+        if batch is None and isinstance(batch_id, int):
+            batch = self._finishing.get(batch_id)
         if isinstance(message, BackendReport):
             self._on_report(message)
         elif isinstance(message, HostReady):
@@ -416,7 +429,7 @@ class DeviceSupervisor:
         elif isinstance(message, HostFailed):
             child.failure = message.message
             log.error("%s", message.message)
-        elif batch is None or getattr(message, "batch_id", None) != batch.id:
+        elif batch is None:
             if isinstance(message, Reply) and message.request_id in self._replies:
                 future = self._replies.pop(message.request_id)
                 if not future.done():
@@ -429,6 +442,9 @@ class DeviceSupervisor:
                 batch.ctx.report_step(message.step, message.total)
             else:  # the step itself came just before
                 batch.ctx.report_preview(message.step, message.total, message.previews)
+        elif isinstance(message, BatchReleased):
+            batch.ctx.release_device()
+            _resolve(batch.device_free)
         elif isinstance(message, BatchResult):
             if not batch.future.done():
                 batch.future.set_result(unpack_images(message.images))
@@ -475,8 +491,9 @@ class DeviceSupervisor:
             self._child = None
             self._reports.clear()  # they described the process that is gone
         (log.info if expected else log.error)("device process pid=%s ended: %s", child.pid, reason)
-        batch = self._batch
-        if batch is not None and batch.child is child and not batch.future.done():
+        for batch in (self._batch, *self._finishing.values()):
+            if batch is None or batch.child is not child or batch.future.done():
+                continue
             if expected:
                 batch.future.set_exception(BackendUnavailableError(f"the device process was stopped: {reason}"))
             else:
@@ -517,7 +534,9 @@ class DeviceSupervisor:
         self, backend_id: str, requests: list[GenerationRequest], ctx: RunContext
     ) -> list[list[GeneratedImage]]:
         """Run one batch in the device process. Cancelling the caller stops the batch (see the module
-        docstring) and returns only once the device is free."""
+        docstring) and returns only once the device is free. Once the device process has released the
+        device (BatchReleased: the images are being finished there), the next batch may be sent while
+        this call waits for the images; at most one batch finishes at a time (the engine's lane)."""
         self._bind()
         assert self._run_lock is not None
         async with self._run_lock:
@@ -526,22 +545,31 @@ class DeviceSupervisor:
             if child is None or not self.ready:
                 raise BackendUnavailableError(self.unavailable_reason())
             loop = asyncio.get_running_loop()
-            batch = _Batch(next(self._ids), backend_id, ctx, child, loop.create_future())
+            batch = _Batch(next(self._ids), backend_id, ctx, child, loop.create_future(), loop.create_future())
             batch.future.add_done_callback(_retrieve)
+            batch.future.add_done_callback(lambda _: _resolve(batch.device_free))
             self._batch = batch
             try:
                 if not child.send(
                     RunBatch(batch.id, backend_id, tuple(requests), ctx.preview_interval if ctx.wants_previews else 0.0)
                 ):
                     raise BackendUnavailableError(self.unavailable_reason())
-                return await self._outcome(batch)
+                await self._outcome(batch)
+                if not batch.future.done():
+                    self._finishing[batch.id] = batch  # its messages still route to it
             finally:
                 if self._batch is batch:
                     self._batch = None
-
-    async def _outcome(self, batch: _Batch) -> list[list[GeneratedImage]]:
         try:
+            # Off the device: a cancel here only stops waiting (the images come and are dropped).
             return await asyncio.shield(batch.future)
+        finally:
+            self._finishing.pop(batch.id, None)
+
+    async def _outcome(self, batch: _Batch) -> None:
+        """Wait until the device is free of the batch; a cancel stops the batch first."""
+        try:
+            await asyncio.shield(batch.device_free)
         except asyncio.CancelledError:
             stopper = asyncio.ensure_future(self._stop(batch))
             while not stopper.done():
@@ -558,15 +586,16 @@ class DeviceSupervisor:
         reason = ctx.stop_reason or "cancelled"
         batch.stop_reason = reason
         batch.stop_requested_at = time.monotonic()
-        if batch.future.done():
+        if batch.device_free.done():
             return
         child = batch.child
         grace = self.settings.device_stop_grace
         jobs = ",".join(ctx.job_ids)
         if not ctx.urgent and grace > 0 and child.send(CancelBatch(batch.id)):
             log.info("device: stopping batch of job(s) %s (%s) between denoising steps", jobs, reason)
-            done, _ = await asyncio.wait({batch.future}, timeout=grace)
-            if done:
+            # Released counts as stopped: what is left (its images being finished) does not hold the device.
+            stopped, _ = await asyncio.wait({batch.device_free}, timeout=grace)
+            if stopped:
                 log.info(
                     "device: batch of job(s) %s stopped after %.2f s; the device is free",
                     jobs,
