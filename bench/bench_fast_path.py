@@ -5,7 +5,9 @@ Rows (issue 16's metric names):
   generation time (the fake backend's steps x step delay): encode, store, answer the bytes;
 - added_ms_json_1024: the same answered as JSON with the image in base64;
 - png_speedup_1024: Pillow's PNG at level 1 / the service's encoder (OutputStore.encode) on the same
-  1024x1024 noise image, in this process.
+  1024x1024 noise image, in this process;
+- lane_utilisation: images/s with 4 clients x generation time, on a local backend whose pipeline
+  sleeps like a GPU (bench/fast_path_lane.py; 1.0: the device never waited for the CPU).
 The HTTP rows run the real service in its own process (tests/support/process.py) with the fake backend
 (tests/support/fake_backend.py) whose "noise" prompt returns 1024x1024 random noise: the worst case for
 PNG. With BENCH_BEFORE=<git ref> (e.g. the commit this branch started from) the same rows are measured
@@ -31,6 +33,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
+from bench import fast_path_lane
 from tests.support.process import ROOT, SERVE_FAKE, ServiceProcess
 
 SIZE = 1024
@@ -206,6 +209,6 @@ def run() -> list[dict[str, Any]]:
             ),
         }
     )
-    # -- lane_utilisation: added at merge time from bench/fast_path_lane.py (the device path's module):
-    # rows.extend(fast_path_lane.lane_utilisation())
+    # The device path's row (bench/fast_path_lane.py): images/s with 4 clients x generation time.
+    rows.append(fast_path_lane.lane_utilisation())
     return rows
