@@ -317,3 +317,18 @@ async def test_stalled_progress_does_not_make_polling_faster(
     # The backoff alone polls at 0.2, 0.5, 0.9, 1.3 s (4 polls); aiming every other time adds about 3.
     # Aiming every time would poll every 0.05 s: about 27 polls.
     assert polls <= 8, polls
+
+
+async def test_a_poll_aimed_at_the_finish_lands_after_it_when_the_submit_answer_was_slow(
+    start_fake: Callable[..., RunningFake], bfl_settings: Callable[..., Settings]
+) -> None:
+    """The task's age counts from when the submit was sent: BFL started it then, not when its answer
+    came back. Counting from the answer (0.8 s late here), the aimed poll lands before the finish and
+    the next one a whole backoff later (3 polls, ~0.7 s lost); from the send, 2 polls."""
+    bfl = start_fake(generation_time=2.0, submit_delay=0.8)
+    backend = FluxApiBackend(bfl_settings(bfl, bfl_poll_interval=0.5, bfl_poll_max_interval=2.0))
+    images = await run(backend, context(), seed=1, width=256, height=256)
+    await backend.close()
+    assert len(images[0]) == 1 and images[0][0].encoded is not None
+    # first poll 0.5 s after the answer (task age 1.3 s, progress 0.65), then one aimed at age ~2.0 s
+    assert bfl.fake.count("poll") == 2, bfl.fake.count("poll")
