@@ -331,4 +331,5 @@ async def test_a_poll_aimed_at_the_finish_lands_after_it_when_the_submit_answer_
     await backend.close()
     assert len(images[0]) == 1 and images[0][0].encoded is not None
     # first poll 0.5 s after the answer (task age 1.3 s, progress 0.65), then one aimed at age ~2.0 s
-    assert bfl.fake.count("poll") == 2, bfl.fake.count("poll")
+    # (a first poll delayed past the finish by a busy machine finds it ready: 1)
+    assert bfl.fake.count("poll") <= 2, bfl.fake.count("poll")

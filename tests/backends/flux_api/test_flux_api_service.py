@@ -87,7 +87,9 @@ def test_multi_image_jobs_share_the_limit_inside_the_backend(
 def test_flux_kontext_max_keeps_to_its_own_limit_of_6(
     flux_service: Service, start_fake: Callable[..., RunningFake]
 ) -> None:
-    bfl = start_fake(generation_time=0.2)
+    # Tasks last long enough for all 6 submits to overlap even when the 10 requests arrive spread out
+    # on a busy machine (with 0.2 s the first could end before the sixth was sent: 5 seen).
+    bfl = start_fake(generation_time=1.0)
     client = flux_service(bfl)
     responses = concurrently(client, [{"model": "flux-kontext-max", "seed": index} for index in range(10)])
     assert all(response.status_code == 200 for response in responses), [r.text for r in responses]
