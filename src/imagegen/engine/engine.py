@@ -29,7 +29,7 @@ from imagegen.engine.batching import max_images, select_batch
 from imagegen.engine.cost import CostModel
 from imagegen.engine.events import JobEvents
 from imagegen.engine.images import store_images
-from imagegen.engine.jobs import Job, JobStatus, Preview, new_job_id
+from imagegen.engine.jobs import Job, JobStatus, Preview, log_final, new_job_id
 from imagegen.engine.results import JobResult, StoredImage, Timings
 from imagegen.engine.store import JobStore
 from imagegen.errors import (
@@ -897,27 +897,7 @@ class JobEngine(Engine):
         if future is not None and not future.done():
             future.set_result(job)
         self.events.publish(job.id, status.value, {"status": status.value})
-        # Timings on the final line: how long the job waited and ran, without a second line per job.
-        queued_ms = round(((job.started_at or job.finished_at) - job.created_at) * 1000, 1)
-        run_ms = round((job.finished_at - job.started_at) * 1000, 1) if job.started_at else None
-        log.info(
-            "job=%s %s backend=%s queued=%.1fms run=%sms%s",
-            job.id,
-            status.value,
-            job.backend,
-            queued_ms,
-            "-" if run_ms is None else f"{run_ms:.1f}",
-            f" error={job.error['type']}" if job.error else "",
-            extra={
-                "job_id": job.id,
-                "backend": job.backend,
-                "status": status.value,
-                "queued_ms": queued_ms,
-                "run_ms": run_ms,
-                "error_type": job.error["type"] if job.error else None,
-                "request_id": job.request_id,
-            },
-        )
+        log_final(log, job, status, job.finished_at, job.error["type"] if job.error else None)
         if self._on_final is not None:
             self._on_final(job)
         if job.callback_url and self.webhooks is not None:

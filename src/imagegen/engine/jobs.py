@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -103,3 +104,28 @@ class Job:
             step = self.step
         fraction = round(step / total, 4) if total else (1.0 if self.status is JobStatus.SUCCEEDED else 0.0)
         return {"step": step, "total": total, "fraction": fraction, "eta_seconds": self.eta_seconds()}
+
+
+def log_final(logger: logging.Logger, job: Job, status: JobStatus, finished_at: float, error_type: str | None) -> None:
+    """The job's final line, with how long it waited and ran (no second line per job), written the
+    same way by the embedded engine and a cluster's worker."""
+    queued_ms = round(((job.started_at or finished_at) - job.created_at) * 1000, 1)
+    run_ms = round((finished_at - job.started_at) * 1000, 1) if job.started_at else None
+    logger.info(
+        "job=%s %s backend=%s queued=%.1fms run=%sms%s",
+        job.id,
+        status.value,
+        job.backend,
+        queued_ms,
+        "-" if run_ms is None else f"{run_ms:.1f}",
+        f" error={error_type}" if error_type else "",
+        extra={
+            "job_id": job.id,
+            "backend": job.backend,
+            "status": status.value,
+            "queued_ms": queued_ms,
+            "run_ms": run_ms,
+            "error_type": error_type,
+            "request_id": job.request_id,
+        },
+    )

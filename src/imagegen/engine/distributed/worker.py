@@ -39,7 +39,7 @@ from imagegen.engine.distributed.keys import GROUP, Keys, route_of, split_route
 from imagegen.engine.distributed.scripts import Scripts
 from imagegen.engine.distributed.upkeep import Upkeep, job_ttl_ms
 from imagegen.engine.images import remove_images, store_images
-from imagegen.engine.jobs import Job, JobStatus
+from imagegen.engine.jobs import Job, JobStatus, log_final
 from imagegen.engine.results import JobResult, Timings
 from imagegen.errors import (
     DeadlineExceededError,
@@ -623,27 +623,7 @@ class Worker:
                 "job=%s was already final (cancelled, or finished elsewhere): this run's result is dropped", job.id
             )
             return False
-        queued_ms = round(((job.started_at or finished) - job.created_at) * 1000, 1)
-        run_ms = round((finished - job.started_at) * 1000, 1) if job.started_at else None
-        error_type = None if error_body is None else error_body["type"]
-        log.info(
-            "job=%s %s backend=%s queued=%.1fms run=%sms%s",
-            job.id,
-            status.value,
-            job.backend,
-            queued_ms,
-            "-" if run_ms is None else f"{run_ms:.1f}",
-            f" error={error_type}" if error_type else "",
-            extra={
-                "job_id": job.id,
-                "backend": job.backend,
-                "status": status.value,
-                "queued_ms": queued_ms,
-                "run_ms": run_ms,
-                "error_type": error_type,
-                "request_id": job.request_id,
-            },
-        )
+        log_final(log, job, status, finished, None if error_body is None else error_body["type"])
         return True
 
 
